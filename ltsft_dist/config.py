@@ -1,0 +1,185 @@
+"""Typed training configuration, loaded from YAML/JSON and validated before any process starts work.
+
+Errors name the file, the key path and the fix, e.g.
+`run.yaml: phase1.lr: expected a number, got 'fast'`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ltsft_dist.eligibility import EligibilityConfig
+from ltsft_dist.errors import LtsftError
+
+PACKAGE_DS_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
+
+
+@dataclass
+class PhaseConfig:
+    steps: int = 100  # optimizer steps in this phase
+    lr: float = 5e-5  # peak learning rate; linear warm-up, then linear decay to 0 (as in the paper)
+    warmup_steps: int = 0
+    l1: float = 0.0  # λ of the L1 pull toward θ⁰ (the paper uses 0.1 for language SFTs)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = None  # a hub id or a local transformers directory
+    tiny: dict | None = None  # or: build a randomly initialised model from these config values (offline tests, demo)
+    architecture: str = "bert"  # for `tiny`: bert | xlm-roberta
+    tokenizer: str | None = None  # tokenizer directory; defaults to name_or_path
+
+
+@dataclass
+class DataConfig:
+    train_file: str = ""  # mlm: one text per line; classification: JSON lines with text, [text_pair,] label
+    max_seq_length: int = 64
+    mlm_probability: float = 0.15
+    labels: list[str] | None = None  # classification label names, in id order; default: sorted labels seen
+
+
+@dataclass
+class TrainConfig:
+    kind: str = "language"  # language | task | bitfit
+    languages: list[str] = field(default_factory=list)  # language code(s), recorded in the SFT
+    output_dir: str = "runs/ltsft"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    k: int | None = None  # number of parameters to select ...
+    density: float | None = None  # ... or a fraction of the eligible parameters
+    selection: str = "magnitude"  # magnitude (LT-SFT) | random (RAND-SFT) | all (BitFit: no phase 1)
+    rounds: int = 1  # iterative selection: rounds of phase1 -> select K/rounds more -> phase2
+    phase1: PhaseConfig = field(default_factory=PhaseConfig)
+    phase2: PhaseConfig = field(default_factory=PhaseConfig)
+    batch_size: int = 8  # global batch per optimizer step (all ranks, all accumulation steps)
+    micro_batch_size: int = 8  # per rank per forward pass
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # clipping of the (masked) global gradient norm; 0 disables it
+    seed: int = 42
+    deepspeed: str = "zero2.json"  # DeepSpeed config: a path, or a file name in the repo's ds_configs/
+    eligibility: EligibilityConfig = field(default_factory=EligibilityConfig)
+    log_every: int = 10
+
+    def validate(self, where: str = "config") -> None:
+        def bad(key: str, msg: str):
+            raise LtsftError(f"{where}: {key}: {msg}")
+
+        if self.kind not in ("language", "task", "bitfit"):
+            bad("kind", f"{self.kind!r} is not one of language, task, bitfit")
+        if self.selection not in ("magnitude", "random", "all"):
+            bad("selection", f"{self.selection!r} is not one of magnitude, random, all")
+        if self.kind == "bitfit" and self.selection != "all":
+            self.selection = "all"
+        if self.selection != "all" and (self.k is None) == (self.density is None):
+            bad("k", "give exactly one of k (a count) or density (a fraction of the eligible parameters)")
+        if self.k is not None and self.k <= 0:
+            bad("k", f"must be positive, got {self.k}")
+        if self.density is not None and not 0 < self.density <= 1:
+            bad("density", f"must lie in (0, 1], got {self.density}")
+        if self.rounds < 1:
+            bad("rounds", "must be at least 1")
+        for name in ("phase1", "phase2"):
+            phase = getattr(self, name)
+            if phase.steps < 0 or phase.lr < 0 or phase.l1 < 0 or phase.warmup_steps < 0:
+                bad(name, "steps, lr, l1 and warmup_steps must be non-negative")
+        if self.batch_size <= 0 or self.micro_batch_size <= 0:
+            bad("batch_size", "batch_size and micro_batch_size must be positive")
+        if (self.model.name_or_path is None) == (self.model.tiny is None):
+            bad("model", "give exactly one of model.name_or_path or model.tiny")
+
+    def k_for(self, n_eligible: int) -> int:
+        if self.selection == "all":
+            return n_eligible
+        k = self.k if self.k is not None else max(1, round(self.density * n_eligible))
+        if k > n_eligible:
+            raise LtsftError(f"k={k} exceeds the {n_eligible} eligible parameters: lower k or widen eligibility")
+        return k
+
+    def deepspeed_path(self, base_dir: Path | None = None) -> Path:
+        candidates = [Path(self.deepspeed)]
+        if base_dir is not None:
+            candidates.append(base_dir / self.deepspeed)
+        candidates.append(PACKAGE_DS_CONFIGS / self.deepspeed)
+        for c in candidates:
+            if c.is_file():
+                return c
+        raise LtsftError(f"deepspeed: config {self.deepspeed!r} not found (looked in: "
+                         f"{', '.join(str(c) for c in candidates)})")
+
+
+def _convert(value, tp, key: str, where: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, key, where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise LtsftError(f"{where}: {key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where, prefix=key + ".")
+    if origin is list:
+        if not isinstance(value, list):
+            raise LtsftError(f"{where}: {key}: expected a list, got {value!r}")
+        return [_convert(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise LtsftError(f"{where}: {key}: expected a mapping, got {value!r}")
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    raise LtsftError(f"{where}: {key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def from_dict(cls, data: dict, where: str = "config", prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise LtsftError(f"{where}: unknown key {prefix}{unknown[0]!r}; valid keys here: {', '.join(sorted(known))}")
+    return cls(**{k: _convert(v, hints[k], prefix + k, where) for k, v in data.items()})
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """Load a YAML/JSON config; `overrides` are `key.path=value` strings (value parsed as YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LtsftError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise LtsftError(f"{path}:{line} is not valid YAML/JSON: {getattr(err, 'problem', err)}") from None
+    if not isinstance(data, dict):
+        raise LtsftError(f"{path}: expected a mapping of keys at the top level")
+    for item in overrides:
+        if "=" not in item:
+            raise LtsftError(f"override {item!r}: expected key.path=value")
+        key, value = item.split("=", 1)
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    config = from_dict(TrainConfig, data, where=str(path))
+    config.validate(str(path))
+    return config
+
+
+def to_dict(config) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config)))

@@ -1,0 +1,158 @@
+"""Training data as fixed-length tensors, and the order every rank agrees on.
+
+The order depends only on (seed, step), never on the world size: step s of every run consumes the same
+global batch, each rank taking its slice. That is what lets a 3-rank run be checked against a
+single-process oracle.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ltsft_dist.errors import LtsftError
+
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+@dataclass
+class Examples:
+    """Fixed-length tokenised examples. For MLM, `labels` is absent and masks are drawn per epoch."""
+
+    input_ids: torch.Tensor  # [n, L] int64
+    attention_mask: torch.Tensor  # [n, L] int64
+    labels: torch.Tensor | None = None  # [n] class ids (classification)
+    mlm: bool = False
+    mask_token_id: int = 4
+    special_ids: tuple[int, ...] = (0, 1, 2, 3, 4)
+    vocab_size: int = 0
+    mlm_probability: float = 0.15
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def read_lines(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise LtsftError(f"data.train_file: {path} not found")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise LtsftError(f"{path}: no text (the file is empty or blank)")
+    return lines
+
+
+def read_classification(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise LtsftError(f"data.train_file: {path} not found")
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise LtsftError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        for key in ("text", "label"):
+            if key not in record:
+                raise LtsftError(f"{path}:{number}: missing key {key!r} (each line needs text, label "
+                                 "and optionally text_pair)")
+        records.append(record)
+    if not records:
+        raise LtsftError(f"{path}: no records")
+    return records
+
+
+def train_wordpiece(lines: list[str], vocab_size: int):
+    """A small tokenizer trained locally, for tiny models built without the hub."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(lines, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL))
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+
+def encode_mlm(tokenizer, lines: list[str], max_len: int, mlm_probability: float) -> Examples:
+    enc = tokenizer(lines, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
+    return Examples(enc["input_ids"], enc["attention_mask"], mlm=True, mask_token_id=tokenizer.mask_token_id,
+                    special_ids=tuple(tokenizer.all_special_ids), vocab_size=len(tokenizer),
+                    mlm_probability=mlm_probability)
+
+
+def encode_classification(tokenizer, records: list[dict], max_len: int, labels: list[str]) -> Examples:
+    index = {name: i for i, name in enumerate(labels)}
+    for r in records:
+        if str(r["label"]) not in index:
+            raise LtsftError(f"label {r['label']!r} is not in data.labels {labels}")
+    pairs = [r.get("text_pair") for r in records]
+    enc = tokenizer([r["text"] for r in records], pairs if all(p is not None for p in pairs) else None,
+                    padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
+    ids = torch.tensor([index[str(r["label"])] for r in records])
+    return Examples(enc["input_ids"], enc["attention_mask"], labels=ids)
+
+
+class StepOrder:
+    """Which examples rank `rank` feeds at (step, micro-step): a seeded permutation per epoch, drop-last."""
+
+    def __init__(self, examples: Examples, batch_size: int, micro_batch_size: int, rank: int, world_size: int,
+                 seed: int):
+        if batch_size % (micro_batch_size * world_size):
+            raise LtsftError(f"batch_size={batch_size} must be a multiple of micro_batch_size × ranks = "
+                             f"{micro_batch_size} × {world_size}")
+        if len(examples) < batch_size:
+            raise LtsftError(f"only {len(examples)} examples for a global batch of {batch_size}: lower batch_size")
+        self.examples, self.batch, self.micro = examples, batch_size, micro_batch_size
+        self.rank, self.world, self.seed = rank, world_size, seed
+        self.accumulation = batch_size // (micro_batch_size * world_size)
+        self.steps_per_epoch = len(examples) // batch_size
+        self._epoch, self._perm, self._mlm = None, None, None
+
+    def _load_epoch(self, epoch: int) -> None:
+        if epoch == self._epoch:
+            return
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        self._perm = torch.randperm(len(self.examples), generator=g)
+        if self.examples.mlm:
+            self._mlm = self._draw_mlm(g)
+        self._epoch = epoch
+
+    def _draw_mlm(self, g: torch.Generator):
+        """BERT masking (80% [MASK], 10% random, 10% kept), drawn for the whole epoch at once."""
+        ex = self.examples
+        ids = ex.input_ids
+        special = torch.isin(ids, torch.tensor(ex.special_ids))
+        chosen = (torch.rand(ids.shape, generator=g) < ex.mlm_probability) & ~special
+        action = torch.rand(ids.shape, generator=g)
+        random_ids = torch.randint(len(ex.special_ids), max(ex.vocab_size, len(ex.special_ids) + 1), ids.shape,
+                                   generator=g)
+        inputs = torch.where(chosen & (action < 0.8), torch.full_like(ids, ex.mask_token_id), ids)
+        inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, inputs)
+        labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+        return inputs, labels
+
+    def indices(self, step: int, micro: int) -> torch.Tensor:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        self._load_epoch(epoch)
+        start = within * self.batch + (micro * self.world + self.rank) * self.micro
+        return self._perm[start:start + self.micro]
+
+    def batch_at(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        idx = self.indices(step, micro)
+        ex = self.examples
+        if ex.mlm:
+            inputs, labels = self._mlm
+            return {"input_ids": inputs[idx], "attention_mask": ex.attention_mask[idx], "labels": labels[idx]}
+        return {"input_ids": ex.input_ids[idx], "attention_mask": ex.attention_mask[idx], "labels": ex.labels[idx]}

@@ -1,0 +1,43 @@
+"""Building the model an SFT is trained on: from the hub/a directory, or tiny and random for offline runs."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (AutoModelForMaskedLM, AutoModelForSequenceClassification, BertConfig,
+                          XLMRobertaConfig)
+
+from ltsft_dist.config import ModelConfig
+from ltsft_dist.errors import LtsftError
+
+TINY_CONFIGS = {"bert": BertConfig, "xlm-roberta": XLMRobertaConfig}
+
+
+def build_model(cfg: ModelConfig, kind: str, num_labels: int | None = None, vocab_size: int | None = None,
+                seed: int = 0) -> torch.nn.Module:
+    auto = AutoModelForMaskedLM if kind == "language" else AutoModelForSequenceClassification
+    extra = {"num_labels": num_labels} if num_labels else {}
+    if cfg.tiny is not None:
+        if cfg.architecture not in TINY_CONFIGS:
+            raise LtsftError(f"model.architecture: {cfg.architecture!r} is not one of {', '.join(TINY_CONFIGS)}")
+        values = dict(cfg.tiny)
+        if vocab_size is not None:
+            values.setdefault("vocab_size", vocab_size)
+        torch.manual_seed(seed)
+        model = auto.from_config(TINY_CONFIGS[cfg.architecture](**values, **extra))
+    else:
+        try:
+            model = auto.from_pretrained(cfg.name_or_path, **extra)
+        except OSError as err:
+            raise LtsftError(f"model.name_or_path: cannot load {cfg.name_or_path!r} ({err}). Offline? Point it at "
+                             "a local directory, or set HF_HUB_OFFLINE=1 with the model in the cache.") from None
+    if kind == "language":
+        untie_output_embeddings(model)
+    return model
+
+
+def untie_output_embeddings(model: torch.nn.Module) -> None:
+    """Language SFTs decouple the output embedding from the input one (and then freeze it)."""
+    out = model.get_output_embeddings()
+    if out is not None and out.weight is model.get_input_embeddings().weight:
+        out.weight = torch.nn.Parameter(out.weight.detach().clone())
+    model.config.tie_word_embeddings = False

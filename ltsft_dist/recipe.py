@@ -1,0 +1,218 @@
+"""The LT-SFT recipe (Ansell et al., 2022, Algorithm 1) on a DeepSpeed engine of any ZeRO stage:
+
+    phase 1 (full fine-tuning) -> global top-K of |θ¹ − θ⁰| -> rewind to θ⁰ -> phase 2 (masked) -> φ = θ² − θ⁰
+
+Every step below works on this rank's shard only; the library pieces it calls are named for their role:
+`shards` (where my elements are), `snapshot` (θ⁰), `topk` (the global selection), `masking` (phase 2).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ltsft_dist import eligibility as elig
+from ltsft_dist.config import PhaseConfig, TrainConfig, to_dict
+from ltsft_dist.data import Examples, StepOrder
+from ltsft_dist.engine import build_engine
+from ltsft_dist.masking import GradientMask, L1Pull
+from ltsft_dist.shards import Shards
+from ltsft_dist.sft import SFTMetadata, SparseFineTuning, base_fingerprint
+from ltsft_dist.snapshot import Snapshot
+from ltsft_dist.topk import random_scores, select_topk
+
+FLOAT_MAX = torch.finfo(torch.float32).max
+
+
+@dataclass
+class RunStats:
+    k: int = 0
+    n_eligible: int = 0
+    threshold: float = 0.0
+    ties_at_threshold: int = 0
+    ties_taken: int = 0
+    zero_valued_selected: int = 0  # selected positions that ended phase 2 exactly at θ⁰
+    frozen_drift: int = 0  # frozen elements not bit-identical to θ⁰ after phase 2 (must be 0)
+    theta0_bytes_per_rank: int = 0
+    seconds: dict = field(default_factory=dict)
+    losses: dict = field(default_factory=dict)
+
+
+def linear_lr(step: int, phase: PhaseConfig) -> float:
+    """Linear warm-up then linear decay to zero, as HF's `get_linear_schedule_with_warmup`."""
+    if step < phase.warmup_steps:
+        return phase.lr * step / phase.warmup_steps
+    return phase.lr * max(0.0, (phase.steps - step) / max(1, phase.steps - phase.warmup_steps))
+
+
+class LTSFTRecipe:
+    def __init__(self, model: torch.nn.Module, examples: Examples, config: TrainConfig, ds_config: dict,
+                 base_model: str = "", writer=None, show_progress: bool = True):
+        self.config, self.examples, self.writer = config, examples, writer
+        self.show_progress = show_progress
+        self.base_model = base_model
+        self.stats = RunStats()
+        self.setup(model, ds_config)
+
+    # --- setup ---------------------------------------------------------------------------------
+
+    def setup(self, model: torch.nn.Module, ds_config: dict) -> None:
+        cfg = self.config
+        self.eligibility = elig.resolve(model, cfg.kind, cfg.eligibility)
+        elig.apply_roles(model, self.eligibility)
+        self.shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        self.fingerprint = base_fingerprint(model)
+        self.stats.n_eligible = self.eligibility.count(model, "sparse")
+        self.stats.k = cfg.k_for(self.stats.n_eligible)
+        self.engine = build_engine(model, ds_config, cfg.phase1.lr, cfg.weight_decay)
+        self.shards = Shards(self.engine, model)
+        self.rank = self.shards.rank
+        if self.rank == 0 and self.show_progress:
+            print(f"eligible parameters ({cfg.kind} SFT), elements per module type:\n{self.eligibility.table(model)}")
+            print(f"K = {self.stats.k} of {self.stats.n_eligible} eligible ({self.stats.k / self.stats.n_eligible:.2%})")
+        self.snapshot = Snapshot(self.shards)
+        self.stats.theta0_bytes_per_rank = self.snapshot.nbytes
+        roles = self.eligibility.roles
+        self.sparse = [f for f in self.shards.fragments if roles[f.name] == "sparse"]
+        self.order = StepOrder(self.examples, cfg.batch_size, cfg.micro_batch_size, self.rank,
+                               self.shards.world_size, cfg.seed)
+
+    # --- the algorithm -------------------------------------------------------------------------
+
+    def run(self) -> SparseFineTuning | None:
+        cfg = self.config
+        selected = None
+        for r in range(1, cfg.rounds + 1):
+            if cfg.selection == "magnitude":
+                self.train_phase(f"phase1" + (f".{r}" if cfg.rounds > 1 else ""), cfg.phase1)
+            k_round = self.stats.k if cfg.selection == "all" else round(self.stats.k * r / cfg.rounds)
+            selected = self.select(k_round, previous=selected)
+            self.snapshot.rewind()
+            self.shards.reset_optimizer_state()
+            mask = GradientMask(self.shards, self.snapshot, self.sparse, selected)
+            mask.attach()
+            self.train_phase("phase2" + (f".{r}" if cfg.rounds > 1 else ""), cfg.phase2, mask)
+            mask.detach()
+            if r < cfg.rounds:
+                self.snapshot.rewind()
+                self.shards.reset_optimizer_state()
+        self.stats.frozen_drift = self.frozen_drift(mask)
+        return self.extract(selected)
+
+    def train_phase(self, name: str, phase: PhaseConfig, mask: GradientMask | None = None) -> None:
+        start = time.perf_counter()
+        l1 = L1Pull(self.shards, self.snapshot, self.sparse, phase.l1, self.stats.n_eligible)
+        bar = tqdm(range(phase.steps), desc=name, disable=self.rank != 0 or not self.show_progress, leave=False)
+        losses = []
+        for step in bar:
+            lr = linear_lr(step, phase)
+            self.shards.set_lr(lr)
+            step_loss = 0.0
+            for micro in range(self.order.accumulation):
+                loss = self.engine(**self.order.batch_at(step, micro)).loss
+                self.engine.backward(loss)
+                if self.engine.is_gradient_accumulation_boundary():
+                    grads = self.shards.grads()
+                    l1.add_gradient(grads)
+                    if mask is not None:
+                        mask.mask_gradients(grads)
+                self.engine.step()
+                step_loss += loss.item() / self.order.accumulation
+            losses.append(step_loss)
+            if (step + 1) % self.config.log_every == 0 or step + 1 == phase.steps:
+                self._log(name, step, step_loss, lr, l1, bar)
+        self.stats.losses[name] = losses
+        self.stats.seconds[name] = time.perf_counter() - start
+
+    def select(self, k: int, previous: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        """Global top-k of |θ − θ⁰| (or of seeded random scores); earlier rounds' picks are kept."""
+        start = time.perf_counter()
+        if self.config.selection == "random":
+            scores = random_scores([f.key for f in self.sparse], [f.numel for f in self.sparse], self.config.seed)
+        elif self.config.selection == "all":
+            scores = [torch.ones(f.numel) for f in self.sparse]
+        else:
+            scores = [self.snapshot.delta(f).abs_() for f in self.sparse]
+        if previous is not None:
+            for s, prev in zip(scores, previous):
+                s.masked_fill_(prev, FLOAT_MAX)
+        result = select_topk(scores, [f.key for f in self.sparse], k, self.shards.all_reduce,
+                             self.shards.all_gather_object)
+        self.stats.threshold = result.threshold
+        self.stats.ties_at_threshold, self.stats.ties_taken = result.ties_at_threshold, result.ties_taken
+        self.stats.seconds["select"] = self.stats.seconds.get("select", 0.0) + time.perf_counter() - start
+        if self.writer is not None:
+            self.writer.add_scalar("select/threshold", result.threshold, 0)
+            self.writer.add_scalar("select/k", k, 0)
+        return result.masks
+
+    def frozen_drift(self, mask: GradientMask) -> int:
+        """Frozen elements of my shard that are not bit-identical to θ⁰ (summed over ranks)."""
+        local = sum(int(((m != t) & f).sum()) for m, t, f in
+                    zip(self.shards.segments, self.snapshot.segments, mask.frozen))
+        return int(self.shards.all_reduce(torch.tensor([local])))
+
+    def extract(self, selected: list[torch.Tensor]) -> SparseFineTuning | None:
+        """φ = θ² − θ⁰ at the selected positions, plus the dense head; gathered on rank 0 (bytes ∝ K)."""
+        roles = self.eligibility.roles
+        sparse, heads = [], []
+        for f, sel in zip(self.sparse, selected):
+            idx = torch.nonzero(sel).view(-1)
+            sparse.append((f.name, idx + f.param_offset, self.snapshot.delta(f)[idx]))
+        for f in self.shards.fragments:
+            if roles[f.name] == "head":
+                heads.append((f.name, f.param_offset, self.shards.master(f).clone()))
+        gathered = self.shards.gather_object_to_zero((sparse, heads))
+        if self.rank != 0:
+            return None
+        parts, dense = {}, {}
+        for rank_sparse, rank_heads in gathered:
+            for name, idx, values in rank_sparse:
+                parts.setdefault(name, []).append((idx, values))
+            for name, offset, values in rank_heads:
+                flat = dense.setdefault(name, torch.zeros(torch.Size(self.shapes[name]).numel()))
+                flat[offset:offset + values.numel()] = values
+        diffs = {}
+        for name, chunks in parts.items():
+            idx = torch.cat([c[0] for c in chunks])
+            values = torch.cat([c[1] for c in chunks]).float()
+            order = torch.argsort(idx)
+            diffs[name] = (idx[order], values[order])
+        self.stats.zero_valued_selected = sum(int((v == 0).sum()) for _, v in diffs.values())
+        metadata = SFTMetadata(
+            kind="language" if self.config.kind == "language" else "task",
+            languages=list(self.config.languages), base_model=self.base_model,
+            base_fingerprint=self.fingerprint, k=self.stats.k,
+            density=self.stats.k / self.stats.n_eligible, training_config=to_dict(self.config))
+        return SparseFineTuning(diffs, {n: self.shapes[n] for n in diffs},
+                                {n: v.view(self.shapes[n]) for n, v in dense.items()}, metadata)
+
+    # --- reporting -----------------------------------------------------------------------------
+
+    def _log(self, phase: str, step: int, loss: float, lr: float, l1: L1Pull, bar) -> None:
+        mean_loss = torch.tensor([loss])
+        if self.shards.world_size > 1:
+            dist.all_reduce(mean_loss)
+        mean_loss = float(mean_loss) / self.shards.world_size
+        penalty = l1.penalty() if l1.scale else 0.0
+        if self.rank != 0:
+            return
+        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+        if self.writer is not None:
+            self.writer.add_scalar(f"{phase}/loss", mean_loss, step)
+            self.writer.add_scalar(f"{phase}/lr", lr, step)
+            self.writer.add_scalar(f"{phase}/l1", penalty, step)
+            norm = self.engine.get_global_grad_norm()
+            if norm is not None:
+                self.writer.add_scalar(f"{phase}/grad_norm", float(norm), step)
+
+    def save_results(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.stats.__dict__, indent=2))
+        tmp.replace(path)

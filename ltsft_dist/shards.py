@@ -1,0 +1,183 @@
+"""The one module that reads DeepSpeed internals.
+
+Everything else speaks of "my shard": a few flat fp32 master buffers (*segments*) and the
+(parameter, offset) ranges (*fragments*) they hold. A DeepSpeed upgrade should only touch this file;
+`tests/test_shards.py` pins the behaviour we rely on.
+
+Layouts (DeepSpeed 0.19):
+- ZeRO 0, fp32: the model parameters are their own masters; every rank holds all of them.
+- ZeRO 1/2: `optimizer.single_partition_of_fp32_groups[g]` per param group; `param._hp_mapping` maps a
+  parameter range to a range of that buffer; reduced gradients sit in `optimizer.averaged_gradients`.
+- ZeRO 3: `optimizer.fp32_partitioned_groups_flat[s]` per sub-group; `optimizer.grad_position` gives each
+  parameter's local slice, which holds elements `[rank * p.partition_numel(), ...)` (the tail is padding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from ltsft_dist.errors import LtsftError
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """A contiguous run of one parameter's flat (row-major) elements held in one segment of my shard."""
+
+    name: str
+    param_index: int  # position in model.named_parameters(): the canonical order for tie-breaking
+    param_offset: int  # first element of the parameter held here
+    numel: int
+    segment: int
+    segment_offset: int
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.param_index, self.param_offset)
+
+
+class Shards:
+    """My rank's view of the fp32 master weights of a DeepSpeed engine, whatever its ZeRO stage."""
+
+    def __init__(self, engine, model: torch.nn.Module):
+        self.engine = engine
+        self.stage = engine.zero_optimization_stage()
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        # With ZeRO 0 every rank holds every element, so collectives over the shards must not double count.
+        self.partitioned = self.stage > 0 and self.world_size > 1
+        names = {id(p): (i, n) for i, (n, p) in enumerate(model.named_parameters())}
+        opt = engine.optimizer
+        if self.stage == 0:
+            if engine.bfloat16_enabled() or engine.fp16_enabled():
+                raise LtsftError(
+                    "mixed precision (bf16/fp16) needs ZeRO stage 1, 2 or 3 here: set "
+                    '"zero_optimization": {"stage": 1} (or higher) in the DeepSpeed config')
+            self.inner_optimizer = opt
+            self.segments, self._grad_sources, self.fragments = self._layout_stage0(opt, names)
+            self._stepped_tensors = [p for g in opt.param_groups for p in g["params"]]
+        elif self.stage in (1, 2):
+            self.inner_optimizer = opt.optimizer
+            self.segments, self._grad_sources, self.fragments = self._layout_stage12(opt, names)
+            self._stepped_tensors = self.segments
+        elif self.stage == 3:
+            self.inner_optimizer = opt.optimizer
+            self.segments, self._grad_sources, self.fragments = self._layout_stage3(opt, names)
+            self._stepped_tensors = self.segments
+        else:
+            raise LtsftError(f"unsupported ZeRO stage {self.stage}")
+        self._segment_of = {id(t): i for i, t in enumerate(self._stepped_tensors)}
+
+    # --- layouts -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _layout_stage0(opt, names):
+        segments, grads, fragments = [], [], []
+        for group in opt.param_groups:
+            for p in group["params"]:
+                index, name = names[id(p)]
+                s = len(segments)
+                segments.append(p.data.view(-1))
+                grads.append(lambda p=p: p.grad.view(-1))
+                fragments.append(Fragment(name, index, 0, p.numel(), s, 0))
+        return segments, grads, fragments
+
+    @staticmethod
+    def _layout_stage12(opt, names):
+        segments, grads, fragments = list(opt.single_partition_of_fp32_groups), [], []
+        for g, group in enumerate(opt.bit16_groups):
+            for p in group:
+                mapping = getattr(p, "_hp_mapping", None)
+                if mapping is None:
+                    continue
+                index, name = names[id(p)]
+                lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+                fragments.append(Fragment(name, index, lp.start, lp.numel, g, hp.start))
+                grads.append(lambda m=mapping, i=p._index_in_param_group: m.get_lp_grad_fragment(i).view(-1))
+        return segments, grads, fragments
+
+    def _layout_stage3(self, opt, names):
+        segments, grads, fragments = list(opt.fp32_partitioned_groups_flat), [], []
+        for s, group in enumerate(opt.fp16_groups):
+            for k, p in enumerate(group):
+                index, name = names[id(p)]
+                _, offset, _ = opt.grad_position[opt.get_param_id(p)]
+                start = self.rank * p.partition_numel()
+                real = max(0, min(p.partition_numel(), p.ds_numel - start))
+                if real == 0:
+                    continue
+                fragments.append(Fragment(name, index, start, real, s, offset))
+                grads.append(lambda s=s, k=k, n=real: opt.averaged_gradients[s][k].view(-1)[:n])
+        return segments, grads, fragments
+
+    # --- access --------------------------------------------------------------------------------
+
+    def master(self, f: Fragment) -> torch.Tensor:
+        """A writable fp32 view of the fragment's master elements."""
+        return self.segments[f.segment].narrow(0, f.segment_offset, f.numel)
+
+    def grads(self) -> list[torch.Tensor]:
+        """Writable views of my reduced gradient per fragment, valid after backward and before `engine.step()`.
+
+        These are DeepSpeed's own buffers: what is written here is what its norm, clipping and optimizer see.
+        """
+        return [source() for source in self._grad_sources]
+
+    def sync_working_weights(self) -> None:
+        """Copy the fp32 masters into the weights the forward pass uses (after we wrote the masters)."""
+        opt = self.engine.optimizer
+        if self.stage in (1, 2):
+            opt.update_lp_params()
+        elif self.stage == 3:  # the same sequence as DeepSpeed's own step: release, rewrite, re-gather
+            opt._partition_all_parameters()
+            for s in range(len(self.segments)):
+                opt._reassign_or_swap_out_partitioned_parameters(s)
+            if opt.persistent_parameters:  # small parameters stay whole on every rank: refresh them too
+                opt.persistent_parameters[0].all_gather(opt.persistent_parameters)
+            opt.invalidate_secondary_tensor()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.inner_optimizer.param_groups:
+            group["lr"] = lr
+
+    def reset_optimizer_state(self) -> None:
+        """Zero every optimizer state tensor in place: equivalent to a fresh optimizer, and keeps
+        DeepSpeed's links to the state intact."""
+        for state in self.inner_optimizer.state.values():
+            for value in state.values():
+                if torch.is_tensor(value):
+                    value.zero_()
+
+    def on_optimizer_step(self, hook: Callable[[list[int]], None]):
+        """Call `hook(segment_indices)` right after each inner optimizer step, before DeepSpeed copies the
+        masters into the working weights. DeepSpeed steps one group (or ZeRO-3 sub-group) at a time."""
+
+        def post_hook(optimizer, args, kwargs):
+            stepped = [self._segment_of[id(p)] for g in optimizer.param_groups for p in g["params"]
+                       if id(p) in self._segment_of]
+            hook(stepped)
+
+        return self.inner_optimizer.register_step_post_hook(post_hook)
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks when the shards are partitioned; a no-op when every rank holds everything."""
+        if self.partitioned:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def all_gather_object(self, obj) -> list:
+        if not self.partitioned:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def gather_object_to_zero(self, obj) -> list | None:
+        if not self.partitioned:
+            return [obj] if self.rank == 0 else None
+        out = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(obj, out, dst=0)
+        return out

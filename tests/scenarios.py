@@ -1,0 +1,66 @@
+"""Small models, data and configs shared by the single-process oracle and the multi-rank runs."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from ltsft_dist.config import PhaseConfig, TrainConfig
+from ltsft_dist.data import Examples
+
+TINY = dict(vocab_size=61, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=30,
+            max_position_embeddings=20, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def tiny_classifier(seed: int = 0) -> BertForSequenceClassification:
+    """Sizes chosen so that no parameter divides evenly across 3 or 4 ranks (padding paths get used)."""
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(BertConfig(**TINY, num_labels=3))
+
+
+def classification_examples(n: int = 48, length: int = 12, used_vocab: int = 61, seed: int = 1) -> Examples:
+    """A learnable task: the label is the first content token modulo 3. `used_vocab` < 61 leaves embedding rows
+    untouched by phase 1 (exact zero diffs, hence ties at the threshold)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, used_vocab, (n, length), generator=g)
+    ids[:, 0] = 2
+    lengths = torch.randint(length // 2, length + 1, (n,), generator=g)
+    attention = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    ids = ids * attention
+    return Examples(ids, attention, labels=ids[:, 1] % 3)
+
+
+def task_config(stage_file: str = "zero2.json", **overrides) -> TrainConfig:
+    cfg = TrainConfig(kind="task", languages=["xx"], density=0.1, batch_size=12, micro_batch_size=4,
+                      weight_decay=0.1, max_grad_norm=0.5, seed=3, deepspeed=stage_file,
+                      phase1=PhaseConfig(steps=6, lr=3e-3, warmup_steps=2, l1=0.0),
+                      phase2=PhaseConfig(steps=6, lr=3e-3, l1=0.0))
+    cfg.model.tiny = dict(TINY)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    cfg.validate()
+    return cfg
+
+
+def ds_config_for(cfg: TrainConfig, world_size: int) -> dict:
+    from ltsft_dist.engine import load_ds_config
+
+    per_step = cfg.micro_batch_size * world_size
+    return load_ds_config(cfg.deepspeed_path(), micro_batch_size=cfg.micro_batch_size,
+                          accumulation=cfg.batch_size // per_step, world_size=world_size,
+                          max_grad_norm=cfg.max_grad_norm)
+
+
+def run_distributed_case(cfg: TrainConfig, examples: Examples, world_size: int, accumulation: int = 1) -> dict | None:
+    """One LT-SFT run inside a rank; rank 0 returns what the tests compare."""
+    from ltsft_dist.recipe import LTSFTRecipe
+
+    cfg = copy.deepcopy(cfg)
+    cfg.micro_batch_size = cfg.batch_size // (world_size * accumulation)
+    recipe = LTSFTRecipe(tiny_classifier(), examples, cfg, ds_config_for(cfg, world_size), show_progress=False)
+    sft = recipe.run()
+    if sft is None:
+        return None
+    return {"diffs": sft.diffs, "heads": sft.heads, "stats": recipe.stats.__dict__}
