@@ -20,19 +20,23 @@ SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 @dataclass
 class Examples:
-    """Fixed-length tokenised examples. For MLM, `labels` is absent and masks are drawn per epoch."""
+    """Fixed-length tokenised examples: `tensors` are the model's forward arguments, one row per example
+    (e.g. input_ids, attention_mask, labels; start_positions/end_positions for QA). For MLM, `labels` is
+    absent: masks are drawn per epoch from `mlm`."""
 
-    input_ids: torch.Tensor  # [n, L] int64
-    attention_mask: torch.Tensor  # [n, L] int64
-    labels: torch.Tensor | None = None  # [n] class ids (classification)
-    mlm: bool = False
-    mask_token_id: int = 4
-    special_ids: tuple[int, ...] = (0, 1, 2, 3, 4)
-    vocab_size: int = 0
-    mlm_probability: float = 0.15
+    tensors: dict[str, torch.Tensor]
+    mlm: MLMSpec | None = None
 
     def __len__(self) -> int:
-        return self.input_ids.shape[0]
+        return next(iter(self.tensors.values())).shape[0]
+
+
+@dataclass
+class MLMSpec:
+    mask_token_id: int
+    special_ids: tuple[int, ...]
+    vocab_size: int
+    probability: float = 0.15
 
 
 def read_lines(path: str | Path) -> list[str]:
@@ -87,9 +91,8 @@ def train_wordpiece(lines: list[str], vocab_size: int):
 
 def encode_mlm(tokenizer, lines: list[str], max_len: int, mlm_probability: float) -> Examples:
     enc = tokenizer(lines, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
-    return Examples(enc["input_ids"], enc["attention_mask"], mlm=True, mask_token_id=tokenizer.mask_token_id,
-                    special_ids=tuple(tokenizer.all_special_ids), vocab_size=len(tokenizer),
-                    mlm_probability=mlm_probability)
+    spec = MLMSpec(tokenizer.mask_token_id, tuple(tokenizer.all_special_ids), len(tokenizer), mlm_probability)
+    return Examples({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, mlm=spec)
 
 
 def encode_classification(tokenizer, records: list[dict], max_len: int, labels: list[str]) -> Examples:
@@ -101,7 +104,7 @@ def encode_classification(tokenizer, records: list[dict], max_len: int, labels: 
     enc = tokenizer([r["text"] for r in records], pairs if all(p is not None for p in pairs) else None,
                     padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
     ids = torch.tensor([index[str(r["label"])] for r in records])
-    return Examples(enc["input_ids"], enc["attention_mask"], labels=ids)
+    return Examples({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": ids})
 
 
 class StepOrder:
@@ -125,20 +128,20 @@ class StepOrder:
             return
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         self._perm = torch.randperm(len(self.examples), generator=g)
-        if self.examples.mlm:
+        if self.examples.mlm is not None:
             self._mlm = self._draw_mlm(g)
         self._epoch = epoch
 
     def _draw_mlm(self, g: torch.Generator):
         """BERT masking (80% [MASK], 10% random, 10% kept), drawn for the whole epoch at once."""
-        ex = self.examples
-        ids = ex.input_ids
-        special = torch.isin(ids, torch.tensor(ex.special_ids))
-        chosen = (torch.rand(ids.shape, generator=g) < ex.mlm_probability) & ~special
+        spec = self.examples.mlm
+        ids = self.examples.tensors["input_ids"]
+        special = torch.isin(ids, torch.tensor(spec.special_ids))
+        chosen = (torch.rand(ids.shape, generator=g) < spec.probability) & ~special
         action = torch.rand(ids.shape, generator=g)
-        random_ids = torch.randint(len(ex.special_ids), max(ex.vocab_size, len(ex.special_ids) + 1), ids.shape,
+        random_ids = torch.randint(len(spec.special_ids), max(spec.vocab_size, len(spec.special_ids) + 1), ids.shape,
                                    generator=g)
-        inputs = torch.where(chosen & (action < 0.8), torch.full_like(ids, ex.mask_token_id), ids)
+        inputs = torch.where(chosen & (action < 0.8), torch.full_like(ids, spec.mask_token_id), ids)
         inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, inputs)
         labels = torch.where(chosen, ids, torch.full_like(ids, -100))
         return inputs, labels
@@ -151,8 +154,8 @@ class StepOrder:
 
     def batch_at(self, step: int, micro: int) -> dict[str, torch.Tensor]:
         idx = self.indices(step, micro)
-        ex = self.examples
-        if ex.mlm:
+        batch = {name: t[idx] for name, t in self.examples.tensors.items()}
+        if self.examples.mlm is not None:
             inputs, labels = self._mlm
-            return {"input_ids": inputs[idx], "attention_mask": ex.attention_mask[idx], "labels": labels[idx]}
-        return {"input_ids": ex.input_ids[idx], "attention_mask": ex.attention_mask[idx], "labels": ex.labels[idx]}
+            batch.update(input_ids=inputs[idx], labels=labels[idx])
+        return batch

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ltsft_dist.errors import LtsftError
-from ltsft_dist.naming import module_type
+from ltsft_dist.naming import module_type_and_layer
 
 LAYER_NORM = r"(LayerNorm|layer_norm|layernorm|\.ln_)"
 
@@ -70,7 +70,7 @@ class Eligibility:
         params = dict(model.named_parameters())
         counts: Counter = Counter()
         for name, role in self.roles.items():
-            counts[(module_type(name), role)] += params[name].numel()
+            counts[(module_type_and_layer(name)[0], role)] += params[name].numel()
         types = sorted({t for t, _ in counts})
         width = max(len(t) for t in types)
         lines = [f"{'module type':<{width}}  {'sparse':>10} {'head':>10} {'frozen':>10}"]

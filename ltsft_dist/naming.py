@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import re
 
-_LAYER = re.compile(r"\.(\d+)\.")
+_LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
 
 
-def layer_of(name: str) -> int | None:
-    match = _LAYER.search(name)
-    return int(match.group(1)) if match else None
-
-
-def module_type(name: str) -> str:
-    """`bert.encoder.layer.3.attention.self.query.weight` -> `encoder.layer.*.attention.self.query.weight`
-    with the model prefix kept off, so the same module in every layer shares one row."""
-    return _LAYER.sub(".*.", name, count=1)
+def module_type_and_layer(name: str) -> tuple[str, int | None]:
+    """'bert.encoder.layer.3.attention.self.query.weight' -> ('attention.self.query', 3)."""
+    module = name.rsplit(".", 1)[0]
+    match = _LAYER.search(module + ".")
+    if match is None:
+        return module, None
+    return module[match.end() :] or module, int(match.group(1))

@@ -90,7 +90,7 @@ class LTSFTRecipe:
         selected = None
         for r in range(1, cfg.rounds + 1):
             if cfg.selection == "magnitude":
-                self.train_phase(f"phase1" + (f".{r}" if cfg.rounds > 1 else ""), cfg.phase1)
+                self.train_phase("phase1" + (f".{r}" if cfg.rounds > 1 else ""), cfg.phase1)
             k_round = self.stats.k if cfg.selection == "all" else round(self.stats.k * r / cfg.rounds)
             selected = self.select(k_round, previous=selected)
             self.snapshot.rewind()
@@ -164,7 +164,8 @@ class LTSFTRecipe:
         sparse, heads = [], []
         for f, sel in zip(self.sparse, selected):
             idx = torch.nonzero(sel).view(-1)
-            sparse.append((f.name, idx + f.param_offset, self.snapshot.delta(f)[idx]))
+            if idx.numel():
+                sparse.append((f.name, idx + f.param_offset, self.snapshot.delta(f)[idx]))
         for f in self.shards.fragments:
             if roles[f.name] == "head":
                 heads.append((f.name, f.param_offset, self.shards.master(f).clone()))

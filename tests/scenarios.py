@@ -29,7 +29,7 @@ def classification_examples(n: int = 48, length: int = 12, used_vocab: int = 61,
     lengths = torch.randint(length // 2, length + 1, (n,), generator=g)
     attention = (torch.arange(length)[None, :] < lengths[:, None]).long()
     ids = ids * attention
-    return Examples(ids, attention, labels=ids[:, 1] % 3)
+    return Examples({"input_ids": ids, "attention_mask": attention, "labels": ids[:, 1] % 3})
 
 
 def task_config(stage_file: str = "zero2.json", **overrides) -> TrainConfig:
@@ -53,14 +53,44 @@ def ds_config_for(cfg: TrainConfig, world_size: int) -> dict:
                           max_grad_norm=cfg.max_grad_norm)
 
 
-def run_distributed_case(cfg: TrainConfig, examples: Examples, world_size: int, accumulation: int = 1) -> dict | None:
-    """One LT-SFT run inside a rank; rank 0 returns what the tests compare."""
+def working_weight_drift(model, theta0: dict[str, torch.Tensor], diffs: dict | None, roles: dict[str, str]) -> int:
+    """Elements of the working weights (what the forward pass uses) that moved although they are frozen:
+    unselected positions of sparse parameters and every element of frozen parameters. Collective."""
+    import deepspeed
+
+    params = dict(model.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        moved = 0
+        for name, p in params.items():
+            if roles[name] == "head":
+                continue
+            changed = (p.detach().reshape(-1) != theta0[name].reshape(-1).to(p.dtype))
+            if roles[name] == "sparse" and diffs is not None and name in diffs:
+                changed[diffs[name][0]] = False
+            moved += int(changed.sum())
+    return moved
+
+
+def run_cases(cases: list[tuple[str, TrainConfig, Examples, int]], world_size: int) -> dict:
+    """Several LT-SFT runs in one launch (process start-ups are the expensive part). Rank 0 returns
+    {case name: {"diffs", "heads", "stats", "working_drift"}}."""
+    import torch.distributed as dist
+
     from ltsft_dist.recipe import LTSFTRecipe
 
-    cfg = copy.deepcopy(cfg)
-    cfg.micro_batch_size = cfg.batch_size // (world_size * accumulation)
-    recipe = LTSFTRecipe(tiny_classifier(), examples, cfg, ds_config_for(cfg, world_size), show_progress=False)
-    sft = recipe.run()
-    if sft is None:
-        return None
-    return {"diffs": sft.diffs, "heads": sft.heads, "stats": recipe.stats.__dict__}
+    results = {}
+    for name, cfg, examples, accumulation in cases:
+        cfg = copy.deepcopy(cfg)
+        cfg.micro_batch_size = cfg.batch_size // (world_size * accumulation)
+        model = tiny_classifier()
+        recipe = LTSFTRecipe(model, examples, cfg, ds_config_for(cfg, world_size), show_progress=False)
+        sft = recipe.run()
+        diffs = sft.diffs if sft is not None else None
+        diffs = [diffs]
+        dist.broadcast_object_list(diffs, src=0)
+        theta0 = dict(tiny_classifier().named_parameters())
+        drift = working_weight_drift(model, theta0, diffs[0], recipe.eligibility.roles)
+        if sft is not None:
+            results[name] = {"diffs": sft.diffs, "heads": sft.heads, "stats": dict(recipe.stats.__dict__),
+                             "working_drift": drift}
+    return results
