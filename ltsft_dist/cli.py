@@ -10,7 +10,7 @@ from ltsft_dist.errors import LtsftError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ltsft_dist.commands import artifact, train
+    from ltsft_dist.commands import artifact, demo, train
 
     parser = argparse.ArgumentParser(
         prog="ltsft",
@@ -18,14 +18,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ltsft {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (train, artifact):
+    for module in (train, demo, artifact):
         module.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # The deepspeed launcher prepends --local_rank=N; the rank comes from the environment anyway.
+    args = parser.parse_args([a for a in argv if not a.startswith("--local_rank")])
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -159,3 +159,30 @@ class StepOrder:
             inputs, labels = self._mlm
             batch.update(input_ids=inputs[idx], labels=labels[idx])
         return batch
+
+
+def read_training_text(config) -> tuple[list[str], list[dict] | None]:
+    """The training file of a config: lines (MLM), or records plus their text (classification)."""
+    if config.kind == "language":
+        return read_lines(config.data.train_file), None
+    records = read_classification(config.data.train_file)
+    return [r["text"] + " " + r.get("text_pair", "") for r in records], records
+
+
+def build_tokenizer(config, lines: list[str]):
+    """The configured tokenizer; a tiny model without one gets a WordPiece tokenizer trained on `lines`."""
+    from transformers import AutoTokenizer
+
+    path = config.model.tokenizer or config.model.name_or_path
+    if path is None:
+        return train_wordpiece(lines, vocab_size=int(config.model.tiny.get("vocab_size", 1000)))
+    return AutoTokenizer.from_pretrained(path)
+
+
+def encode(config, tokenizer, lines: list[str], records: list[dict] | None):
+    """Training examples and, for classification, the label names in id order."""
+    data = config.data
+    if records is None:
+        return encode_mlm(tokenizer, lines, data.max_seq_length, data.mlm_probability), None
+    labels = data.labels or sorted({str(r["label"]) for r in records})
+    return encode_classification(tokenizer, records, data.max_seq_length, labels), labels

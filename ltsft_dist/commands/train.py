@@ -1,0 +1,83 @@
+"""``ltsft train CONFIG``: one LT-SFT run (language, task or BitFit) under any launcher."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ltsft_dist.errors import LtsftError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="run one LT-SFT (phase 1 -> select -> rewind -> phase 2) from a config file",
+        description="Run one LT-SFT from a YAML/JSON config. Start it under a launcher for several ranks, e.g. "
+                    "`deepspeed --num_gpus 2 --module ltsft_dist.cli train CONFIG`; alone it is a 1-rank run.")
+    p.add_argument("config", metavar="CONFIG", help="training config (YAML or JSON); see ltsft_dist/configs/")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set phase1.lr=1e-4 (repeatable)")
+    p.set_defaults(func=train_command)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from ltsft_dist.config import load_config
+
+    config = load_config(args.config, args.overrides)  # validate before any process group or model exists
+    base_dir = Path(args.config).resolve().parent
+    if config.data.train_file and not Path(config.data.train_file).is_absolute():
+        candidate = base_dir / config.data.train_file
+        if candidate.is_file():
+            config.data.train_file = str(candidate)
+    return run_training(config, base_dir)
+
+
+def run_training(config, base_dir: Path | None = None) -> int:
+    import torch.distributed as dist
+
+    from transformers import AutoTokenizer
+
+    from ltsft_dist.data import build_tokenizer, encode, read_training_text
+    from ltsft_dist.engine import init_distributed, load_ds_config
+    from ltsft_dist.models import build_model
+    from ltsft_dist.recipe import LTSFTRecipe
+
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines, records = read_training_text(config)
+    if rank == 0:  # one tokenizer for all ranks, saved beside the SFT so it stays usable
+        build_tokenizer(config, lines).save_pretrained(str(out / "tokenizer"))
+    dist.barrier()
+    tokenizer = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
+    examples, labels = encode(config, tokenizer, lines, records)
+    model = build_model(config.model, config.kind, num_labels=len(labels) if labels else None,
+                        vocab_size=len(tokenizer), seed=config.seed)
+    per_step = config.micro_batch_size * world
+    if config.batch_size % per_step:
+        raise LtsftError(f"batch_size={config.batch_size} must be a multiple of micro_batch_size × ranks = "
+                         f"{config.micro_batch_size} × {world}")
+    ds_config = load_ds_config(config.deepspeed_path(base_dir), micro_batch_size=config.micro_batch_size,
+                               accumulation=config.batch_size // per_step, world_size=world,
+                               max_grad_norm=config.max_grad_norm)
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tensorboard"))
+    recipe = LTSFTRecipe(model, examples, config, ds_config, base_model=config.model.name_or_path or "tiny",
+                         writer=writer)
+    sft = recipe.run()
+    if rank == 0:
+        sft.save_pretrained(out / "sft")
+        recipe.save_results(out / "results.json")
+        writer.close()
+        stats = recipe.stats
+        print(json.dumps({"k": stats.k, "n_eligible": stats.n_eligible, "threshold": stats.threshold,
+                          "zero_valued_selected": stats.zero_valued_selected, "frozen_drift": stats.frozen_drift,
+                          "seconds": {k: round(v, 2) for k, v in stats.seconds.items()}}))
+        print(f"SFT written to {out / 'sft'}")
+        print(f"TensorBoard logs in {out / 'tensorboard'}  (view: tensorboard --logdir {out / 'tensorboard'})")
+    dist.barrier()
+    return 0
