@@ -1,0 +1,120 @@
+"""Language-SFT text: files and HF text columns, seeded held-out split, line-by-line and packed rows, and eval
+masking that is identical every evaluation (so eval loss is comparable across checkpoints)."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM
+
+from ltsft_dist.data import train_wordpiece
+from ltsft_dist.errors import LtsftError
+from ltsft_dist.tasks import mlm
+
+WORDS = "the river flows north through the old town and past the harbour into the cold sea".split()
+LINES = [" ".join(WORDS[i % 7:i % 7 + 3 + i % 9]) + f" number {i}" for i in range(100)]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_wordpiece(LINES, 120)
+
+
+def test_text_file_lines(tmp_path):
+    path = tmp_path / "sw.txt"
+    path.write_text("  first line \n\n second line\r\n   \n", encoding="utf-8")
+    assert mlm.read_text_lines(path) == ["first line", "second line"]
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    with pytest.raises(LtsftError, match="blank.txt: the file is empty"):
+        mlm.read_text_lines(tmp_path / "blank.txt")
+    with pytest.raises(LtsftError, match="nope.txt: file not found"):
+        mlm.read_text_lines(tmp_path / "nope.txt")
+
+
+def test_hf_text_column(monkeypatch):
+    calls = []
+
+    def fake_load(path, name, split):
+        calls.append((path, name, split))
+        return datasets.Dataset.from_dict({"text": ["a b", "  ", None, "c d "], "id": [1, 2, 3, 4]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    assert mlm.load_hf_lines("wikimedia/wikipedia", "20231101.sw") == ["a b", "c d"]
+    assert calls == [("wikimedia/wikipedia", "20231101.sw", "train")]
+    with pytest.raises(LtsftError, match=r"no column 'content' \(has \['text', 'id'\]\)"):
+        mlm.load_hf_lines("wikimedia/wikipedia", "20231101.sw", column="content")
+
+
+def test_held_out_split_is_seeded_disjoint_and_ordered():
+    train, held = mlm.split_held_out(LINES, 0.05, seed=3)
+    assert len(held) == 5 and len(train) == 95
+    assert sorted(train + held) == sorted(LINES)
+    assert held == [x for x in LINES if x in set(held)]  # file order kept
+    assert mlm.split_held_out(LINES, 0.05, seed=3) == (train, held)
+    assert mlm.split_held_out(LINES, 0.05, seed=4)[1] != held
+    with pytest.raises(LtsftError, match="too few"):
+        mlm.split_held_out(["only one"], 0.05)
+    with pytest.raises(LtsftError, match="between 0 and 1"):
+        mlm.split_held_out(LINES, 5)
+
+
+def test_line_by_line_rows_count_truncation(tok):
+    encoded = mlm.encode_text(tok, LINES, max_len=8)
+    ids = encoded.examples.tensors["input_ids"]
+    assert ids.shape == (100, 8)
+    lengths = [len(tok(x, add_special_tokens=False)["input_ids"]) for x in LINES]
+    assert encoded.truncated == sum(n > 6 for n in lengths) > 0
+    assert (ids[:, 0] == tok.cls_token_id).all()
+    assert encoded.examples.mlm.mask_token_id == tok.mask_token_id
+
+
+def test_packed_blocks_keep_every_token_in_order(tok):
+    lines = LINES[:20]
+    encoded = mlm.encode_text(tok, lines, max_len=16, packed=True)
+    ids, mask = encoded.examples.tensors["input_ids"], encoded.examples.tensors["attention_mask"]
+    stream = [i for x in lines for i in tok(x, add_special_tokens=False)["input_ids"]]
+    bodies = []
+    for row, m in zip(ids.tolist(), mask.tolist()):
+        used = row[:sum(m)]
+        assert used[0] == tok.cls_token_id and used[-1] == tok.sep_token_id
+        bodies += used[1:-1]
+    assert bodies == stream
+    assert len(ids) == -(-len(stream) // 14)  # ceil: only the last block is padded
+    assert mask[:-1].all()
+
+
+def test_eval_masking_is_fixed_and_well_formed(tok):
+    examples = mlm.encode_text(tok, LINES, max_len=12).examples
+    first, again = mlm.fixed_masks(examples, seed=1), mlm.fixed_masks(examples, seed=1)
+    assert torch.equal(first.tensors["input_ids"], again.tensors["input_ids"])
+    assert torch.equal(first.tensors["labels"], again.tensors["labels"])
+    assert not torch.equal(first.tensors["labels"], mlm.fixed_masks(examples, seed=2).tensors["labels"])
+    original, labels = examples.tensors["input_ids"], first.tensors["labels"]
+    chosen = labels != -100
+    assert chosen.any(1).all()  # every row scores at least one position
+    assert torch.equal(labels[chosen], original[chosen])
+    assert not torch.isin(original[chosen], torch.tensor(tok.all_special_ids)).any()
+    masked = first.tensors["input_ids"] == tok.mask_token_id
+    assert (masked <= chosen).all() and masked.sum() > 0.6 * chosen.sum()
+    assert torch.equal(first.tensors["input_ids"][~chosen], original[~chosen])
+    assert first.mlm is None  # the trainer must not mask again
+
+
+def test_eval_loss_identical_across_evaluations(tok):
+    data = mlm.build_mlm_data(tok, LINES, max_len=12, eval_fraction=0.2, seed=0)
+    assert data.report["eval_lines"] == 20 and data.report["train_rows"] == 80
+    assert data.train.mlm is not None and "labels" not in data.train.tensors
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=20, vocab_size=len(tok), max_position_embeddings=16)).eval()
+
+    def evaluate():
+        with torch.no_grad():
+            return [model(**batch).loss.item() for batch in mlm.eval_batches(data.eval, batch_size=6)]
+
+    losses = evaluate()
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))  # 6+6+6+2 rows
+    assert evaluate() == losses
+    rebuilt = mlm.build_mlm_data(tok, LINES, max_len=12, eval_fraction=0.2, seed=0)
+    assert torch.equal(rebuilt.eval.tensors["labels"], data.eval.tensors["labels"])  # same for the next run too
