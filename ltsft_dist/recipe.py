@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from ltsft_dist import eligibility as elig
@@ -53,9 +54,14 @@ def linear_lr(step: int, phase: PhaseConfig) -> float:
 
 class LTSFTRecipe:
     def __init__(self, model: torch.nn.Module, examples: Examples, config: TrainConfig, ds_config: dict,
-                 base_model: str = "", writer=None, show_progress: bool = True):
+                 base_model: str = "", writer=None, show_progress: bool = True, order=None, step_hooks=()):
+        """`order` replaces the default `StepOrder` (e.g. one language per step for multi-source training);
+        each of `step_hooks` gets `before_step(step)` before the step's first forward pass and
+        `before_optimizer_step(step)` after its last backward pass (e.g. a per-step language delta swap)."""
         self.config, self.examples, self.writer = config, examples, writer
         self.show_progress = show_progress
+        self.order, self.step_hooks = order, list(step_hooks)
+        self.model = model
         self.base_model = base_model
         self.stats = RunStats()
         self.setup(model, ds_config)
@@ -80,8 +86,9 @@ class LTSFTRecipe:
         self.stats.theta0_bytes_per_rank = self.snapshot.nbytes
         roles = self.eligibility.roles
         self.sparse = [f for f in self.shards.fragments if roles[f.name] == "sparse"]
-        self.order = StepOrder(self.examples, cfg.batch_size, cfg.micro_batch_size, self.rank,
-                               self.shards.world_size, cfg.seed)
+        if self.order is None:
+            self.order = StepOrder(self.examples, cfg.batch_size, cfg.micro_batch_size, self.rank,
+                                   self.shards.world_size, cfg.seed)
 
     # --- the algorithm -------------------------------------------------------------------------
 
@@ -113,22 +120,50 @@ class LTSFTRecipe:
         for step in bar:
             lr = linear_lr(step, phase)
             self.shards.set_lr(lr)
-            step_loss = 0.0
-            for micro in range(self.order.accumulation):
-                loss = self.engine(**self.order.batch_at(step, micro)).loss
-                self.engine.backward(loss)
-                if self.engine.is_gradient_accumulation_boundary():
-                    grads = self.shards.grads()
-                    l1.add_gradient(grads)
-                    if mask is not None:
-                        mask.mask_gradients(grads)
-                self.engine.step()
-                step_loss += loss.item() / self.order.accumulation
+            step_loss = self.train_step(step, mask, l1)
             losses.append(step_loss)
             if (step + 1) % self.config.log_every == 0 or step + 1 == phase.steps:
                 self._log(name, step, step_loss, lr, l1, bar)
         self.stats.losses[name] = losses
         self.stats.seconds[name] = time.perf_counter() - start
+
+    def train_step(self, step: int, mask: GradientMask | None, l1: L1Pull) -> float:
+        """One optimizer step; returns this rank's share of the global mean loss."""
+        batches = [self.order.batch_at(step, micro) for micro in range(self.order.accumulation)]
+        scale = self._mlm_loss_scale(batches)
+        for hook in self.step_hooks:
+            hook.before_step(step)
+        step_loss = 0.0
+        for i, batch in enumerate(batches):
+            if scale is None:
+                loss = self.engine(**batch).loss
+            else:
+                labels = batch.pop("labels")
+                logits = self.engine(**batch).logits
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum") * scale
+            self.engine.backward(loss)
+            if i == len(batches) - 1:
+                for hook in self.step_hooks:
+                    hook.before_optimizer_step(step)
+            if self.engine.is_gradient_accumulation_boundary():
+                grads = self.shards.grads()
+                l1.add_gradient(grads)
+                if mask is not None:
+                    mask.mask_gradients(grads)
+            self.engine.step()
+            step_loss += loss.item() / self.order.accumulation
+        return step_loss
+
+    def _mlm_loss_scale(self, batches: list[dict]) -> float | None:
+        """MLM batches hold different numbers of masked tokens per rank. Normalising each token's loss by the
+        step's global token count (DeepSpeed then averages over ranks and accumulation steps) makes the
+        gradient the mean over all masked tokens of the global batch, whatever the world size."""
+        if self.examples.mlm is None:
+            return None
+        tokens = torch.tensor([sum(int((b["labels"] != -100).sum()) for b in batches)])
+        if self.shards.world_size > 1:
+            dist.all_reduce(tokens)
+        return self.shards.world_size * self.order.accumulation / max(1, int(tokens))
 
     def select(self, k: int, previous: list[torch.Tensor] | None) -> list[torch.Tensor]:
         """Global top-k of |θ − θ⁰| (or of seeded random scores); earlier rounds' picks are kept."""

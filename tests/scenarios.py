@@ -20,6 +20,31 @@ def tiny_classifier(seed: int = 0) -> BertForSequenceClassification:
     return BertForSequenceClassification(BertConfig(**TINY, num_labels=3))
 
 
+def tiny_model(kind: str = "task", seed: int = 0):
+    """The classifier for task/BitFit SFTs; for language SFTs a masked LM with untied output embeddings."""
+    if kind != "language":
+        return tiny_classifier(seed)
+    from transformers import BertForMaskedLM
+
+    from ltsft_dist.models import untie_output_embeddings
+
+    torch.manual_seed(seed)
+    model = BertForMaskedLM(BertConfig(**TINY))
+    untie_output_embeddings(model)
+    return model
+
+
+def mlm_examples(n: int = 48, length: int = 12, seed: int = 2) -> Examples:
+    from ltsft_dist.data import MLMSpec
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, TINY["vocab_size"], (n, length), generator=g)
+    ids[:, 0], ids[:, -1] = 2, 3
+    return Examples({"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                    mlm=MLMSpec(mask_token_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=TINY["vocab_size"],
+                                probability=0.3))
+
+
 def classification_examples(n: int = 48, length: int = 12, used_vocab: int = 61, seed: int = 1) -> Examples:
     """A learnable task: the label is the first content token modulo 3. `used_vocab` < 61 leaves embedding rows
     untouched by phase 1 (exact zero diffs, hence ties at the threshold)."""
@@ -82,13 +107,13 @@ def run_cases(cases: list[tuple[str, TrainConfig, Examples, int]], world_size: i
     for name, cfg, examples, accumulation in cases:
         cfg = copy.deepcopy(cfg)
         cfg.micro_batch_size = cfg.batch_size // (world_size * accumulation)
-        model = tiny_classifier()
+        model = tiny_model(cfg.kind)
         recipe = LTSFTRecipe(model, examples, cfg, ds_config_for(cfg, world_size), show_progress=False)
         sft = recipe.run()
         diffs = sft.diffs if sft is not None else None
         diffs = [diffs]
         dist.broadcast_object_list(diffs, src=0)
-        theta0 = dict(tiny_classifier().named_parameters())
+        theta0 = dict(tiny_model(cfg.kind).named_parameters())
         drift = working_weight_drift(model, theta0, diffs[0], recipe.eligibility.roles)
         if sft is not None:
             results[name] = {"diffs": sft.diffs, "heads": sft.heads, "stats": dict(recipe.stats.__dict__),

@@ -7,6 +7,7 @@ order across ranks (the W=1 runs agree to ~1e-8).
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 
 from distributed import run_ranks
 from oracle import oracle_ltsft
-from scenarios import classification_examples, run_cases, task_config, tiny_classifier
+from scenarios import classification_examples, mlm_examples, run_cases, task_config, tiny_model
 from ltsft_dist.config import PhaseConfig
 
 STAGES = (0, 1, 2, 3)
@@ -31,8 +32,10 @@ def _cases():
         cases.append((f"ties-z{stage}", task_config(ds, weight_decay=0.0, density=0.9), ties, 1))
         cases.append((f"random-z{stage}", task_config(ds, selection="random", density=0.05), base, 1))
     for stage in (2, 3):
-        l1 = task_config(f"zero{stage}.json", phase1=PhaseConfig(steps=4, lr=3e-3, l1=5.0),
-                         phase2=PhaseConfig(steps=4, lr=3e-3, l1=5.0))
+        language = task_config(f"zero{stage}.json", kind="language", weight_decay=0.05)
+        cases.append((f"language-z{stage}", language, mlm_examples(), 1))
+        l1 = task_config(f"zero{stage}.json", batch_size=24, phase1=PhaseConfig(steps=4, lr=3e-3, l1=0.1),
+                         phase2=PhaseConfig(steps=4, lr=3e-3, l1=0.1))
         cases.append((f"l1-accum-z{stage}", l1, base, 2))
     return cases
 
@@ -42,14 +45,14 @@ CASES = {name: (cfg, ex, acc) for name, cfg, ex, acc in _cases()}
 
 @functools.lru_cache(maxsize=None)
 def distributed(world_size: int) -> dict:
-    cases = [(n, c, e, a) for n, (c, e, a) in CASES.items() if not (a > 1 and world_size == 4)]
+    cases = [(n, c, e, a) for n, (c, e, a) in CASES.items()]
     return run_ranks(run_cases, world_size, cases, world_size)[0]
 
 
 @functools.lru_cache(maxsize=None)
 def oracle(case: str):
     cfg, examples, _ = CASES[case]
-    return oracle_ltsft(tiny_classifier(), examples, cfg)
+    return oracle_ltsft(tiny_model(cfg.kind), examples, cfg)
 
 
 def _mask_indices(mask: torch.Tensor) -> torch.Tensor:
@@ -59,24 +62,28 @@ def _mask_indices(mask: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 @pytest.mark.parametrize("case", [n for n in CASES if not n.startswith("random")])
 def test_matches_oracle(case, world_size):
-    results = distributed(world_size)
-    if case not in results:
-        pytest.skip("gradient accumulation case not run at W=4 (batch of 12 does not split into 4×2)")
-    got = results[case]
+    got = distributed(world_size)[case]
     mask, phi, heads = oracle(case)
+    stats = got["stats"]
     assert set(got["diffs"]) == {n for n, m in mask.items() if m.any()}
-    for name, m in mask.items():
-        if not m.any():
-            continue
-        idx, values = got["diffs"][name]
-        assert torch.equal(idx, _mask_indices(m)), f"{name}: mask differs from the oracle's"
+    for name, (idx, values) in got["diffs"].items():
+        assert torch.equal(idx, _mask_indices(mask[name])), f"{name}: mask differs from the oracle's"
         torch.testing.assert_close(values, phi[name].reshape(-1)[idx], rtol=1e-4, atol=1e-6)
     for name, value in heads.items():
         torch.testing.assert_close(got["heads"][name], value, rtol=1e-4, atol=1e-6)
-    stats = got["stats"]
     assert sum(len(i) for i, _ in got["diffs"].values()) == stats["k"]
     assert stats["frozen_drift"] == 0
     assert got["working_drift"] == 0
+
+
+def test_l1_case_depends_on_l1():
+    """The L1 cases only prove something if the pull changes the result."""
+    cfg, examples, _ = CASES["l1-accum-z2"]
+    without = copy.deepcopy(cfg)
+    without.phase1.l1 = without.phase2.l1 = 0.0
+    _, phi_l1, _ = oracle("l1-accum-z2")
+    _, phi_plain, _ = oracle_ltsft(tiny_model(cfg.kind), examples, without)
+    assert max(float((phi_l1[n] - phi_plain[n]).abs().max()) for n in phi_l1) > 1e-5
 
 
 def test_ties_case_really_has_ties():
@@ -103,3 +110,57 @@ def test_theta0_is_sharded():
         per_rank = distributed(4)[f"base-z{stage}"]["stats"]["theta0_bytes_per_rank"]
         assert per_rank <= full / 4 * 1.1, (stage, per_rank, full)
     assert distributed(4)["base-z0"]["stats"]["theta0_bytes_per_rank"] == full
+
+
+def _variants():
+    base = classification_examples()
+    cases = []
+    for stage in (0, 2, 3):
+        cases.append((f"rounds-z{stage}", task_config(f"zero{stage}.json", rounds=2), base, 1))
+    for stage in (1, 2, 3):
+        cases.append((f"bf16-z{stage}", task_config(f"zero{stage}_bf16.json"), base, 1))
+    cases.append(("bitfit-z2", task_config("zero2.json", kind="bitfit", density=None), base, 1))
+    return cases
+
+
+@functools.lru_cache(maxsize=None)
+def variants() -> dict:
+    return run_ranks(run_cases, 2, _variants(), 2)[0]
+
+
+def test_iterative_rounds_are_exact_and_stage_independent():
+    reference = variants()["rounds-z0"]
+    assert sum(len(i) for i, _ in reference["diffs"].values()) == reference["stats"]["k"]
+    for stage in (2, 3):
+        got = variants()[f"rounds-z{stage}"]
+        assert got["diffs"].keys() == reference["diffs"].keys()
+        for name, (idx, _) in reference["diffs"].items():
+            assert torch.equal(got["diffs"][name][0], idx)
+        assert got["stats"]["frozen_drift"] == 0 and got["working_drift"] == 0
+    assert len(reference["stats"]["losses"]) == 4  # phase1.1, phase2.1, phase1.2, phase2.2
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_keeps_frozen_positions_bit_identical(stage):
+    got = variants()[f"bf16-z{stage}"]
+    assert got["stats"]["frozen_drift"] == 0  # fp32 masters
+    assert got["working_drift"] == 0  # bf16 working weights
+    assert sum(len(i) for i, _ in got["diffs"].values()) == got["stats"]["k"]
+    moved = sum(int((v != 0).sum()) for _, v in got["diffs"].values())
+    assert moved > 0.5 * got["stats"]["k"]
+
+
+def test_bitfit_trains_all_biases_and_nothing_else():
+    got = variants()["bitfit-z2"]
+    model = tiny_model("bitfit")
+    biases = {n: p.numel() for n, p in model.named_parameters() if n.endswith(".bias") and n.startswith("bert.")}
+    assert {n: len(i) for n, (i, _) in got["diffs"].items()} == biases
+    assert set(got["heads"]) == {"classifier.weight", "classifier.bias"}
+    assert got["working_drift"] == 0
+
+
+def test_language_sft_freezes_layernorm_and_output_embeddings():
+    got = distributed(2)["language-z2"]
+    assert not any("LayerNorm" in n or n == "cls.predictions.decoder.weight" for n in got["diffs"])
+    assert "bert.embeddings.word_embeddings.weight" in got["diffs"]
+    assert got["heads"] == {}
