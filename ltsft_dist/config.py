@@ -150,7 +150,7 @@ def from_dict(cls, data: dict, where: str = "config", prefix: str = ""):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise LtsftError(f"{where}: unknown key {prefix}{unknown[0]!r}; valid keys here: {', '.join(sorted(known))}")
+        raise LtsftError(f"{where}: unknown key {prefix + unknown[0]!r}; valid keys here: {', '.join(sorted(known))}")
     return cls(**{k: _convert(v, hints[k], prefix + k, where) for k, v in data.items()})
 
 
