@@ -66,6 +66,8 @@ class TrainConfig:
     deepspeed: str = "zero2.json"  # DeepSpeed config: a path, or a file name in the repo's ds_configs/
     eligibility: EligibilityConfig = field(default_factory=EligibilityConfig)
     log_every: int = 10
+    checkpoint_every: int = 0  # steps between periodic checkpoints (0: only when stopped by SIGUSR1/SIGTERM)
+    resume: bool = True  # continue from the latest complete checkpoint in output_dir/checkpoints
 
     def validate(self, where: str = "config") -> None:
         def bad(key: str, msg: str):

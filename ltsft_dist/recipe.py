@@ -18,7 +18,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ltsft_dist import checkpoint
 from ltsft_dist import eligibility as elig
+from ltsft_dist.checkpoint import Progress
 from ltsft_dist.config import PhaseConfig, TrainConfig, to_dict
 from ltsft_dist.data import Examples, StepOrder
 from ltsft_dist.engine import build_engine
@@ -29,6 +31,14 @@ from ltsft_dist.snapshot import Snapshot
 from ltsft_dist.topk import random_scores, select_topk
 
 FLOAT_MAX = torch.finfo(torch.float32).max
+
+
+class Preempted(Exception):
+    """Training stopped on request after writing a checkpoint; rerunning the same command resumes it."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"checkpointed to {path}; run the same command again to resume")
+        self.path = path
 
 
 @dataclass
@@ -62,6 +72,9 @@ class LTSFTRecipe:
         self.show_progress = show_progress
         self.order, self.step_hooks = order, list(step_hooks)
         self.model = model
+        self.selected: list[torch.Tensor] | None = None  # the mask, per sparse fragment of my shard
+        self._stop_requested = False
+        self.checkpoint_root = Path(config.output_dir) / "checkpoints"
         self.base_model = base_model
         self.stats = RunStats()
         self.setup(model, ds_config)
@@ -93,29 +106,40 @@ class LTSFTRecipe:
     # --- the algorithm -------------------------------------------------------------------------
 
     def run(self) -> SparseFineTuning | None:
+        """The whole algorithm; resumes from the latest complete checkpoint under output_dir, if any.
+        Raises `Preempted` after checkpointing when a stop was requested (e.g. by SIGUSR1)."""
         cfg = self.config
-        selected = None
-        for r in range(1, cfg.rounds + 1):
-            if cfg.selection == "magnitude":
-                self.train_phase("phase1" + (f".{r}" if cfg.rounds > 1 else ""), cfg.phase1)
-            k_round = self.stats.k if cfg.selection == "all" else round(self.stats.k * r / cfg.rounds)
-            selected = self.select(k_round, previous=selected)
-            self.snapshot.rewind()
-            self.shards.reset_optimizer_state()
-            mask = GradientMask(self.shards, self.snapshot, self.sparse, selected)
+        at = self.resume()
+        mask = None
+        for r in range(at.round, cfg.rounds + 1):
+            resuming = r == at.round
+            if resuming and at.phase == "phase2":
+                phase2_start = at.step
+            else:
+                if cfg.selection == "magnitude":
+                    self.train_phase(r, "phase1", cfg.phase1, None, at.step if resuming else 0)
+                k_round = self.stats.k if cfg.selection == "all" else round(self.stats.k * r / cfg.rounds)
+                self.selected = self.select(k_round, previous=self.selected)
+                self.snapshot.rewind()
+                self.shards.reset_optimizer_state()
+                phase2_start = 0
+            mask = GradientMask(self.shards, self.snapshot, self.sparse, self.selected)
             mask.attach()
-            self.train_phase("phase2" + (f".{r}" if cfg.rounds > 1 else ""), cfg.phase2, mask)
+            self.train_phase(r, "phase2", cfg.phase2, mask, phase2_start)
             mask.detach()
             if r < cfg.rounds:
                 self.snapshot.rewind()
                 self.shards.reset_optimizer_state()
         self.stats.frozen_drift = self.frozen_drift(mask)
-        return self.extract(selected)
+        return self.extract(self.selected)
 
-    def train_phase(self, name: str, phase: PhaseConfig, mask: GradientMask | None = None) -> None:
+    def train_phase(self, round_: int, phase_name: str, phase: PhaseConfig, mask: GradientMask | None,
+                    first_step: int = 0) -> None:
+        name = phase_name + (f".{round_}" if self.config.rounds > 1 else "")
         start = time.perf_counter()
         l1 = L1Pull(self.shards, self.snapshot, self.sparse, phase.l1, self.stats.n_eligible)
-        bar = tqdm(range(phase.steps), desc=name, disable=self.rank != 0 or not self.show_progress, leave=False)
+        bar = tqdm(range(first_step, phase.steps), desc=name, disable=self.rank != 0 or not self.show_progress,
+                   leave=False, initial=first_step, total=phase.steps)
         losses = []
         for step in bar:
             lr = linear_lr(step, phase)
@@ -124,8 +148,41 @@ class LTSFTRecipe:
             losses.append(step_loss)
             if (step + 1) % self.config.log_every == 0 or step + 1 == phase.steps:
                 self._log(name, step, step_loss, lr, l1, bar)
-        self.stats.losses[name] = losses
-        self.stats.seconds[name] = time.perf_counter() - start
+            self._maybe_checkpoint(Progress(round_, phase_name, step + 1), last=step + 1 == phase.steps)
+        self.stats.losses[name] = self.stats.losses.get(name, []) + losses
+        self.stats.seconds[name] = self.stats.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Ask for a checkpoint and a clean stop at the end of the current step (signal-handler safe)."""
+        self._stop_requested = True
+
+    def _maybe_checkpoint(self, progress: Progress, last: bool) -> None:
+        every = self.config.checkpoint_every
+        stop = torch.tensor([1 if self._stop_requested else 0])
+        if self.shards.world_size > 1:  # ranks get the signal at different moments: agree on one step
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        periodic = every > 0 and progress.step % every == 0 and not last
+        if not (stop.item() or periodic):
+            return
+        path = checkpoint.save(self.checkpoint_root, progress, self.engine, self.rank, self.shards.world_size,
+                               self.shards.stage, {"theta0": self.snapshot.segments, "selected": self.selected})
+        if stop.item():
+            raise Preempted(path)
+
+    def resume(self) -> Progress:
+        directory = checkpoint.latest(self.checkpoint_root) if self.config.resume else None
+        if directory is None:
+            return Progress()
+        progress, state = checkpoint.load(directory, self.engine, self.rank, self.shards.world_size,
+                                          self.shards.stage)
+        for mine, saved in zip(self.snapshot.segments, state["theta0"]):
+            mine.copy_(saved)
+        self.selected = state["selected"]
+        if self.rank == 0 and self.show_progress:
+            print(f"resumed from {directory} (round {progress.round}, {progress.phase}, step {progress.step})")
+        return progress
 
     def train_step(self, step: int, mask: GradientMask | None, l1: L1Pull) -> float:
         """One optimizer step; returns this rank's share of the global mean loss."""

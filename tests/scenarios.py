@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import tempfile
 
 import torch
 from transformers import BertConfig, BertForSequenceClassification
@@ -58,7 +59,7 @@ def classification_examples(n: int = 48, length: int = 12, used_vocab: int = 61,
 
 
 def task_config(stage_file: str = "zero2.json", **overrides) -> TrainConfig:
-    cfg = TrainConfig(kind="task", languages=["xx"], density=0.1, batch_size=12, micro_batch_size=4,
+    cfg = TrainConfig(kind="task", languages=["xx"], density=0.1, output_dir=tempfile.mkdtemp(prefix="ltsft-"), batch_size=12, micro_batch_size=4,
                       weight_decay=0.1, max_grad_norm=0.5, seed=3, deepspeed=stage_file,
                       phase1=PhaseConfig(steps=6, lr=3e-3, warmup_steps=2, l1=0.0),
                       phase2=PhaseConfig(steps=6, lr=3e-3, l1=0.0))
@@ -119,3 +120,39 @@ def run_cases(cases: list[tuple[str, TrainConfig, Examples, int]], world_size: i
             results[name] = {"diffs": sft.diffs, "heads": sft.heads, "stats": dict(recipe.stats.__dict__),
                              "working_drift": drift}
     return results
+
+
+class StopAt:
+    """A step hook that asks one rank only to stop at a given (phase, step): the others must follow."""
+
+    def __init__(self, recipe, stop_step: int, in_phase2: bool, rank: int):
+        self.recipe, self.stop_step, self.in_phase2, self.rank = recipe, stop_step, in_phase2, rank
+
+    def before_step(self, step: int) -> None:
+        in_phase2 = self.recipe.selected is not None
+        if step == self.stop_step and in_phase2 == self.in_phase2 and self.recipe.rank == self.rank:
+            self.recipe.request_stop()
+
+    def before_optimizer_step(self, step: int) -> None:
+        pass
+
+
+def run_interrupted(cfg: TrainConfig, examples: Examples, world_size: int, stops: list[tuple[int, bool]]) -> dict:
+    """Run to completion through several stop-and-resume cycles (fresh model and engine each time, as a
+    requeued job would); rank 0 returns the final diffs and where it stopped."""
+    from ltsft_dist.recipe import LTSFTRecipe, Preempted
+
+    cfg = copy.deepcopy(cfg)
+    cfg.micro_batch_size = cfg.batch_size // world_size
+    stopped_at = []
+    for stop_step, in_phase2 in stops + [(None, False)]:
+        recipe = LTSFTRecipe(tiny_model(cfg.kind), examples, cfg, ds_config_for(cfg, world_size),
+                             show_progress=False)
+        if stop_step is not None:
+            recipe.step_hooks.append(StopAt(recipe, stop_step, in_phase2, rank=world_size - 1))
+        try:
+            sft = recipe.run()
+        except Preempted as stop:
+            stopped_at.append(stop.path.name)
+            continue
+        return {"diffs": sft.diffs, "heads": sft.heads, "stopped_at": stopped_at} if sft is not None else None

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 from pathlib import Path
 
 from ltsft_dist.errors import LtsftError
+
+EXIT_REQUEUE = 42  # "checkpointed on request, run me again": slurm/ scripts requeue the job on this status
 
 
 def register(subparsers) -> None:
@@ -40,7 +43,7 @@ def run_training(config, base_dir: Path | None = None) -> int:
     from ltsft_dist.data import build_tokenizer, encode, read_training_text
     from ltsft_dist.engine import init_distributed, load_ds_config
     from ltsft_dist.models import build_model
-    from ltsft_dist.recipe import LTSFTRecipe
+    from ltsft_dist.recipe import LTSFTRecipe, Preempted
 
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -68,7 +71,14 @@ def run_training(config, base_dir: Path | None = None) -> int:
         writer = SummaryWriter(str(out / "tensorboard"))
     recipe = LTSFTRecipe(model, examples, config, ds_config, base_model=config.model.name_or_path or "tiny",
                          writer=writer)
-    sft = recipe.run()
+    for sig in (signal.SIGUSR1, signal.SIGTERM):  # SLURM's warning before preemption or the time limit
+        signal.signal(sig, lambda *_: recipe.request_stop())
+    try:
+        sft = recipe.run()
+    except Preempted as stop:
+        if rank == 0:
+            print(f"stopped on request: {stop}", flush=True)
+        return EXIT_REQUEUE
     if rank == 0:
         sft.save_pretrained(out / "sft")
         recipe.save_results(out / "results.json")
