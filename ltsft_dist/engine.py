@@ -14,15 +14,59 @@ NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "layernorm.weight")
 
 
 def init_distributed() -> None:
-    """Join the process group the launcher set up (one process alone is a world of 1)."""
+    """Join the process group described by whichever launcher started us (deepspeed/torchrun, srun, mpiexec;
+    none is a world of 1), with a bounded timeout so a missing rank fails the job instead of hanging it."""
+    import atexit
+    import sys
+
     import deepspeed
 
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    deepspeed.init_distributed()
+    from ltsft_dist.launch_env import discover, dist_timeout
+    from ltsft_dist.shards import disable_shm_allreduce
+
+    timeout = dist_timeout()
+    env = discover()
+    env.export(os.environ)  # what env:// rendezvous and DeepSpeed read
+    disable_shm_allreduce()
+    try:
+        deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False, timeout=timeout)
+    except RuntimeError as err:  # DistStoreError/DistNetworkError: someone did not show up in time
+        raise LtsftError(
+            f"{env.describe()}: could not form the process group within {timeout.total_seconds():g} s ({err}). "
+            f"Check that all {env.world_size} ranks started (launcher logs), that {env.master_addr} resolves and "
+            f"port {env.master_port} is reachable from every node; LTSFT_DIST_TIMEOUT_S sets the wait") from err
+    # A clean exit. Now and then a rank that finished dies in gloo's C++ teardown (static destructors at exit;
+    # destroy_process_group() first does not help): "terminate called without an active exception", SIGABRT,
+    # failing a job that succeeded (about once in 25 two-rank runs here). So a process exiting with status 0
+    # leaves with os._exit(0) once Python's own clean-up is done; any other exit takes the normal path.
+    outcome = {"status": "running"}
+    real_exit, real_excepthook = sys.exit, sys.excepthook
+
+    def recording_exit(status=None):
+        outcome["status"] = 0 if status is None else status
+        real_exit(status)
+
+    def recording_excepthook(*exc_info):
+        outcome["status"] = "uncaught exception"
+        real_excepthook(*exc_info)
+
+    def exit_without_teardown():
+        if outcome["status"] != 0:
+            return
+        mpi = sys.modules.get("mpi4py.MPI")
+        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+            mpi.Finalize()
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+    sys.exit, sys.excepthook = recording_exit, recording_excepthook
+    atexit.register(exit_without_teardown)
+    if env.rank == 0:
+        print(f"ltsft: {env.describe()}", file=sys.stderr, flush=True)
 
 
 def load_ds_config(path: Path, *, micro_batch_size: int, accumulation: int, world_size: int,

@@ -28,19 +28,32 @@ class GradientMask:
             frozen.copy_(~cov)  # padding
         for f, sel in zip(sparse, selected):
             self.frozen[f.segment].narrow(0, f.segment_offset, f.numel).copy_(~sel)
-        self.grad_views = [self.frozen[f.segment].narrow(0, f.segment_offset, f.numel) for f in shards.fragments]
+        self._grad_plans = [_plan(self.frozen[f.segment].narrow(0, f.segment_offset, f.numel))
+                            for f in shards.fragments]
+        self._segment_plans = [_plan(frozen) for frozen in self.frozen]
+        self._steps = [0] * len(self.frozen)
         self._handle = None
 
     @torch.no_grad()
     def mask_gradients(self, grads: list[torch.Tensor]) -> None:
-        for g, frozen in zip(grads, self.grad_views):
-            g.masked_fill_(frozen, 0.0)
+        for g, plan in zip(grads, self._grad_plans):
+            _keep_only(g, plan, 0.0)
 
     @torch.no_grad()
     def project(self, segment_indices: list[int]) -> None:
         for i in segment_indices:
-            master = self.shards.segments[i]
-            torch.where(self.frozen[i], self.snapshot.segments[i], master, out=master)
+            _keep_only(self.shards.segments[i], self._segment_plans[i], self.snapshot.segments[i])
+            if self._steps[i] % REFRESH_SECOND_MOMENT == 0:
+                self._refresh_second_moment(i)
+            self._steps[i] += 1
+
+    def _refresh_second_moment(self, i: int) -> None:
+        """Frozen elements are put back onto θ⁰ after every step, so their Adam state never matters; their second
+        moment is kept at 1 because torch's CPU sqrt is ~8× slower on zeros (and denormals) than on normal values.
+        Refreshed before β₂-decay could make it denormal (0.999^10000 ≈ 4.5e-5)."""
+        second = self.shards.optimizer_state(i).get("exp_avg_sq")
+        if second is not None:
+            _keep_only(second.view(-1), self._segment_plans[i], 1.0)
 
     def attach(self) -> None:
         self._handle = self.shards.on_optimizer_step(self.project)
@@ -50,8 +63,43 @@ class GradientMask:
             self._handle.remove()
             self._handle = None
 
-    def selected_count(self) -> int:
-        return sum(int((~fz).sum()) for fz in self.frozen)
+
+
+REFRESH_SECOND_MOMENT = 10_000  # steps
+INDEX_FORM_LIMIT = 8  # index form when at most 1/8 of a run is trainable: its int64 indices cost ≤ a bool mask
+
+
+def _plan(frozen: torch.Tensor) -> tuple[str, torch.Tensor | None]:
+    """How to edit one run of elements. On CPU, bool-masked writes (`masked_fill_`, `where`) cost ~8× a plain
+    copy, so a sparse mask is applied in index form: save the kept elements, overwrite all, put them back."""
+    keep = frozen.numel() - int(frozen.sum())
+    if keep == 0:
+        return "all_frozen", None
+    if keep == frozen.numel():
+        return "all_trainable", None
+    if keep * INDEX_FORM_LIMIT <= frozen.numel():
+        return "index", torch.nonzero(~frozen).view(-1)
+    return "mask", frozen.clone()
+
+
+def _keep_only(values: torch.Tensor, plan: tuple[str, torch.Tensor | None], frozen_value: torch.Tensor | float):
+    """Set the frozen elements of `values` to `frozen_value`, leaving the others bit-identical."""
+    how, arg = plan
+    if how == "all_trainable":
+        return
+    if how == "mask":
+        if isinstance(frozen_value, float):
+            values.masked_fill_(arg, frozen_value)
+        else:
+            torch.where(arg, frozen_value, values, out=values)
+        return
+    kept = values.index_select(0, arg) if how == "index" else None
+    if isinstance(frozen_value, float):
+        values.fill_(frozen_value)
+    else:
+        values.copy_(frozen_value)
+    if kept is not None:
+        values.index_copy_(0, arg, kept)
 
 
 class L1Pull:

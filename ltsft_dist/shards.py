@@ -23,6 +23,18 @@ import torch.distributed as dist
 from ltsft_dist.errors import LtsftError
 
 
+def disable_shm_allreduce() -> None:
+    """Keep DeepSpeed from building its CPU shared-memory all-reduce op when the process group starts.
+
+    We never use it (our collectives are torch.distributed's), its first build JIT-compiles for about a
+    minute, and every process group it joins leaves a /dev/shm buffer behind that is never unlinked: a test
+    suite or a long job series filled 21 GB of shared memory here. Call before `deepspeed.init_distributed`.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 @dataclass(frozen=True)
 class Fragment:
     """A contiguous run of one parameter's flat (row-major) elements held in one segment of my shard."""
@@ -143,6 +155,10 @@ class Shards:
         for group in self.inner_optimizer.param_groups:
             group["lr"] = lr
 
+    def optimizer_state(self, segment: int) -> dict:
+        """The inner optimizer's state of one segment (e.g. AdamW's exp_avg, exp_avg_sq); empty before step 1."""
+        return self.inner_optimizer.state.get(self._stepped_tensors[segment], {})
+
     def reset_optimizer_state(self) -> None:
         """Zero every optimizer state tensor in place: equivalent to a fresh optimizer, and keeps
         DeepSpeed's links to the state intact."""
@@ -181,3 +197,88 @@ class Shards:
         out = [None] * self.world_size if self.rank == 0 else None
         dist.gather_object(obj, out, dst=0)
         return out
+
+
+# =====================================================================================================
+# Working weights: the tensors the forward pass reads (used by the per-step language swap, swap.py).
+#
+# Distinct from the fp32 masters above. Layouts (DeepSpeed 0.19, read from runtime/zero/):
+# - ZeRO 0: `param.data` (it is also the master).
+# - ZeRO 1/2: `param.data`, a full replica on every rank (a view into `bit16_groups_flat`, separate from
+#   the fp32 partition); `step()` copies my fp32 partition into it and all-gathers the rest.
+# - ZeRO 3: my partition `param.ds_tensor`, elements `[r * p.partition_numel(), ...)` of the flat
+#   parameter with r my rank in `p.ds_process_group` (the tail is padding). The forward pass all-gathers
+#   only parameters whose `ds_status` is NOT_AVAILABLE (`partitioned_param_coordinator.__all_gather_params_`),
+#   so a parameter that is AVAILABLE — above all the small "persistent" ones (`p.ds_persist`), which
+#   `_post_step` re-gathers after every optimizer step and the coordinator never releases — is read from
+#   its full `param.data` as it stands. Both must therefore be edited (once: with a partition group of one
+#   rank, `NoGatherHandle` makes `param.data` a view of `ds_tensor`). `step()` starts with
+#   `_partition_all_parameters()` (every parameter, persistent ones included, released without copying
+#   `param.data` back) and ends by re-gathering the persistent ones from `ds_tensor`: after a step every
+#   full copy is re-derived from the partitions. With fp32 weights on the optimizer's device DeepSpeed may
+#   alias the fp32 master flat with the `ds_tensor` flat (`_create_fp32_partitions`); the swap restores
+#   before `engine.step()`, so that case is covered too.
+# =====================================================================================================
+
+
+@dataclass(frozen=True)
+class WorkingSpan:
+    """Elements `[start, start + numel)` of parameter `name`'s flat (row-major) values, held in `tensor`, a
+    writable flat view of a working copy the forward pass reads. `kind` is "full" (the whole parameter:
+    ZeRO 0/1/2, or a gathered ZeRO-3 parameter) or "partition" (my ZeRO-3 `ds_tensor`, padding cut off).
+    For a given (name, kind), `start` and `numel` never change; `tensor` may be a new object after any
+    DeepSpeed step or gather, so ask again each time instead of keeping it."""
+
+    name: str
+    kind: str
+    start: int
+    numel: int
+    tensor: torch.Tensor
+
+
+def is_zero3_param(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_tensor") and hasattr(p, "ds_status")
+
+
+def param_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The real shape of a parameter, also under ZeRO-3 (where `p.shape` is an empty placeholder)."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def working_spans(named_params) -> list[WorkingSpan]:
+    """For each (name, parameter), the working tensor(s) this rank holds now. Not collective, no copies."""
+    spans = []
+    for name, p in named_params:
+        if not is_zero3_param(p):
+            spans.append(WorkingSpan(name, "full", 0, p.numel(), p.data.view(-1)))
+            continue
+        spans.extend(_zero3_spans(name, p))
+    return spans
+
+
+def _zero3_spans(name: str, p) -> list[WorkingSpan]:
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if getattr(p, "ds_secondary_tensor", None) is not None:
+        raise LtsftError(f"{name}: ZeRO++ hierarchical partitioning (zero_hpz_partition_size > 1) keeps a "
+                         "secondary copy of the weights that the language swap does not edit; disable it")
+    location = getattr(p.ds_tensor, "final_location", None)
+    if location is not None and "nvme" in str(location).lower():
+        raise LtsftError(f"{name}: parameters offloaded to NVMe are not supported by the language swap")
+    if p.ds_status == ZeroParamStatus.INFLIGHT:
+        raise LtsftError(f"{name}: parameter is being gathered; the swap must run between forward passes")
+    numel = p.ds_numel
+    group = getattr(p, "ds_process_group", None)
+    rank = dist.get_rank(group=group) if dist.is_initialized() else 0
+    size = p.partition_numel()
+    start = rank * size
+    real = max(0, min(size, numel - start))
+    spans = []
+    if real:
+        spans.append(WorkingSpan(name, "partition", start, real, p.ds_tensor.data.view(-1).narrow(0, 0, real)))
+    if p.ds_status == ZeroParamStatus.AVAILABLE and p.data.numel() == numel:
+        # With a partition group of one rank, "gathering" makes `param.data` a view of `ds_tensor`
+        # (`NoGatherHandle`): one tensor, to be edited once.
+        if p.data.untyped_storage().data_ptr() != p.ds_tensor.untyped_storage().data_ptr():
+            spans.append(WorkingSpan(name, "full", 0, numel, p.data.view(-1)))
+    return spans
