@@ -50,7 +50,9 @@ def run_training(config, base_dir: Path | None = None) -> int:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines, records = read_training_text(config)
-    if rank == 0:  # one tokenizer for all ranks, saved beside the SFT so it stays usable
+    resuming = config.resume and (out / "checkpoints" / "latest").is_file()
+    if rank == 0 and not resuming:  # one tokenizer for all ranks, saved beside the SFT so it stays usable;
+        # a resumed run keeps the saved one (a retrained WordPiece may number its tokens differently)
         build_tokenizer(config, lines).save_pretrained(str(out / "tokenizer"))
     dist.barrier()
     tokenizer = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
