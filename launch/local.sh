@@ -15,14 +15,7 @@ if [ $# -lt 2 ] || ! [[ "$1" =~ ^[1-9][0-9]*$ ]]; then
   exit 2
 fi
 N=$1; shift
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-VENV=${VENV:-$REPO/.venv}
-case "$VENV" in /*) ;; *) VENV="$REPO/$VENV" ;; esac
-PY="$VENV/bin/python"
-if [ ! -x "$PY" ]; then
-  echo "$0: no python at $PY: run launch/setup.sh or set VENV" >&2
-  exit 2
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 PORT=${MASTER_PORT:-$("$PY" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
 unset RANK WORLD_SIZE LOCAL_RANK
 # shellcheck disable=SC2086

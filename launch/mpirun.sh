@@ -17,14 +17,7 @@ if [ $# -lt 2 ] || ! [[ "$1" =~ ^[1-9][0-9]*$ ]]; then
   exit 2
 fi
 N=$1; shift
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-VENV=${VENV:-$REPO/.venv}
-case "$VENV" in /*) ;; *) VENV="$REPO/$VENV" ;; esac
-PY="$VENV/bin/python"
-if [ ! -x "$PY" ]; then
-  echo "$0: no python at $PY: run launch/setup.sh or set VENV" >&2
-  exit 2
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 if [ -z "${MPIEXEC:-}" ]; then
   for candidate in "$VENV/bin/mpiexec" "$(command -v mpiexec || true)" "$(command -v mpirun || true)"; do
     if [ -n "$candidate" ] && [ -x "$candidate" ]; then MPIEXEC=$candidate; break; fi

@@ -22,14 +22,7 @@ if [ -z "${SLURM_JOB_ID:-}" ]; then
   echo "$0: not inside a SLURM allocation (no SLURM_JOB_ID): submit with sbatch (see slurm/) or use salloc" >&2
   exit 2
 fi
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-VENV=${VENV:-$REPO/.venv}
-case "$VENV" in /*) ;; *) VENV="$REPO/$VENV" ;; esac
-PY="$VENV/bin/python"
-if [ ! -x "$PY" ]; then
-  echo "$0: no python at $PY: run launch/setup.sh or set VENV" >&2
-  exit 2
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 unset RANK WORLD_SIZE LOCAL_RANK LOCAL_SIZE LOCAL_WORLD_SIZE
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 # --kill-on-bad-exit: one failing rank ends the step instead of leaving the others waiting for it.

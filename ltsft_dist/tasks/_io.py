@@ -81,3 +81,15 @@ def require_keys(record: dict, keys: tuple[str, ...], where: str, fix: str) -> N
     missing = [key for key in keys if key not in record]
     if missing:
         raise LtsftError(f"{where}: missing {missing}; {fix}")
+
+
+def load_hf_dataset(path: str, config: str | None, split: str):
+    """`datasets.load_dataset` with one clear error; returns the dataset and a name for it in later messages."""
+    import datasets
+
+    source = f"load_dataset({path!r}, {config!r}, split={split!r})"
+    try:
+        return datasets.load_dataset(path, config, split=split), source
+    except Exception as err:  # the hub / cache raises many types; all are fixed by the user
+        raise LtsftError(f"{source} failed ({type(err).__name__}: {err}); check the language code or config name, "
+                         "the dataset name and the split, and that the hub or a local cache is reachable") from err

@@ -17,7 +17,7 @@ import torch
 
 from ltsft_dist.data import Examples, MLMSpec
 from ltsft_dist.errors import LtsftError
-from ltsft_dist.tasks._io import read_text
+from ltsft_dist.tasks._io import load_hf_dataset, read_text
 
 
 def read_text_lines(path: str | Path) -> list[str]:
@@ -37,14 +37,7 @@ def lines_from_dataset(dataset, column: str = "text", source: str = "dataset") -
 
 def load_hf_lines(path: str, config: str | None = None, split: str = "train", column: str = "text") -> list[str]:
     """Lines from a HF dataset (hub or local cache), e.g. ("wikimedia/wikipedia", "20231101.sw")."""
-    import datasets
-
-    source = f"load_dataset({path!r}, {config!r}, split={split!r})"
-    try:
-        dataset = datasets.load_dataset(path, config, split=split)
-    except Exception as err:  # the hub / cache raises many types; all are fixed by the user
-        raise LtsftError(f"{source} failed ({type(err).__name__}: {err}); check the name, config and split and "
-                         "that the hub or a local cache is reachable") from err
+    dataset, source = load_hf_dataset(path, config, split)
     return lines_from_dataset(dataset, column, source)
 
 

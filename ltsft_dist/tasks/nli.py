@@ -17,7 +17,7 @@ import torch
 
 from ltsft_dist.data import Examples
 from ltsft_dist.errors import LtsftError
-from ltsft_dist.tasks._io import read_jsonl, read_tsv, require_keys
+from ltsft_dist.tasks._io import load_hf_dataset, read_jsonl, read_tsv, require_keys
 
 log = logging.getLogger(__name__)
 
@@ -151,16 +151,9 @@ def records_from_dataset(dataset, language: str, source: str, premise: str = "pr
 
 def read_xnli_hf(languages: list[str], split: str = "validation", path: str = "facebook/xnli") -> NLISet:
     """XNLI from the Hugging Face hub (or its local cache), one config per language."""
-    import datasets
-
     sets = []
     for language in languages:
-        source = f"load_dataset({path!r}, {language!r}, split={split!r})"
-        try:
-            dataset = datasets.load_dataset(path, language, split=split)
-        except Exception as err:  # the hub / cache raises many types; all are fixed by the user
-            raise LtsftError(f"{source} failed ({type(err).__name__}: {err}); check the language code, the split "
-                             "and that the hub or a local cache is reachable") from err
+        dataset, source = load_hf_dataset(path, language, split)
         sets.append(records_from_dataset(dataset, language, source))
     return combine(*sets)
 

@@ -19,7 +19,7 @@ import torch
 
 from ltsft_dist.data import Examples
 from ltsft_dist.errors import LtsftError
-from ltsft_dist.tasks._io import read_json, require_keys
+from ltsft_dist.tasks._io import load_hf_dataset, read_json, require_keys
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +115,7 @@ def examples_from_dataset(dataset, language: str, source: str) -> list[QAExample
 
 def load_squad_hf(path: str, language: str, config: str | None = None, split: str = "validation") -> list[QAExample]:
     """E.g. ("rajpurkar/squad", "en"), ("google/xquad", "de", "xquad.de"), ("facebook/mlqa", "de", "mlqa.de.de")."""
-    import datasets
-
-    source = f"load_dataset({path!r}, {config!r}, split={split!r})"
-    try:
-        dataset = datasets.load_dataset(path, config, split=split)
-    except Exception as err:  # the hub / cache raises many types; all are fixed by the user
-        raise LtsftError(f"{source} failed ({type(err).__name__}: {err}); check the name, config and split and "
-                         "that the hub or a local cache is reachable") from err
+    dataset, source = load_hf_dataset(path, config, split)
     return examples_from_dataset(dataset, language, source)
 
 
