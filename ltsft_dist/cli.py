@@ -32,10 +32,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
     except LtsftError as err:
         print(f"ltsft {args.command}: error: {err}", file=sys.stderr)
         return 2
+    if status == 0:
+        from ltsft_dist.engine import leave_cleanly
+
+        leave_cleanly()  # a distributed run ends here, before any C++ teardown can abort it
+    return status
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -16,8 +18,6 @@ NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "layernorm.weight")
 def init_distributed() -> None:
     """Join the process group described by whichever launcher started us (deepspeed/torchrun, srun, mpiexec;
     none is a world of 1), with a bounded timeout so a missing rank fails the job instead of hanging it."""
-    import atexit
-    import sys
 
     import deepspeed
 
@@ -37,36 +37,41 @@ def init_distributed() -> None:
             f"port {env.master_port} is reachable from every node; LTSFT_DIST_TIMEOUT_S sets the wait") from err
     # A clean exit. Now and then a rank that finished dies in gloo's C++ teardown (static destructors at exit;
     # destroy_process_group() first does not help): "terminate called without an active exception", SIGABRT,
-    # failing a job that succeeded (about once in 25 two-rank runs here). So a process exiting with status 0
-    # leaves with os._exit(0) once Python's own clean-up is done; any other exit takes the normal path.
-    outcome = {"status": "running"}
+    # failing a job that succeeded. `leave_cleanly` skips that teardown; the CLI calls it as soon as a command
+    # succeeds (before other atexit handlers can start the teardown), and it stays registered for sys.exit(0).
+    _outcome["status"] = "running"
     real_exit, real_excepthook = sys.exit, sys.excepthook
 
     def recording_exit(status=None):
-        outcome["status"] = 0 if status is None else status
+        _outcome["status"] = 0 if status is None else status
         real_exit(status)
 
     def recording_excepthook(*exc_info):
-        outcome["status"] = "uncaught exception"
+        _outcome["status"] = "uncaught exception"
         real_excepthook(*exc_info)
 
-    def exit_without_teardown():
-        if outcome["status"] != 0:
-            return
-        mpi = sys.modules.get("mpi4py.MPI")
-        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-            mpi.Finalize()
-        import logging
-
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-
     sys.exit, sys.excepthook = recording_exit, recording_excepthook
-    atexit.register(exit_without_teardown)
+    atexit.register(lambda: leave_cleanly() if _outcome["status"] == 0 else None)
     if env.rank == 0:
         print(f"ltsft: {env.describe()}", file=sys.stderr, flush=True)
+
+
+_outcome = {"status": "not distributed"}  # "running" once init_distributed has run, then the exit status
+
+
+def leave_cleanly() -> None:
+    """End a successful distributed process now, without C++ teardown (see init_distributed)."""
+    if _outcome["status"] == "not distributed":
+        return
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def load_ds_config(path: Path, *, micro_batch_size: int, accumulation: int, world_size: int,
