@@ -20,7 +20,6 @@ from ltsft_dist.sft import SparseFineTuning
 # Both come from their code reproduced below (written for NumPy 1 and an older torch).
 pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword"),
-    pytest.mark.filterwarnings("ignore:Sparse invariant checks are implicitly disabled"),
 ]
 
 # ---------------------------------------------------------------------- their code, as in cambridgeltl/composable-sft
@@ -51,7 +50,9 @@ def reference_decode(encoding):
     divisors = np.concatenate([[1], modulos[:-1]], dtype=np.int32)
     coordinates = np.expand_dims(indices, 0) // np.expand_dims(divisors, 1)
     coordinates = coordinates % np.expand_dims(modulos, 1)
-    return torch.sparse_coo_tensor(coordinates, values, size=size).coalesce()
+    # check_invariants: their decoder gets 3-D coordinates wrong, and an unchecked out-of-range index makes
+    # to_dense() write outside its buffer (heap corruption that crashed a later test).
+    return torch.sparse_coo_tensor(coordinates, values, size=size, check_invariants=True).coalesce()
 
 
 def reference_save(directory: Path, dense_diffs: dict, abs_params: dict) -> Path:
@@ -144,7 +145,8 @@ def test_loads_the_early_body_head_layout(tmp_path):
 def test_reads_3d_tensors_their_encoder_wrote_although_their_decoder_cannot(tmp_path):
     dense = sparse_dense((3, 4, 5), 0.3, 6)
     encoding = reference_encode(dense.to_sparse().coalesce())
-    assert not torch.equal(reference_decode(encoding).to_dense(), dense)  # why we refuse to write them
+    with pytest.raises(RuntimeError, match="index"):  # why we refuse to write them
+        reference_decode(encoding)
     torch.save({"diffs": {"w": encoding}, "abs": {}}, tmp_path / SFT_FILE_NAME)
     assert torch.equal(to_dense(load_composable_sft(tmp_path), "w"), dense)
 
