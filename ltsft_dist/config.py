@@ -17,6 +17,7 @@ import yaml
 
 from ltsft_dist.eligibility import EligibilityConfig
 from ltsft_dist.errors import LtsftError
+from ltsft_dist.multisource import SamplingConfig
 
 PACKAGE_DS_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
 
@@ -37,17 +38,44 @@ class ModelConfig:
     tokenizer: str | None = None  # tokenizer directory; defaults to name_or_path
 
 
+FORMATS = ("auto", "text", "jsonl", "squad", "xnli_tsv", "multinli_jsonl", "americasnli_tsv", "hf")
+TASKS = ("mlm", "classification", "nli", "qa")
+
+
+@dataclass
+class SourceConfig:
+    """One source language's training data: a file, or a HF dataset (hf_dataset + hf_config + split)."""
+
+    language: str = ""
+    train_file: str | None = None
+    format: str = "auto"  # auto (by task and extension) | text | jsonl | squad | xnli_tsv | multinli_jsonl |
+    #                       americasnli_tsv | hf
+    hf_dataset: str | None = None  # e.g. facebook/xnli, squad, wikitext
+    hf_config: str | None = None  # e.g. the language's config name
+    split: str = "train"
+    column: str = "text"  # mlm from a HF dataset: the text column
+
+
 @dataclass
 class DataConfig:
-    train_file: str = ""  # mlm: one text per line; classification: JSON lines with text, [text_pair,] label
+    train_file: str = ""  # single source: mlm: one text per line; classification: JSON lines with text,
+    #                       [text_pair,] label; nli: an XNLI/AmericasNLI TSV or MultiNLI JSONL; qa: SQuAD JSON
+    format: str = "auto"  # how to read train_file (see SourceConfig.format)
+    sources: list[SourceConfig] = field(default_factory=list)  # multi-source: one entry per source language
     max_seq_length: int = 64
     mlm_probability: float = 0.15
+    packed: bool = False  # mlm: concatenate lines and cut into max_seq_length blocks (else one line per row)
+    doc_stride: int = 32  # qa: context tokens shared by consecutive windows of a long context
+    max_query_length: int = 24  # qa: question tokens kept
     labels: list[str] | None = None  # classification label names, in id order; default: sorted labels seen
+    eval_fraction: float = 0.0  # held out from training for the eval loss (the paper: 5% for language SFTs)
+    eval_every: int = 0  # phase-2 steps between evaluations; the best φ by eval loss is kept (0: phase end only)
 
 
 @dataclass
 class TrainConfig:
     kind: str = "language"  # language | task | bitfit
+    task: str | None = None  # mlm | classification | nli | qa (default: mlm for language SFTs, else classification)
     languages: list[str] = field(default_factory=list)  # language code(s), recorded in the SFT
     output_dir: str = "runs/ltsft"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -68,6 +96,9 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 0  # steps between periodic checkpoints (0: only when stopped by SIGUSR1/SIGTERM)
     resume: bool = True  # continue from the latest complete checkpoint in output_dir/checkpoints
+    language_sfts: dict[str, str] = field(default_factory=dict)  # task SFTs: source language -> its language
+    #   SFT directory, active for every step that trains on that language (multi-source per-step swap)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # multi-source: language per step
 
     def validate(self, where: str = "config") -> None:
         def bad(key: str, msg: str):
@@ -95,6 +126,42 @@ class TrainConfig:
             bad("batch_size", "batch_size and micro_batch_size must be positive")
         if (self.model.name_or_path is None) == (self.model.tiny is None):
             bad("model", "give exactly one of model.name_or_path or model.tiny")
+        if self.task is None:
+            self.task = "mlm" if self.kind == "language" else "classification"
+        if self.task not in TASKS:
+            bad("task", f"{self.task!r} is not one of {', '.join(TASKS)}")
+        if (self.kind == "language") != (self.task == "mlm"):
+            bad("task", "language SFTs train task mlm, and task mlm is a language SFT: set kind: language")
+        if self.language_sfts and self.kind == "language":
+            bad("language_sfts", "language SFTs are activated while training task SFTs only: remove them")
+        data = self.data
+        if data.train_file and data.sources:
+            bad("data", "give exactly one of data.train_file (one source) or data.sources (a list, one per language)")
+        for i, source in enumerate(self.sources() if data.train_file or data.sources else []):
+            key = f"data.sources[{i}]" if data.sources else "data.train_file"
+            if source.format not in FORMATS:
+                bad(f"{key}.format", f"{source.format!r} is not one of {', '.join(FORMATS)}")
+            if bool(source.train_file) == bool(source.hf_dataset):
+                bad(key, "give exactly one of train_file or hf_dataset")
+            if data.sources and not source.language:
+                bad(f"{key}.language", "every source needs its language code")
+        languages = [s.language for s in self.sources()]
+        if len(set(languages)) != len(languages):
+            bad("data.sources", f"a language appears twice in {languages}: merge its files into one source")
+        missing = sorted(set(self.language_sfts) - set(languages))
+        if missing:
+            bad("language_sfts", f"{missing[0]!r} is not a source language ({', '.join(languages)})")
+        if not 0 <= data.eval_fraction < 1:
+            bad("data.eval_fraction", f"must lie in [0, 1), got {data.eval_fraction}")
+        if data.eval_every < 0:
+            bad("data.eval_every", "must be non-negative")
+
+    def sources(self) -> list[SourceConfig]:
+        """The training sources; a single data.train_file is the one source of the first configured language."""
+        if self.data.sources:
+            return self.data.sources
+        language = self.languages[0] if self.languages else ""
+        return [SourceConfig(language=language, train_file=self.data.train_file or None, format=self.data.format)]
 
     def k_for(self, n_eligible: int) -> int:
         if self.selection == "all":
@@ -122,8 +189,13 @@ def _convert(value, tp, key: str, where: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(value, inner, key, where)
+        options = [a for a in args if a is not type(None)]
+        for inner in options[:-1]:
+            try:
+                return _convert(value, inner, key, where)
+            except LtsftError:
+                pass
+        return _convert(value, options[-1], key, where)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise LtsftError(f"{where}: {key}: expected a mapping, got {value!r}")
@@ -135,7 +207,9 @@ def _convert(value, tp, key: str, where: str):
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
             raise LtsftError(f"{where}: {key}: expected a mapping, got {value!r}")
-        return value
+        if not args:
+            return value
+        return {_convert(k, args[0], key, where): _convert(v, args[1], f"{key}.{k}", where) for k, v in value.items()}
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
@@ -180,6 +254,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         node[leaf] = yaml.safe_load(value)
     config = from_dict(TrainConfig, data, where=str(path))
     config.validate(str(path))
+    if not (config.data.train_file or config.data.sources):  # (the recipe as a library takes examples directly)
+        raise LtsftError(f"{path}: data: give exactly one of data.train_file (one source) or data.sources (a list, "
+                         "one per language)")
     return config
 
 

@@ -39,17 +39,6 @@ class MLMSpec:
     probability: float = 0.15
 
 
-def read_lines(path: str | Path) -> list[str]:
-    path = Path(path)
-    if not path.is_file():
-        raise LtsftError(f"data.train_file: {path} not found")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    lines = [line for line in lines if line]
-    if not lines:
-        raise LtsftError(f"{path}: no text (the file is empty or blank)")
-    return lines
-
-
 def read_classification(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
@@ -87,24 +76,6 @@ def train_wordpiece(lines: list[str], vocab_size: int):
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
-
-
-def encode_mlm(tokenizer, lines: list[str], max_len: int, mlm_probability: float) -> Examples:
-    enc = tokenizer(lines, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
-    spec = MLMSpec(tokenizer.mask_token_id, tuple(tokenizer.all_special_ids), len(tokenizer), mlm_probability)
-    return Examples({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, mlm=spec)
-
-
-def encode_classification(tokenizer, records: list[dict], max_len: int, labels: list[str]) -> Examples:
-    index = {name: i for i, name in enumerate(labels)}
-    for r in records:
-        if str(r["label"]) not in index:
-            raise LtsftError(f"label {r['label']!r} is not in data.labels {labels}")
-    pairs = [r.get("text_pair") for r in records]
-    enc = tokenizer([r["text"] for r in records], pairs if all(p is not None for p in pairs) else None,
-                    padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
-    ids = torch.tensor([index[str(r["label"])] for r in records])
-    return Examples({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": ids})
 
 
 class StepOrder:
@@ -159,30 +130,3 @@ class StepOrder:
             inputs, labels = self._mlm
             batch.update(input_ids=inputs[idx], labels=labels[idx])
         return batch
-
-
-def read_training_text(config) -> tuple[list[str], list[dict] | None]:
-    """The training file of a config: lines (MLM), or records plus their text (classification)."""
-    if config.kind == "language":
-        return read_lines(config.data.train_file), None
-    records = read_classification(config.data.train_file)
-    return [r["text"] + " " + r.get("text_pair", "") for r in records], records
-
-
-def build_tokenizer(config, lines: list[str]):
-    """The configured tokenizer; a tiny model without one gets a WordPiece tokenizer trained on `lines`."""
-    from transformers import AutoTokenizer
-
-    path = config.model.tokenizer or config.model.name_or_path
-    if path is None:
-        return train_wordpiece(lines, vocab_size=int(config.model.tiny.get("vocab_size", 1000)))
-    return AutoTokenizer.from_pretrained(path)
-
-
-def encode(config, tokenizer, lines: list[str], records: list[dict] | None):
-    """Training examples and, for classification, the label names in id order."""
-    data = config.data
-    if records is None:
-        return encode_mlm(tokenizer, lines, data.max_seq_length, data.mlm_probability), None
-    labels = data.labels or sorted({str(r["label"]) for r in records})
-    return encode_classification(tokenizer, records, data.max_seq_length, labels), labels

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import torch
-from transformers import (AutoModelForMaskedLM, AutoModelForSequenceClassification, BertConfig,
-                          XLMRobertaConfig)
+from transformers import (AutoModelForMaskedLM, AutoModelForQuestionAnswering, AutoModelForSequenceClassification,
+                          BertConfig, XLMRobertaConfig)
 
 from ltsft_dist.config import ModelConfig
 from ltsft_dist.errors import LtsftError
 
 TINY_CONFIGS = {"bert": BertConfig, "xlm-roberta": XLMRobertaConfig}
+AUTO_CLASSES = {"mlm": AutoModelForMaskedLM, "classification": AutoModelForSequenceClassification,
+                "nli": AutoModelForSequenceClassification, "qa": AutoModelForQuestionAnswering}
 
 
-def build_model(cfg: ModelConfig, kind: str, num_labels: int | None = None, vocab_size: int | None = None,
+def build_model(cfg: ModelConfig, task: str, num_labels: int | None = None, vocab_size: int | None = None,
                 seed: int = 0) -> torch.nn.Module:
-    auto = AutoModelForMaskedLM if kind == "language" else AutoModelForSequenceClassification
+    """The task's model class over the base; a task head missing from a base checkpoint starts from the
+    seeded initialisation (the same on every rank)."""
+    auto = AUTO_CLASSES[task]
     extra = {"num_labels": num_labels} if num_labels else {}
     if cfg.tiny is not None:
         if cfg.architecture not in TINY_CONFIGS:
@@ -25,12 +29,19 @@ def build_model(cfg: ModelConfig, kind: str, num_labels: int | None = None, voca
         torch.manual_seed(seed)
         model = auto.from_config(TINY_CONFIGS[cfg.architecture](**values, **extra))
     else:
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its load report lists the base's MLM head as unused for task models
         try:
+            torch.manual_seed(seed)
             model = auto.from_pretrained(cfg.name_or_path, **extra)
         except OSError as err:
             raise LtsftError(f"model.name_or_path: cannot load {cfg.name_or_path!r} ({err}). Offline? Point it at "
                              "a local directory, or set HF_HUB_OFFLINE=1 with the model in the cache.") from None
-    if kind == "language":
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    if task == "mlm":
         untie_output_embeddings(model)
     return model
 
@@ -41,3 +52,24 @@ def untie_output_embeddings(model: torch.nn.Module) -> None:
     if out is not None and out.weight is model.get_input_embeddings().weight:
         out.weight = torch.nn.Parameter(out.weight.detach().clone())
     model.config.tie_word_embeddings = False
+
+
+def save_tiny_base(directory, cfg: ModelConfig, texts: list[str], seed: int = 0) -> None:
+    """A tiny masked LM and a WordPiece tokenizer trained on `texts`, saved as a HF directory: the shared base
+    θ⁰ that language and task SFTs of an offline run (demo, tests) are trained on and composed over."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from ltsft_dist.data import train_wordpiece
+
+    directory = Path(directory)
+    tokenizer = train_wordpiece(texts, vocab_size=int(cfg.tiny.get("vocab_size", 1000)))
+    model = build_model(cfg, "mlm", vocab_size=len(tokenizer), seed=seed)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.replace(directory)

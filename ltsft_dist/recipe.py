@@ -24,6 +24,7 @@ from ltsft_dist.checkpoint import Progress
 from ltsft_dist.config import PhaseConfig, TrainConfig, to_dict
 from ltsft_dist.data import Examples, StepOrder
 from ltsft_dist.engine import build_engine
+from ltsft_dist.heldout import HeldOut
 from ltsft_dist.masking import GradientMask, L1Pull
 from ltsft_dist.shards import Shards
 from ltsft_dist.sft import SFTMetadata, SparseFineTuning, base_fingerprint
@@ -53,6 +54,8 @@ class RunStats:
     theta0_bytes_per_rank: int = 0
     seconds: dict = field(default_factory=dict)
     losses: dict = field(default_factory=dict)
+    eval_losses: dict = field(default_factory=dict)  # per phase: [{step, all, <language>...}]
+    best_eval: dict | None = None  # the evaluation φ was taken from
 
 
 def linear_lr(step: int, phase: PhaseConfig) -> float:
@@ -64,11 +67,16 @@ def linear_lr(step: int, phase: PhaseConfig) -> float:
 
 class LTSFTRecipe:
     def __init__(self, model: torch.nn.Module, examples: Examples, config: TrainConfig, ds_config: dict,
-                 base_model: str = "", writer=None, show_progress: bool = True, order=None, step_hooks=()):
+                 base_model: str = "", writer=None, show_progress: bool = True, order=None, step_hooks=(),
+                 held_out: HeldOut | None = None):
         """`order` replaces the default `StepOrder` (e.g. one language per step for multi-source training);
         each of `step_hooks` gets `before_step(step)` before the step's first forward pass and
-        `before_optimizer_step(step)` after its last backward pass (e.g. a per-step language delta swap)."""
+        `before_optimizer_step(step)` after its last backward pass (e.g. a per-step language delta swap).
+        With `held_out`, phase 2 is evaluated every `data.eval_every` steps and at its end, and φ is taken from
+        the evaluation with the lowest loss."""
         self.config, self.examples, self.writer = config, examples, writer
+        self.held_out = held_out
+        self.best: dict | None = None  # phase 2's best evaluation so far: step, loss, selected values, heads
         self.show_progress = show_progress
         self.order, self.step_hooks = order, list(step_hooks)
         self.model = model
@@ -148,9 +156,45 @@ class LTSFTRecipe:
             losses.append(step_loss)
             if (step + 1) % self.config.log_every == 0 or step + 1 == phase.steps:
                 self._log(name, step, step_loss, lr, l1, bar)
+            every = self.config.data.eval_every
+            if mask is not None and self.held_out is not None and (
+                    step + 1 == phase.steps or (every and (step + 1) % every == 0)):
+                self._evaluate(name, step + 1)
             self._maybe_checkpoint(Progress(round_, phase_name, step + 1), last=step + 1 == phase.steps)
         self.stats.losses[name] = self.stats.losses.get(name, []) + losses
         self.stats.seconds[name] = self.stats.seconds.get(name, 0.0) + time.perf_counter() - start
+        if mask is not None and self.best is not None:
+            self._restore_best()
+
+    # --- the best φ by held-out loss -----------------------------------------------------------
+
+    def _heads(self) -> list:
+        return [f for f in self.shards.fragments if self.eligibility.roles[f.name] == "head"]
+
+    def _evaluate(self, phase: str, step: int) -> None:
+        losses = self.held_out.loss(self.engine)
+        self.stats.eval_losses.setdefault(phase, []).append({"step": step, **losses})
+        if self.writer is not None:
+            for language, value in losses.items():
+                self.writer.add_scalar(f"{phase}/eval_loss" + ("" if language == "all" else f"/{language}"),
+                                       value, step)
+        if self.best is None or losses["all"] < self.best["loss"]:
+            self.best = {"step": step, "loss": losses["all"],
+                         "selected": [self.shards.master(f)[sel].clone() for f, sel in zip(self.sparse, self.selected)],
+                         "heads": [self.shards.master(f).clone() for f in self._heads()]}
+
+    @torch.no_grad()
+    def _restore_best(self) -> None:
+        """Back to the best evaluation's weights (only the selected positions and the heads can differ)."""
+        for f, sel, values in zip(self.sparse, self.selected, self.best["selected"]):
+            self.shards.master(f)[sel] = values
+        for f, values in zip(self._heads(), self.best["heads"]):
+            self.shards.master(f).copy_(values)
+        self.shards.sync_working_weights()
+        self.stats.best_eval = {"step": self.best["step"], "loss": self.best["loss"]}
+        if self.rank == 0 and self.show_progress:
+            print(f"kept the best φ by held-out loss: step {self.best['step']}, loss {self.best['loss']:.4f}")
+        self.best = None
 
     # --- checkpoints ---------------------------------------------------------------------------
 
@@ -167,7 +211,8 @@ class LTSFTRecipe:
         if not (stop.item() or periodic):
             return
         path = checkpoint.save(self.checkpoint_root, progress, self.engine, self.rank, self.shards.world_size,
-                               self.shards.stage, {"theta0": self.snapshot.segments, "selected": self.selected})
+                               self.shards.stage,
+                               {"theta0": self.snapshot.segments, "selected": self.selected, "best": self.best})
         if stop.item():
             raise Preempted(path)
 
@@ -179,7 +224,7 @@ class LTSFTRecipe:
                                           self.shards.stage)
         for mine, saved in zip(self.snapshot.segments, state["theta0"]):
             mine.copy_(saved)
-        self.selected = state["selected"]
+        self.selected, self.best = state["selected"], state.get("best")
         if self.rank == 0 and self.show_progress:
             print(f"resumed from {directory} (round {progress.round}, {progress.phase}, step {progress.step})")
         return progress

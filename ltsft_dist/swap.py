@@ -115,13 +115,16 @@ class LanguageSwap:
 
     # --- the hook --------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def before_step(self, step: int) -> None:
+        self.apply(self.language_at(step), step)
+
+    @torch.no_grad()
+    def apply(self, language: str, step: int | None = None) -> None:
+        """Add φ_language to the working weights (e.g. for evaluating on that language); `restore` undoes it."""
         if self._applied is not None:
-            raise LtsftError(f"language swap: step {step} began while the delta of step {self._applied[0]} is "
-                             "still applied (before_optimizer_step was not called)")
+            raise LtsftError(f"language swap: {language!r} applied while the delta of {self._applied[1]!r} (step "
+                             f"{self._applied[0]}) is still applied (restore or before_optimizer_step was not called)")
         start = time.perf_counter()
-        language = self.language_at(step)
         if language not in self.sfts:
             raise LtsftError(f"step {step} trains on language {language!r}, which has no language SFT")
         groups: dict[int, list] = {}  # working tensors sharing one storage (e.g. DeepSpeed's flat buffers)

@@ -28,41 +28,59 @@ def train_command(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)  # validate before any process group or model exists
     base_dir = Path(args.config).resolve().parent
-    if config.data.train_file and not Path(config.data.train_file).is_absolute():
-        candidate = base_dir / config.data.train_file
-        if candidate.is_file():
-            config.data.train_file = str(candidate)
+    for source in config.sources():  # paths relative to the config file, where they exist there
+        if source.train_file and not Path(source.train_file).is_absolute() and (base_dir / source.train_file).is_file():
+            source.train_file = str(base_dir / source.train_file)
+    if not config.data.sources and config.data.train_file:
+        config.data.train_file = config.sources()[0].train_file
+    for language, path in config.language_sfts.items():
+        if not Path(path).is_absolute() and (base_dir / path).exists():
+            config.language_sfts[language] = str(base_dir / path)
     return run_training(config, base_dir)
 
 
 def run_training(config, base_dir: Path | None = None) -> int:
     import torch.distributed as dist
-
     from transformers import AutoTokenizer
 
-    from ltsft_dist.data import build_tokenizer, encode, read_training_text
     from ltsft_dist.engine import init_distributed, load_ds_config
+    from ltsft_dist.heldout import HeldOut
     from ltsft_dist.models import build_model
     from ltsft_dist.recipe import LTSFTRecipe, Preempted
+    from ltsft_dist.training_data import build_tokenizer, encode_sources, read_sources
 
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lines, records = read_training_text(config)
+    sources = read_sources(config)
+    if not config.languages:
+        config.languages = [s.language for s in sources if s.language]
+    sfts = load_language_sfts(config)
     resuming = config.resume and (out / "checkpoints" / "latest").is_file()
     if rank == 0 and not resuming:  # one tokenizer for all ranks, saved beside the SFT so it stays usable;
         # a resumed run keeps the saved one (a retrained WordPiece may number its tokens differently)
-        build_tokenizer(config, lines).save_pretrained(str(out / "tokenizer"))
+        build_tokenizer(config, sources).save_pretrained(str(out / "tokenizer"))
     dist.barrier()
     tokenizer = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
-    examples, labels = encode(config, tokenizer, lines, records)
-    model = build_model(config.model, config.kind, num_labels=len(labels) if labels else None,
+    data = encode_sources(config, tokenizer, sources)
+    if rank == 0:
+        for language, report in data.report.items():
+            print(f"data [{language}]: " + ", ".join(f"{k}={v}" for k, v in report.items()), flush=True)
+    model = build_model(config.model, config.task, num_labels=len(data.labels) if data.labels else None,
                         vocab_size=len(tokenizer), seed=config.seed)
     per_step = config.micro_batch_size * world
     if config.batch_size % per_step:
         raise LtsftError(f"batch_size={config.batch_size} must be a multiple of micro_batch_size × ranks = "
                          f"{config.micro_batch_size} × {world}")
+    order, hooks, swap = None, [], None
+    if len(data.train) > 1 or sfts:  # one source language (and its SFT) per optimizer step
+        from ltsft_dist.multisource import build_multisource
+
+        order, swap = build_multisource(model, data.train, sfts or None, config, sampling=config.sampling,
+                                        rank=rank, world_size=world)
+        hooks = [swap] if swap is not None else []
+    held_out = (HeldOut(data.held_out, config.micro_batch_size, rank, world, swap=swap) if data.held_out else None)
     ds_config = load_ds_config(config.deepspeed_path(base_dir), micro_batch_size=config.micro_batch_size,
                                accumulation=config.batch_size // per_step, world_size=world,
                                max_grad_norm=config.max_grad_norm)
@@ -71,8 +89,9 @@ def run_training(config, base_dir: Path | None = None) -> int:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "tensorboard"))
-    recipe = LTSFTRecipe(model, examples, config, ds_config, base_model=config.model.name_or_path or "tiny",
-                         writer=writer)
+    recipe = LTSFTRecipe(model, next(iter(data.train.values())), config, ds_config,
+                         base_model=config.model.name_or_path or "tiny", writer=writer, order=order,
+                         step_hooks=hooks, held_out=held_out)
     for sig in (signal.SIGUSR1, signal.SIGTERM):  # SLURM's warning before preemption or the time limit
         signal.signal(sig, lambda *_: recipe.request_stop())
     try:
@@ -88,8 +107,22 @@ def run_training(config, base_dir: Path | None = None) -> int:
         stats = recipe.stats
         print(json.dumps({"k": stats.k, "n_eligible": stats.n_eligible, "threshold": stats.threshold,
                           "zero_valued_selected": stats.zero_valued_selected, "frozen_drift": stats.frozen_drift,
+                          "best_eval": stats.best_eval,
                           "seconds": {k: round(v, 2) for k, v in stats.seconds.items()}}))
         print(f"SFT written to {out / 'sft'}")
         print(f"TensorBoard logs in {out / 'tensorboard'}  (view: tensorboard --logdir {out / 'tensorboard'})")
     dist.barrier()
     return 0
+
+
+def load_language_sfts(config) -> dict:
+    """The configured language SFTs, loaded on every rank (each applies its own part of them)."""
+    from ltsft_dist.sft import SparseFineTuning
+
+    sfts = {}
+    for language, path in config.language_sfts.items():
+        try:
+            sfts[language] = SparseFineTuning.from_pretrained(path)
+        except LtsftError as err:
+            raise LtsftError(f"language_sfts.{language}: {err}") from None
+    return sfts
