@@ -54,3 +54,28 @@ def sentences(language: str, n: int, seed: int = 0) -> list[str]:
         out.append(f"{art} {lex['adjectives'][adj]} {lex['nouns'][a]} {lex['verbs'][verb]} {art} "
                    f"{lex['nouns'][b]} {lex['places'][place]} {lex['times'][time]} .")
     return out
+
+
+NLI_LABELS = ("entailment", "neutral", "contradiction")
+
+
+def nli_examples(language: str, n: int, seed: int = 0) -> list[tuple[str, str, str]]:
+    """`n` (premise, hypothesis, label) triples, parallel across languages for the same seed: the hypothesis
+    drops details (entailment), adds a time the premise does not give (neutral) or changes the object
+    (contradiction)."""
+    if language not in LEXICON:
+        raise ValueError(f"no demo text for {language!r}; available: {', '.join(LANGUAGES)}")
+    lex, rng = LEXICON[language], random.Random(seed)
+    art, nouns = lex["article"], lex["nouns"]
+    out = []
+    for i in range(n):
+        a, b = rng.randrange(len(nouns)), rng.randrange(len(nouns))
+        other = (b + 1 + rng.randrange(len(nouns) - 1)) % len(nouns)
+        adj, verb = rng.choice(lex["adjectives"]), rng.choice(lex["verbs"])
+        place, time = rng.choice(lex["places"]), rng.choice(lex["times"])
+        label = NLI_LABELS[rng.randrange(3)]
+        premise = f"{art} {adj} {nouns[a]} {verb} {art} {nouns[b]} {place} ."
+        core = f"{art} {nouns[a]} {verb} {art} {nouns[other if label == 'contradiction' else b]}"
+        hypothesis = f"{core} {time} ." if label == "neutral" else f"{core} ."
+        out.append((premise, hypothesis, label))
+    return out

@@ -1,0 +1,118 @@
+"""``ltsft pipeline CONFIG``: base → language SFTs → multi-source task SFT → zero-shot evaluation, resumable."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from ltsft_dist.errors import LtsftError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "pipeline", help="run the whole recipe from one config: language SFTs, task SFT, zero-shot evaluation",
+        description="Run every stage of a pipeline config (see ltsft_dist/configs/pipeline_*.yaml) in order. "
+                    "Each stage's directory under output_dir is named by a hash of its inputs: finished stages "
+                    "are skipped, an interrupted stage resumes from its checkpoints. Started alone, each stage "
+                    "runs on `ranks` local processes (the deepspeed launcher); started by a launcher (srun, "
+                    "mpirun, deepspeed) with --stage, that stage runs on the launcher's ranks.")
+    p.add_argument("config", metavar="CONFIG", help="pipeline config (YAML)")
+    p.add_argument("--dry-run", action="store_true", help="print the stages, their directories and state; run nothing")
+    p.add_argument("--stage", metavar="NAME",
+                   help="run only this stage (base, lang:<xx>, task or eval), on the ranks of the current launcher "
+                        "if there is one (what the slurm/ chain does)")
+    p.add_argument("--ranks", type=int, help="local ranks per stage (default: the config's `ranks`)")
+    p.add_argument("--master-port", type=int, default=29517, help="rendezvous port of the local ranks")
+    p.set_defaults(func=pipeline_command)
+
+
+def pipeline_command(args: argparse.Namespace) -> int:
+    from ltsft_dist import pipeline as pl
+
+    config = pl.load_pipeline(args.config)
+    if args.ranks:
+        config.ranks = args.ranks
+    stages = pl.plan(config)
+    by_name = {s.name: s for s in stages}
+    if args.stage and args.stage not in by_name:
+        raise LtsftError(f"--stage {args.stage!r}: not a stage of this pipeline ({', '.join(by_name)})")
+    print(f"pipeline {args.config} -> {config.output_dir}\n{pl.describe(stages)}", flush=True)
+    if args.dry_run:
+        return 0
+    if args.stage:
+        return run_stage(by_name[args.stage], config, by_name, in_process=under_launcher())
+    for stage in stages:
+        if stage.done:
+            continue
+        status = run_stage(stage, config, by_name, in_process=False, master_port=args.master_port)
+        if status != 0:
+            print(f"stage {stage.name} failed (exit {status}); fix it and run the same command again: finished "
+                  "stages are skipped and this one resumes", file=sys.stderr)
+            return status
+    return report(config, by_name["eval"])
+
+
+def under_launcher() -> bool:
+    return any(k in os.environ for k in ("WORLD_SIZE", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK"))
+
+
+def run_stage(stage, config, by_name: dict, *, in_process: bool, master_port: int = 29517) -> int:
+    from ltsft_dist import pipeline as pl
+
+    missing = [n for n in stage.needs if not by_name[n].done]
+    if missing:
+        raise LtsftError(f"stage {stage.name} needs {', '.join(missing)} first (run those stages, or the whole "
+                         "pipeline without --stage)")
+    stage.directory.mkdir(parents=True, exist_ok=True)
+    print(f"== stage {stage.name}: {stage.directory}", flush=True)
+    if stage.name == "base":
+        if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+            pl.build_base(config, stage)
+        return 0
+    if stage.name == "eval":
+        argv = pl.eval_argv(stage)
+    else:
+        path = stage.directory / "config.yaml"
+        path.write_text(yaml.safe_dump(stage.config, sort_keys=False))
+        argv = ["train", str(path)]
+    if in_process:
+        from ltsft_dist.cli import build_parser
+
+        args = build_parser().parse_args(argv)
+        status = int(args.func(args) or 0)
+        if status == 0 and int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+            pl.mark_done(stage)
+        return status
+    status = subprocess.call(local_launcher(config.ranks, master_port) + argv)
+    if status == 0:
+        pl.mark_done(stage)
+    return status
+
+
+def local_launcher(ranks: int, master_port: int) -> list[str]:
+    """The deepspeed launcher with `ranks` local processes running `ltsft_dist.cli`."""
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
+    if launcher is None:
+        raise LtsftError("the deepspeed launcher is not installed in this environment: pip install deepspeed")
+    return [launcher, "--num_gpus", str(ranks), "--master_port", str(master_port), "--no_local_rank",
+            "--module", "ltsft_dist.cli"]
+
+
+def report(config, stage) -> int:
+    root = Path(config.output_dir)
+    for name in ("results.md", "results.json"):
+        source = stage.directory / name
+        if not source.is_file():
+            raise LtsftError(f"evaluation wrote no {source}")
+        shutil.copyfile(source, root / name)
+    print((root / "results.md").read_text())
+    print(f"results: {root / 'results.md'} and {root / 'results.json'}")
+    print(f"SFTs: {root}/lang-*/sft (language), {root}/task-*/sft (task)")
+    print(f"TensorBoard: tensorboard --logdir {root}   (each stage's logs are in its tensorboard/ folder)")
+    return 0

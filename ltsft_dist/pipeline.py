@@ -1,0 +1,261 @@
+"""The paper's whole recipe from one config: base → language SFTs → multi-source task SFT → zero-shot evaluation.
+
+Each stage is an ordinary `ltsft train` / `ltsft eval` run whose config the pipeline writes. A stage's directory
+is named by a hash of everything it depends on (its config, the bytes of its input files, the hashes of the
+stages it uses), so re-running skips finished stages, a changed input re-runs exactly the stages downstream of
+it, and an interrupted stage resumes from its own checkpoints (same inputs, same directory).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ltsft_dist.config import SourceConfig, TrainConfig, from_dict, to_dict
+from ltsft_dist.errors import LtsftError
+
+DONE = "DONE"  # written last into a stage directory: the stage finished
+
+
+@dataclass
+class BaseConfig:
+    """The base model θ⁰: a hub id/directory, or a tiny model built here (offline demo, tests)."""
+
+    name_or_path: str | None = None
+    tiny: dict | None = None  # config values of a tiny model; its tokenizer is trained on the languages' text
+    architecture: str = "bert"
+    pretrain_steps: int = 0  # tiny only: dense MLM steps on all languages' text, a stand-in for a pretrained base
+    pretrain_lr: float = 1e-3
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """Zero-shot evaluation of the task SFT on the target languages, with and without their language SFTs."""
+
+    data: dict[str, str] = field(default_factory=dict)  # target language -> evaluation file
+    max_seq_length: int = 128
+    stride: int = 32  # qa: context tokens shared by consecutive windows
+    batch_size: int = 32
+    limit: int | None = None  # evaluate the first N examples per language only (quick runs)
+
+
+@dataclass
+class PipelineConfig:
+    output_dir: str = "runs/pipeline"
+    ranks: int = 2  # local ranks per stage when `ltsft pipeline` is not itself under a launcher
+    base: BaseConfig = field(default_factory=BaseConfig)
+    languages: dict[str, SourceConfig] = field(default_factory=dict)  # language -> its text (language SFT data)
+    language_sft: dict = field(default_factory=dict)  # `ltsft train` keys shared by every language SFT
+    task_sft: dict = field(default_factory=dict)  # `ltsft train` keys of the task SFT (task, data.sources, ...)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class Stage:
+    name: str  # base | lang:<xx> | task | eval
+    directory: Path
+    needs: list[str]
+    config: dict | None = None  # train stages: the `ltsft train` config; eval: the `ltsft eval` arguments
+
+    @property
+    def done(self) -> bool:
+        return (self.directory / DONE).is_file()
+
+
+def load_pipeline(path: str | Path) -> PipelineConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise LtsftError(f"pipeline config {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise LtsftError(f"{path}: not valid YAML: {err}") from None
+    config = from_dict(PipelineConfig, data, where=str(path))
+    base_dir = path.resolve().parent
+    for language, source in config.languages.items():
+        source.language = language
+        if source.train_file and not Path(source.train_file).is_absolute():
+            source.train_file = str(base_dir / source.train_file)
+    for source in config.task_sft.get("data", {}).get("sources", []):
+        if source.get("train_file") and not Path(source["train_file"]).is_absolute():
+            source["train_file"] = str(base_dir / source["train_file"])
+    config.evaluation.data = {lang: p if Path(p).is_absolute() else str(base_dir / p)
+                              for lang, p in config.evaluation.data.items()}
+    if not Path(config.output_dir).is_absolute():
+        config.output_dir = str(base_dir / config.output_dir)
+    _check(config, str(path))
+    return config
+
+
+def _check(config: PipelineConfig, where: str) -> None:
+    if (config.base.name_or_path is None) == (config.base.tiny is None):
+        raise LtsftError(f"{where}: base: give exactly one of base.name_or_path or base.tiny")
+    if config.base.pretrain_steps and config.base.tiny is None:
+        raise LtsftError(f"{where}: base.pretrain_steps: only a tiny base is pretrained here; remove it")
+    if not config.task_sft.get("data", {}).get("sources"):
+        raise LtsftError(f"{where}: task_sft.data.sources: list the task's source languages and their files")
+    if not config.evaluation.data:
+        raise LtsftError(f"{where}: evaluation.data: map each target language to its evaluation file")
+    if config.ranks < 1:
+        raise LtsftError(f"{where}: ranks: must be at least 1")
+    for name in ("language_sft", "task_sft"):
+        for key in ("kind", "output_dir", "model", "languages", "language_sfts"):
+            if key in getattr(config, name):
+                raise LtsftError(f"{where}: {name}.{key} is set by the pipeline; remove it")
+    for language in config.languages:  # every stage's config is valid before anything runs
+        _train_config(language_stage_config(config, language, "BASE"), f"{where}: language_sft ({language})")
+    _train_config(task_stage_config(config, "BASE", {}), f"{where}: task_sft")
+
+
+def _train_config(data: dict, where: str) -> TrainConfig:
+    config = from_dict(TrainConfig, copy.deepcopy(data), where=where)
+    config.validate(where)
+    return config
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def language_stage_config(config: PipelineConfig, language: str, base_dir: str) -> dict:
+    source = config.languages[language]
+    data = ({"train_file": source.train_file, "format": source.format} if source.train_file
+            else {"sources": [to_dict(source)]})
+    return _merge(config.language_sft, {"kind": "language", "languages": [language],
+                                        "model": {"name_or_path": base_dir}, "data": data})
+
+
+def task_stage_config(config: PipelineConfig, base_dir: str, language_sfts: dict[str, str]) -> dict:
+    return _merge(config.task_sft, {"kind": "task", "model": {"name_or_path": base_dir},
+                                    "language_sfts": language_sfts})
+
+
+def _digest(*parts) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, Path):
+            h.update(part.read_bytes() if part.is_file() else b"<missing>")
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:12]
+
+
+def _files(data: dict) -> list[Path]:
+    """Input files named anywhere in a stage config (their bytes are part of the stage's identity)."""
+    found = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            found += _files(value)
+        elif isinstance(value, list):
+            found += [f for v in value if isinstance(v, dict) for f in _files(v)]
+        elif key == "train_file" and value:
+            found.append(Path(value))
+    return found
+
+
+def plan(config: PipelineConfig) -> list[Stage]:
+    """Every stage with its content-addressed directory, in the order they run."""
+    root = Path(config.output_dir)
+    texts = [Path(s.train_file) for s in config.languages.values() if s.train_file]
+    base_hash = _digest(to_dict(config.base), *texts) if config.base.tiny else _digest(config.base.name_or_path)
+    base = Stage("base", root / f"base-{base_hash}", [])
+    base_dir = config.base.name_or_path if config.base.tiny is None else str(base.directory / "model")
+    stages = [base] if config.base.tiny else []
+    lang_dirs = {}
+    for language in config.languages:
+        data = language_stage_config(config, language, base_dir)
+        stage = Stage(f"lang:{language}", root / f"lang-{language}-{_digest(data, base_hash, *_files(data))}",
+                      ["base"] if config.base.tiny else [], data)
+        stage.config["output_dir"] = str(stage.directory)
+        lang_dirs[language] = str(stage.directory / "sft")
+        stages.append(stage)
+    sources = [s["language"] for s in config.task_sft["data"]["sources"]]
+    task_langs = {lang: lang_dirs[lang] for lang in sources if lang in lang_dirs}
+    data = task_stage_config(config, base_dir, task_langs)
+    task = Stage("task", None, [s.name for s in stages if s.name in {"base", *(f"lang:{l}" for l in task_langs)}], data)
+    task.directory = root / f"task-{_digest(data, base_hash, [lang_dirs[l] for l in task_langs], *_files(data))}"
+    task.config["output_dir"] = str(task.directory)
+    stages.append(task)
+    ev = config.evaluation
+    targets = {lang: lang_dirs.get(lang) for lang in ev.data}
+    args = {"base": base_dir, "task_sft": str(task.directory / "sft"), "task": data.get("task", "classification"),
+            "lang_sfts": {lang: d for lang, d in targets.items() if d}, "data": ev.data,
+            "max_seq_length": ev.max_seq_length, "stride": ev.stride, "batch_size": ev.batch_size,
+            "limit": ev.limit}
+    needs = ["task", *(f"lang:{lang}" for lang, d in targets.items() if d)]
+    evaluation = Stage("eval", root / f"eval-{_digest(args, task.directory.name, *map(Path, ev.data.values()))}",
+                       needs, args)
+    stages.append(evaluation)
+    return stages
+
+
+def eval_argv(stage: Stage) -> list[str]:
+    a = stage.config
+    argv = ["eval", "--base", a["base"], "--task-sft", a["task_sft"], "--task", a["task"],
+            "--out", str(stage.directory), "--max-seq-length", str(a["max_seq_length"]), "--stride", str(a["stride"]),
+            "--batch-size", str(a["batch_size"])]
+    for lang, path in a["lang_sfts"].items():
+        argv += ["--lang-sft", f"{lang}={path}"]
+    for lang, path in a["data"].items():
+        argv += ["--data", f"{lang}={path}"]
+    if a["limit"]:
+        argv += ["--limit", str(a["limit"])]
+    return argv
+
+
+def mark_done(stage: Stage) -> None:
+    tmp = stage.directory / (DONE + ".tmp")
+    tmp.write_text(json.dumps({"stage": stage.name}))
+    tmp.replace(stage.directory / DONE)
+
+
+def describe(stages: list[Stage]) -> str:
+    lines = []
+    for s in stages:
+        state = "done, skipped" if s.done else ("interrupted, resumes" if s.directory.exists() else "to run")
+        needs = f" (after {', '.join(s.needs)})" if s.needs else ""
+        lines.append(f"  {s.name:<10} {state:<20} {s.directory}{needs}")
+    return "\n".join(lines)
+
+
+def build_base(config: PipelineConfig, stage: Stage) -> None:
+    """The tiny base: tokenizer and model from the languages' text, optionally pretrained (dense MLM) on it so
+    that the languages share a model as a multilingual pretrained base would."""
+    import torch
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from ltsft_dist.config import ModelConfig
+    from ltsft_dist.data import StepOrder
+    from ltsft_dist.models import save_tiny_base
+    from ltsft_dist.tasks.mlm import encode_text
+    from ltsft_dist.training_data import read_source
+
+    texts = [t for source in config.languages.values() for t in read_source(source, "mlm").records]
+    b = config.base
+    model_dir = stage.directory / "model"
+    save_tiny_base(model_dir, ModelConfig(tiny=b.tiny, architecture=b.architecture), texts, seed=b.seed)
+    if b.pretrain_steps:
+        from tqdm import tqdm
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        model = AutoModelForMaskedLM.from_pretrained(str(model_dir))
+        examples = encode_text(tokenizer, texts, min(64, int(b.tiny.get("max_position_embeddings", 64)))).examples
+        order = StepOrder(examples, 32, 32, 0, 1, b.seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=b.pretrain_lr)
+        model.train()
+        for step in tqdm(range(b.pretrain_steps), desc="pretraining the tiny base"):
+            loss = model(**order.batch_at(step, 0)).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        model.save_pretrained(str(model_dir))
+    mark_done(stage)
