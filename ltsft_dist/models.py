@@ -41,3 +41,28 @@ def untie_output_embeddings(model: torch.nn.Module) -> None:
     if out is not None and out.weight is model.get_input_embeddings().weight:
         out.weight = torch.nn.Parameter(out.weight.detach().clone())
     model.config.tie_word_embeddings = False
+
+
+def load_task_model(base_dir: str, task: str) -> torch.nn.Module:
+    """The base model (a `save_pretrained` directory) with the head of `task` (qa | nli | mlm) on it.
+
+    Weights the checkpoint lacks (a fresh task head, an MLM checkpoint's pooler) are initialised under a fixed
+    seed, so every rank and every later load gets the same values; task heads are then overwritten by the SFT's.
+    The MLM model gets untied output embeddings, as language SFTs were trained on."""
+    from transformers import AutoModelForQuestionAnswering
+
+    from ltsft_dist.tasks.nli import LABELS
+
+    loaders = {"qa": (AutoModelForQuestionAnswering, {}), "nli": (AutoModelForSequenceClassification,
+                                                                  {"num_labels": len(LABELS)}),
+               "mlm": (AutoModelForMaskedLM, {})}
+    auto, extra = loaders[task]
+    torch.manual_seed(0)
+    try:
+        model = auto.from_pretrained(base_dir, **extra)
+    except (OSError, ValueError) as err:
+        raise LtsftError(f"--base {base_dir}: cannot load it as a {task} model ({err}); pass a directory written "
+                         "by save_pretrained (config.json and weights)") from None
+    if task == "mlm":
+        untie_output_embeddings(model)
+    return model.eval()
