@@ -17,7 +17,7 @@ import torch
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.sft import SparseFineTuning, base_fingerprint, write_atomically
 from ltsft_dist.tasks import nli, qa
-from ltsft_dist.tasks.metrics import accuracy, qa_scores
+from ltsft_dist.tasks.metrics import MLQA_LANGUAGES, accuracy, qa_scores
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +223,10 @@ def evaluate(base_dir, task_sft: str, data: dict[str, str], lang_sfts: dict[str,
                          "(model and tokenizer)")
     if options.qa_metric not in QA_METRICS:
         raise LtsftError(f"qa_metric must be one of {QA_METRICS}, got {options.qa_metric!r}")
+    outside_mlqa = sorted(set(data) - set(MLQA_LANGUAGES))
+    if options.qa_metric == "mlqa" and outside_mlqa:
+        raise LtsftError(f"--qa-metric mlqa has no rules for {outside_mlqa} (MLQA covers {list(MLQA_LANGUAGES)}); "
+                         "use --qa-metric squad, XQuAD's official metric")
     sft = load_sft_flag(task_sft, f"--task-sft {task_sft}", "task")
     task = task or infer_task(sft, base_dir)
     if task not in TASKS:

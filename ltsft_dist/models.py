@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from transformers import (AutoModelForMaskedLM, AutoModelForSequenceClassification, BertConfig,
                           XLMRobertaConfig)
@@ -48,7 +50,8 @@ def load_task_model(base_dir: str, task: str) -> torch.nn.Module:
 
     Weights the checkpoint lacks (a fresh task head, an MLM checkpoint's pooler) are initialised under a fixed
     seed, so every rank and every later load gets the same values; task heads are then overwritten by the SFT's.
-    The MLM model gets untied output embeddings, as language SFTs were trained on."""
+    Missing *body* weights are reported: an SFT stores only differences to them, so their values at training time
+    are lost. The MLM model gets untied output embeddings, as language SFTs were trained on."""
     from transformers import AutoModelForQuestionAnswering
 
     from ltsft_dist.tasks.nli import LABELS
@@ -57,12 +60,23 @@ def load_task_model(base_dir: str, task: str) -> torch.nn.Module:
                                                                   {"num_labels": len(LABELS)}),
                "mlm": (AutoModelForMaskedLM, {})}
     auto, extra = loaders[task]
+    from transformers.utils import logging as hf_logging
+
     torch.manual_seed(0)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report calls the expected fresh head "missing"; ours is below
     try:
-        model = auto.from_pretrained(base_dir, **extra)
+        model, info = auto.from_pretrained(base_dir, output_loading_info=True, **extra)
     except (OSError, ValueError) as err:
         raise LtsftError(f"--base {base_dir}: cannot load it as a {task} model ({err}); pass a directory written "
                          "by save_pretrained (config.json and weights)") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    random_body = sorted(k for k in info["missing_keys"] if k.startswith(model.base_model_prefix + "."))
+    if random_body:
+        logging.getLogger(__name__).warning(
+            "%s has no %s (initialised randomly with seed 0): an SFT that changed them only stores the difference, "
+            "so its results depend on how they were initialised in training", base_dir, ", ".join(random_body))
     if task == "mlm":
         untie_output_embeddings(model)
     return model.eval()

@@ -15,7 +15,7 @@ import torch
 from conftest import require_shared_data
 from distributed import run_ranks
 from transformers import (AutoModelForMaskedLM, AutoModelForQuestionAnswering, AutoModelForSequenceClassification,
-                          BertConfig, BertForMaskedLM)
+                          BertConfig, BertForMaskedLM, BertForPreTraining)
 
 from ltsft_dist.cli import build_parser
 from ltsft_dist.data import train_wordpiece
@@ -35,10 +35,10 @@ QA_FLAGS = ["--max-seq-length", "48", "--stride", "12", "--max-query-length", "1
 
 
 def save_base(directory: Path, lines: list[str], vocab_size: int, max_positions: int = 64) -> Path:
-    """A tiny masked-LM checkpoint with its own WordPiece tokenizer, as `save_pretrained` writes it."""
+    """A tiny BERT checkpoint (MLM head and pooler, like bert-base's) with its own WordPiece tokenizer."""
     tokenizer = train_wordpiece(lines, vocab_size)
     torch.manual_seed(0)
-    model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+    model = BertForPreTraining(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
                                        num_attention_heads=2, intermediate_size=37,
                                        max_position_embeddings=max_positions))
     model.save_pretrained(directory)
@@ -95,8 +95,6 @@ def world(tmp_path_factory):
         random_sft(mlm, "language", [lang], seed).save_pretrained(root / f"lang-{lang}")
         paths[f"lang-{lang}"] = root / f"lang-{lang}"
     random_sft(AutoModelForQuestionAnswering.from_pretrained(base), "task", ["en"], 3).save_pretrained(root / "qa")
-    random_sft(AutoModelForSequenceClassification.from_pretrained(base, num_labels=3), "task", ["en"], 4,
-               scale=0.2).save_pretrained(root / "nli")
     paths.update(qa=root / "qa", nli=root / "nli")
     for lang, seed in (("de", 5), ("es", 6), ("en", 7)):
         paths[f"squad-{lang}"] = squad_file(root / f"squad.{lang}.json", lang, 11, seed)
@@ -106,7 +104,24 @@ def world(tmp_path_factory):
         rows += [f"{i}\t{lang}\t{nli.LABELS[i % 3]}\t{p}\t{h}" for i, (p, h) in enumerate(zip(premises, hypotheses))]
     (root / "xnli.dev.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     paths["xnli"] = root / "xnli.dev.tsv"
+    nli_sft(base, paths["xnli"]).save_pretrained(root / "nli")
     return {name: str(path) for name, path in paths.items()}
+
+
+def nli_sft(base: Path, data: Path) -> SparseFineTuning:
+    """A random NLI task SFT whose classifier is centred and sharpened on the data: an untrained head on a random
+    tiny BERT gives nearly the same logits to every pair, so it would predict one class for all of them."""
+    from transformers import AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=3).eval()
+    sft = random_sft(model, "task", ["en"], 4, scale=0.2)
+    sft.apply(model)
+    encoded = nli.encode_nli(AutoTokenizer.from_pretrained(base), nli.read_xnli_tsv(data).by_language["de"], 40)
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in encoded.tensors.items() if k != "labels"}).logits
+    sft.heads["classifier.weight"] = sft.heads["classifier.weight"] * 100
+    sft.heads["classifier.bias"] = sft.heads["classifier.bias"] * 100 - 100 * logits.mean(0)
+    return sft
 
 
 def cli(*argv) -> int:
@@ -192,7 +207,6 @@ def test_nli_accuracy_equals_a_hand_made_evaluation(world, tmp_path):
         assert set(results["languages"][lang]) == set(settings)
         examples = nli.encode_nli(tokenizer, records.by_language[lang], 40).tensors
         for setting in settings:
-            torch.manual_seed(0)  # the pooler is not in the MLM checkpoint: seeded, as the evaluation does
             model = AutoModelForSequenceClassification.from_pretrained(world["base"], num_labels=3).eval()
             task = SparseFineTuning.from_pretrained(world["nli"])
             task.apply(model)
@@ -203,20 +217,31 @@ def test_nli_accuracy_equals_a_hand_made_evaluation(world, tmp_path):
                                     for b in range(0, 30, 8)])
             expected = 100.0 * accuracy(logits, examples["labels"])
             assert results["languages"][lang][setting] == {"accuracy": expected, "examples": 30}
+    assert results["languages"]["de"]["task+lang"] != results["languages"]["de"]["task-only"]
 
 
 # ---------------------------------------------------------------------------------------------- (b) 2 ranks
 
 
-def _two_rank_eval(argv: list[str]) -> bool:
+def _two_rank_eval(argv: list[str]) -> list[tuple[int, int]]:
+    """Runs the command; returns (inputs, batches this rank ran) per evaluated setting."""
     import torch.distributed as dist
 
+    from ltsft_dist import evaluation
+
+    assert dist.get_world_size() == 2
+    shares, deal = [], evaluation._Runner.my_batches
+    evaluation._Runner.my_batches = lambda runner, n: shares.append((n, len(deal(runner, n)))) or deal(runner, n)
     assert cli(*argv) == 0
-    return dist.get_world_size() == 2
+    return shares
 
 
 def test_two_ranks_give_the_same_numbers_as_one(world, one_rank_qa, tmp_path):
-    assert run_ranks(_two_rank_eval, 2, qa_argv(world, tmp_path)) == [True, True]
+    rank0, rank1 = run_ranks(_two_rank_eval, 2, qa_argv(world, tmp_path))
+    # (the first call sizes the progress bar) every setting's batches of 4 windows were split between the ranks
+    assert len(rank0) == len(rank1) == 2 * 5
+    for (n, mine), (n1, theirs) in zip(rank0[5:], rank1[5:]):
+        assert n == n1 and mine + theirs == -(-n // 4) and mine >= theirs >= mine - 1 and theirs > 0
     two = json.loads((tmp_path / "results.json").read_text())
     one, table = one_rank_qa
     assert two["languages"] == one["languages"] and two["average"] == one["average"]
