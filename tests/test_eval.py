@@ -21,7 +21,7 @@ from ltsft_dist.cli import build_parser
 from ltsft_dist.data import train_wordpiece
 from ltsft_dist.demo_text import sentences
 from ltsft_dist.errors import LtsftError
-from ltsft_dist.evaluation import EvalOptions, evaluate
+from ltsft_dist.evaluation import EvalOptions, evaluate, read_eval_data
 from ltsft_dist.sft import SFTMetadata, SparseFineTuning, base_fingerprint, compose
 from ltsft_dist.tasks import nli, qa
 from ltsft_dist.tasks.metrics import accuracy, qa_scores
@@ -220,6 +220,23 @@ def test_nli_accuracy_equals_a_hand_made_evaluation(world, tmp_path):
     assert results["languages"]["de"]["task+lang"] != results["languages"]["de"]["task-only"]
 
 
+@pytest.mark.parametrize("name, lang, data_format, reader", [
+    ("xnli.dev.tsv", "sw", "xnli-tsv", lambda path: nli.read_xnli_tsv(path, ["sw"])),
+    ("americasnli_dev.tsv", "quy", "americasnli-tsv", lambda path: nli.read_americasnli_tsv(path, ["quy"])),
+    ("multinli_sample.jsonl", "en", "multinli-jsonl", lambda path: nli.read_multinli_jsonl(path, "en")),
+])
+def test_nli_reader_is_chosen_by_extension_and_header(name, lang, data_format, reader, tmp_path):
+    path = REPO / "tests" / "fixtures" / "tasks" / name
+    expected = reader(path).by_language[lang]
+    assert read_eval_data("nli", lang, path) == expected
+    assert read_eval_data("nli", lang, path, limit=1) == expected[:1]
+    renamed = tmp_path / "data.txt"  # the same rows under a name that does not tell the format
+    renamed.write_bytes(path.read_bytes())
+    with pytest.raises(LtsftError, match="pass --format"):
+        read_eval_data("nli", lang, renamed)
+    assert read_eval_data("nli", lang, renamed, data_format) == expected
+
+
 # ---------------------------------------------------------------------------------------------- (b) 2 ranks
 
 
@@ -298,6 +315,11 @@ def test_bad_input_is_refused_with_the_flag_and_the_fix(world, tmp_path):
     msg = error(*base, "--task-sft", world["qa"], "--data", f"de={world['squad-de']}",
                 "--lang-sft", f"es={world['lang-es']}")
     assert "--lang-sft es" in msg and "no --data es" in msg
+    msg = error(*base, "--task-sft", world["qa"], "--data", f"de={world['squad-de']}", "--format", "xnli-tsv")
+    assert "--format xnli-tsv is an NLI format" in msg
+    msg = error(*base, "--task-sft", world["qa"], "--data", f"en={world['squad-en']}", "--data",
+                f"xx={world['squad-de']}", "--qa-metric", "mlqa")
+    assert "--qa-metric mlqa has no rules for ['xx']" in msg
     msg = error(*base, "--task-sft", world["qa"], "--data", world["squad-de"])
     assert "expected LANG=PATH" in msg
     msg = error(*base, "--task-sft", world["lang-de"], "--data", f"de={world['squad-de']}")
