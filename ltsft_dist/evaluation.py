@@ -126,8 +126,8 @@ def _rank_and_world() -> tuple[int, int]:
 class _Runner:
     """Forward passes over this rank's share of the batches; the outputs of all ranks gathered on rank 0."""
 
-    def __init__(self, model, batch_size: int, progress):
-        self.model, self.batch_size, self.progress = model, batch_size, progress
+    def __init__(self, model, batch_size: int):
+        self.model, self.batch_size, self.progress = model, batch_size, None
         self.rank, self.world = _rank_and_world()
 
     def my_batches(self, n: int) -> range:
@@ -256,18 +256,21 @@ def evaluate(base_dir, task_sft: str, data: dict[str, str], lang_sfts: dict[str,
 
     rank, world = _rank_and_world()
     runs = [(lang, TASK_ONLY) for lang in encoded] + [(lang, COMPOSED) for lang in languages]
-    progress = tqdm(total=0, desc="evaluating", unit="batch", disable=rank != 0 or not show_progress)
-    runner = _Runner(model, options.batch_size, progress)
-    progress.total = sum(len(runner.my_batches(encoded[lang].rows)) for lang, _ in runs)
+    runner = _Runner(model, options.batch_size)
+    runner.progress = tqdm(total=sum(len(runner.my_batches(encoded[lang].rows)) for lang, _ in runs),
+                           desc="evaluating", unit="batch", disable=rank != 0 or not show_progress)
     fields = ("start_logits", "end_logits") if task == "qa" else ("logits",)
     scores: dict[str, dict] = {lang: {} for lang in encoded}
-    sft.apply(model)
+    try:
+        sft.apply(model)
+    except LtsftError as err:
+        raise LtsftError(f"--task-sft {task_sft} does not fit a {task} model of --base {base_dir}: {err}") from None
     try:
         for lang, setting in runs:
             if setting == COMPOSED:
                 languages[lang].apply(model, skip_missing_heads=True)  # its MLM head has no place here
             try:
-                progress.set_postfix_str(f"{lang} {SETTING_TITLES[setting]}")
+                runner.progress.set_postfix_str(f"{lang} {SETTING_TITLES[setting]}")
                 outputs = runner.outputs(encoded[lang].inputs, fields)
             finally:
                 if setting == COMPOSED:
@@ -276,7 +279,7 @@ def evaluate(base_dir, task_sft: str, data: dict[str, str], lang_sfts: dict[str,
                 scores[lang][setting] = encoded[lang].score(outputs, lang, options.qa_metric)
     finally:
         sft.revert(model)
-        progress.close()
+        runner.progress.close()
     if rank != 0:
         return None
     return {
@@ -320,6 +323,10 @@ def markdown_table(results: dict) -> str:
     average = results["average"]
     cells = [f"{average[s][m]:.2f}" for s in settings for m in metrics]
     lines.append("| " + " | ".join(["**average**", "", *cells]) + " |")
+    counts = {s: average[s]["languages"] for s in settings}
+    if len(set(counts.values())) > 1:  # averages over different language sets do not compare: say so
+        lines += ["", "Averages over the languages each setting ran on: "
+                  + ", ".join(f"{SETTING_TITLES[s]} {n}" for s, n in counts.items()) + "."]
     title = f"Zero-shot {results['task'].upper()} ({results['metric']}), task SFT {results['task_sft']}"
     return f"{title}\n\n" + "\n".join(lines) + "\n"
 
