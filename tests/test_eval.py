@@ -195,6 +195,24 @@ def test_qa_scores_equal_a_hand_made_evaluation(world, one_rank_qa):
     assert rows[9] == "Averages over the languages each setting ran on: task+lang 2, TA-only 3."
 
 
+def test_an_eval_config_file_gives_the_same_scores_and_flags_override_it(world, one_rank_qa, tmp_path):
+    config = {"base": world["base"], "task_sft": world["qa"], "lang_sft": {"de": world["lang-de"], "es": "nowhere"},
+              "data": {lang: world[f"squad-{lang}"] for lang in ("de", "es", "en")}, "max_seq_length": 48,
+              "stride": 12, "max_query_length": 16, "batch_size": 1000, "out": str(tmp_path / "ignored")}
+    (tmp_path / "eval.yaml").write_text(json.dumps(config))  # JSON is YAML
+    assert cli("eval", tmp_path / "eval.yaml", "--lang-sft", f"es={world['lang-es']}", "--batch-size", "4",
+               "--out", tmp_path / "out", "--no-progress") == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["options"]["batch_size"] == 4 and results["lang_sfts"]["es"] == world["lang-es"]
+    assert results["languages"] == one_rank_qa[0]["languages"]
+    assert not (tmp_path / "ignored").exists()
+    (tmp_path / "bad.yaml").write_text("base: x\nbatch: 4\n")
+    with pytest.raises(LtsftError, match="unknown key 'batch'; the keys are base, task_sft"):
+        cli("eval", tmp_path / "bad.yaml")
+    with pytest.raises(LtsftError, match="missing --task-sft: give it on the command line or as task_sft:"):
+        cli("eval", "--base", world["base"], "--data", f"de={world['squad-de']}", "--out", tmp_path)
+
+
 def test_nli_accuracy_equals_a_hand_made_evaluation(world, tmp_path):
     from transformers import AutoTokenizer
 

@@ -19,32 +19,36 @@ def register(subparsers) -> None:
                     "given) and TA-only θ⁰ + φ_task; write results.json and results.md to --out. Start it under a "
                     "launcher (deepspeed/torchrun, srun, mpiexec) to split the batches across ranks; alone it is a "
                     "1-rank run. The scores do not depend on the number of ranks.")
-    ev.add_argument("--base", required=True, metavar="DIR",
-                    help="base model directory written by save_pretrained, with its tokenizer")
-    ev.add_argument("--task-sft", required=True, metavar="DIR", help="the task SFT (with its dense task head)")
+    ev.add_argument("config", nargs="?", metavar="CONFIG",
+                    help="optional YAML/JSON file holding any of these options under their names with '_' for '-' "
+                         "(base, task_sft, lang_sft, data, max_seq_length, ...; lang_sft and data as LANG: PATH "
+                         "mappings); flags on the command line take precedence")
+    ev.add_argument("--base", metavar="DIR", help="base model directory written by save_pretrained, with its "
+                                                   "tokenizer (required)")
+    ev.add_argument("--task-sft", metavar="DIR", help="the task SFT, with its dense task head (required)")
     ev.add_argument("--task", choices=TASKS, help="qa or nli (default: told by the task SFT's head parameters)")
     ev.add_argument("--lang-sft", action="append", default=[], metavar="LANG=DIR",
                     help="language SFT of target language LANG (repeatable); its MLM head is not used")
-    ev.add_argument("--data", action="append", default=[], required=True, metavar="LANG=PATH",
-                    help="evaluation file of target language LANG (repeatable). QA: SQuAD-format JSON (e.g. "
-                         "xquad.de.json); NLI: XNLI TSV, AmericasNLI TSV or MultiNLI-style JSONL")
-    ev.add_argument("--format", dest="data_format", choices=FORMATS,
+    ev.add_argument("--data", action="append", default=[], metavar="LANG=PATH",
+                    help="evaluation file of target language LANG (repeatable, at least one). QA: SQuAD-format "
+                         "JSON (e.g. xquad.de.json); NLI: XNLI TSV, AmericasNLI TSV or MultiNLI-style JSONL")
+    ev.add_argument("--format", dest="format", choices=FORMATS,
                     help="reader for every --data file (default: from the extension, and the header for TSV)")
-    ev.add_argument("--max-seq-length", type=int, default=defaults.max_seq_length,
+    ev.add_argument("--max-seq-length", type=int, metavar="N",
                     help=f"tokens per model input (QA window or NLI pair; default {defaults.max_seq_length})")
-    ev.add_argument("--stride", type=int, default=defaults.stride,
+    ev.add_argument("--stride", type=int, metavar="N",
                     help=f"QA: context tokens shared by consecutive windows of a long context "
                          f"(default {defaults.stride})")
-    ev.add_argument("--max-query-length", type=int, default=defaults.max_query_length,
+    ev.add_argument("--max-query-length", type=int, metavar="N",
                     help=f"QA: questions are cut to this many tokens (default {defaults.max_query_length})")
-    ev.add_argument("--batch-size", type=int, default=defaults.batch_size,
+    ev.add_argument("--batch-size", type=int, metavar="N",
                     help=f"model inputs per forward pass on each rank (default {defaults.batch_size})")
     ev.add_argument("--limit", type=int, metavar="N",
                     help="only the first N questions / pairs of each language, for a quick check")
-    ev.add_argument("--qa-metric", choices=QA_METRICS, default=defaults.qa_metric,
-                    help="squad: the SQuAD v1.1 script, XQuAD's official metric (default); mlqa: MLQA's "
-                         "per-language normalisation (MLQA's languages only)")
-    ev.add_argument("--out", required=True, metavar="DIR", help="directory for results.json and results.md")
+    ev.add_argument("--qa-metric", choices=QA_METRICS,
+                    help=f"squad: the SQuAD v1.1 script, XQuAD's official metric; mlqa: MLQA's per-language "
+                         f"normalisation (MLQA's languages only); default {defaults.qa_metric}")
+    ev.add_argument("--out", metavar="DIR", help="directory for results.json and results.md (required)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=eval_command)
 
@@ -79,25 +83,62 @@ def parse_pairs(values: list[str], flag: str) -> dict[str, str]:
     return pairs
 
 
+CONFIG_KEYS = ("base", "task_sft", "task", "lang_sft", "data", "format", "max_seq_length", "stride",
+               "max_query_length", "batch_size", "limit", "qa_metric", "out")
+NUMBERS = ("max_seq_length", "stride", "max_query_length", "batch_size", "limit")
+
+
+def read_eval_config(path: str) -> dict:
+    """An eval config file (what slurm/evaluate.sbatch passes): the flags' values under their names."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(open(path, encoding="utf-8")) or {}
+    except OSError as err:
+        raise LtsftError(f"eval config {path}: cannot read it ({err.strerror}); check the path") from None
+    except yaml.YAMLError as err:
+        raise LtsftError(f"eval config {path}: not valid YAML/JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise LtsftError(f"eval config {path}: expected a mapping of option names to values")
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        raise LtsftError(f"eval config {path}: unknown key {unknown[0]!r}; the keys are {', '.join(CONFIG_KEYS)}")
+    for key in ("lang_sft", "data"):
+        if not isinstance(config.get(key, {}), dict):
+            raise LtsftError(f"eval config {path}: {key} must map each language to a path, e.g. {key}: {{de: ...}}")
+        config[key] = {str(lang): str(value) for lang, value in config.get(key, {}).items()}
+    for key in NUMBERS:
+        if key in config and (not isinstance(config[key], int) or isinstance(config[key], bool)):
+            raise LtsftError(f"eval config {path}: {key} must be an integer, got {config[key]!r}")
+    return config
+
+
 def eval_command(args: argparse.Namespace) -> int:
     from ltsft_dist.evaluation import EvalOptions, evaluate, markdown_table, write_results
 
-    for name in ("max_seq_length", "batch_size", "max_query_length"):
-        if getattr(args, name) <= 0:
-            raise LtsftError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.stride < 0 or (args.limit is not None and args.limit <= 0):
-        raise LtsftError("--stride must be >= 0 and --limit positive")
-    data, lang_sfts = parse_pairs(args.data, "--data"), parse_pairs(args.lang_sft, "--lang-sft")
-    options = EvalOptions(max_seq_length=args.max_seq_length, stride=args.stride,
-                          max_query_length=args.max_query_length, batch_size=args.batch_size, limit=args.limit,
-                          qa_metric=args.qa_metric, data_format=args.data_format)
+    config = read_eval_config(args.config) if args.config else {}
+    value = {key: getattr(args, key) if getattr(args, key) is not None else config.get(key)
+             for key in CONFIG_KEYS if key not in ("lang_sft", "data")}
+    data = {**config.get("data", {}), **parse_pairs(args.data, "--data")}
+    lang_sfts = {**config.get("lang_sft", {}), **parse_pairs(args.lang_sft, "--lang-sft")}
+    for key in ("base", "task_sft", "out"):
+        if not value[key]:
+            flag = "--" + key.replace("_", "-")
+            raise LtsftError(f"missing {flag}: give it on the command line or as {key}: in the eval config")
+    numbers = {key: value[key] for key in NUMBERS if value[key] is not None}
+    for key, number in numbers.items():
+        if number < 0 or (number == 0 and key != "stride"):
+            raise LtsftError(f"--{key.replace('_', '-')} must be {'>= 0' if key == 'stride' else 'positive'}, "
+                             f"got {number}")
+    options = EvalOptions(**numbers, qa_metric=value["qa_metric"] or EvalOptions.qa_metric,
+                          data_format=value["format"])
     _join_launched_group()
-    results = evaluate(args.base, args.task_sft, data, lang_sfts, args.task, options,
+    results = evaluate(value["base"], value["task_sft"], data, lang_sfts, value["task"], options,
                        show_progress=not args.no_progress)
     if results is not None:
-        write_results(results, args.out)
+        write_results(results, value["out"])
         print(markdown_table(results))
-        print(f"wrote {args.out}/results.json and results.md", file=sys.stderr)
+        print(f"wrote {value['out']}/results.json and results.md", file=sys.stderr)
     return 0
 
 
