@@ -1,4 +1,4 @@
-"""Zero-shot cross-lingual evaluation per target language: θ⁰ + φ_task + φ_lang(target), and TA-only θ⁰ + φ_task.
+"""Zero-shot cross-lingual evaluation per target language: θ⁰ + φ_task + φ_lang, and TA-only θ⁰ + φ_task.
 
 One model is loaded and the SFTs are applied and reverted in place (revert restores the saved values exactly), so
 every setting sees exactly θ⁰ underneath. Under a launcher the batches are dealt round-robin to the ranks; every
@@ -189,29 +189,28 @@ def _model_inputs(tokenizer, tensors: dict) -> dict[str, torch.Tensor]:
 
 
 def load_sft_flag(location: str, flag: str, kind: str | None = None) -> SparseFineTuning:
-    """An SFT named on the command line (`flag` says which, e.g. "--lang-sft de=DIR"); a wrong `kind` is refused."""
+    """An SFT named on the command line (`flag` says where, e.g. "--lang-sft de"); a wrong `kind` is refused."""
     try:
         sft = SparseFineTuning.from_pretrained(location)
-    except LtsftError as err:
+    except LtsftError as err:  # its message names the path already
         raise LtsftError(f"{flag}: {err}") from None
     if kind is not None and sft.metadata.kind != kind:
-        raise LtsftError(f"{flag}: a {sft.metadata.kind} SFT, expected a {kind} SFT; check the flag")
+        raise LtsftError(f"{flag} {location}: a {sft.metadata.kind} SFT, expected a {kind} SFT; check the flag")
     return sft
 
 
-def evaluate(base_dir, task_sft: str, data: dict[str, str], lang_sfts: dict[str, str] | None = None,
-             task: str | None = None, options: EvalOptions | None = None, show_progress: bool = True) -> dict | None:
-    """Scores per target language and setting; the result on rank 0, None on the other ranks.
+@dataclass
+class _Inputs:
+    """Everything an evaluation needs, checked before any model runs (so every rank fails alike, and early)."""
 
-    `data` maps each target language to its evaluation file, `lang_sfts` (a subset of those languages) to its
-    language SFT; languages without one are evaluated TA-only only."""
-    from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
+    task: str
+    task_sft: SparseFineTuning
+    lang_sfts: dict[str, SparseFineTuning]
+    examples: dict[str, list]
 
-    from ltsft_dist.models import load_task_model
 
-    options = options or EvalOptions()
-    lang_sfts = lang_sfts or {}
+def _load_inputs(base_dir, task_sft: str, data: dict[str, str], lang_sfts: dict[str, str], task: str | None,
+                 options: EvalOptions) -> _Inputs:
     if not data:
         raise LtsftError("no evaluation data: pass --data LANG=PATH for every target language")
     no_data = sorted(set(lang_sfts) - set(data))
@@ -221,70 +220,93 @@ def evaluate(base_dir, task_sft: str, data: dict[str, str], lang_sfts: dict[str,
     if not (Path(base_dir) / "config.json").is_file():
         raise LtsftError(f"--base {base_dir}: no config.json there; pass a directory written by save_pretrained "
                          "(model and tokenizer)")
-    if options.qa_metric not in QA_METRICS:
-        raise LtsftError(f"qa_metric must be one of {QA_METRICS}, got {options.qa_metric!r}")
-    outside_mlqa = sorted(set(data) - set(MLQA_LANGUAGES))
-    if options.qa_metric == "mlqa" and outside_mlqa:
-        raise LtsftError(f"--qa-metric mlqa has no rules for {outside_mlqa} (MLQA covers {list(MLQA_LANGUAGES)}); "
-                         "use --qa-metric squad, XQuAD's official metric")
-    sft = load_sft_flag(task_sft, f"--task-sft {task_sft}", "task")
+    sft = load_sft_flag(task_sft, "--task-sft", "task")
     task = task or infer_task(sft, base_dir)
     if task not in TASKS:
         raise LtsftError(f"--task {task}: not an evaluation task; use one of {', '.join(TASKS)}")
-    languages = {lang: load_sft_flag(path, f"--lang-sft {lang}={path}", "language") for lang, path in lang_sfts.items()}
-    for lang, lang_sft in languages.items():
-        if lang_sft.metadata.languages and lang not in lang_sft.metadata.languages:
-            raise LtsftError(f"--lang-sft {lang}={lang_sfts[lang]}: that SFT is for {lang_sft.metadata.languages}, "
+    if options.qa_metric not in QA_METRICS:
+        raise LtsftError(f"--qa-metric {options.qa_metric}: use one of {', '.join(QA_METRICS)}")
+    outside_mlqa = sorted(set(data) - set(MLQA_LANGUAGES))
+    if task == "qa" and options.qa_metric == "mlqa" and outside_mlqa:
+        raise LtsftError(f"--qa-metric mlqa has no rules for {outside_mlqa} (MLQA covers {list(MLQA_LANGUAGES)}); "
+                         "use --qa-metric squad, XQuAD's official metric")
+    languages = {}
+    for lang, path in lang_sfts.items():
+        languages[lang] = load_sft_flag(path, f"--lang-sft {lang}", "language")
+        if languages[lang].metadata.languages and lang not in languages[lang].metadata.languages:
+            raise LtsftError(f"--lang-sft {lang}={path}: that SFT is for {languages[lang].metadata.languages}, "
                              f"not {lang}; check the language code")
     examples = {lang: read_eval_data(task, lang, path, options.data_format, options.limit)
                 for lang, path in data.items()}
+    return _Inputs(task, sft, languages, examples)
+
+
+def _load_model(base_dir, inputs: _Inputs, task_sft: str, lang_sfts: dict[str, str]):
+    """The task model and tokenizer of the base, refusing SFTs of another base or without this task's head."""
+    from transformers import AutoTokenizer
+
+    from ltsft_dist.models import load_task_model
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
     except (OSError, ValueError) as err:
         raise LtsftError(f"--base {base_dir}: no usable tokenizer there ({err}); save the base's tokenizer "
                          "into it (tokenizer.save_pretrained)") from None
-    model = load_task_model(base_dir, task)
-    require_same_base(sft, model, f"--task-sft {task_sft}", base_dir)
-    for lang, lang_sft in languages.items():
+    model = load_task_model(base_dir, inputs.task)
+    require_same_base(inputs.task_sft, model, f"--task-sft {task_sft}", base_dir)
+    for lang, lang_sft in inputs.lang_sfts.items():
         require_same_base(lang_sft, model, f"--lang-sft {lang}={lang_sfts[lang]}", base_dir)
-    missing = sorted(head_names(model) - set(sft.heads))
+    missing = sorted(head_names(model) - set(inputs.task_sft.heads))
     if missing:
-        raise LtsftError(f"--task-sft {task_sft} carries no {task} head ({missing[0]!r} is missing; it has "
-                         f"{sorted(sft.heads) or 'no heads'}): pass the --task it was trained for")
-    encoded = {lang: _encode(task, tokenizer, exs, options) for lang, exs in examples.items()}
+        raise LtsftError(f"--task-sft {task_sft} carries no {inputs.task} head ({missing[0]!r} is missing; it has "
+                         f"{sorted(inputs.task_sft.heads) or 'no heads'}): pass the --task it was trained for")
+    return model, tokenizer
 
-    rank, world = _rank_and_world()
-    runs = [(lang, TASK_ONLY) for lang in encoded] + [(lang, COMPOSED) for lang in languages]
+
+def evaluate(base_dir, task_sft: str, data: dict[str, str], lang_sfts: dict[str, str] | None = None,
+             task: str | None = None, options: EvalOptions | None = None, show_progress: bool = True) -> dict | None:
+    """Scores per target language and setting; the result on rank 0, None on the other ranks.
+
+    `data` maps each target language to its evaluation file, `lang_sfts` (a subset of those languages) to its
+    language SFT; languages without one are evaluated TA-only only."""
+    from tqdm.auto import tqdm
+
+    options, lang_sfts = options or EvalOptions(), lang_sfts or {}
+    inputs = _load_inputs(base_dir, task_sft, data, lang_sfts, task, options)
+    model, tokenizer = _load_model(base_dir, inputs, task_sft, lang_sfts)
+    encoded = {lang: _encode(inputs.task, tokenizer, exs, options) for lang, exs in inputs.examples.items()}
+
+    runs = [(lang, TASK_ONLY) for lang in encoded] + [(lang, COMPOSED) for lang in inputs.lang_sfts]
     runner = _Runner(model, options.batch_size)
     runner.progress = tqdm(total=sum(len(runner.my_batches(encoded[lang].rows)) for lang, _ in runs),
-                           desc="evaluating", unit="batch", disable=rank != 0 or not show_progress)
-    fields = ("start_logits", "end_logits") if task == "qa" else ("logits",)
+                           desc="evaluating", unit="batch", disable=runner.rank != 0 or not show_progress)
+    fields = ("start_logits", "end_logits") if inputs.task == "qa" else ("logits",)
     scores: dict[str, dict] = {lang: {} for lang in encoded}
     try:
-        sft.apply(model)
+        inputs.task_sft.apply(model)
     except LtsftError as err:
-        raise LtsftError(f"--task-sft {task_sft} does not fit a {task} model of --base {base_dir}: {err}") from None
+        raise LtsftError(f"--task-sft {task_sft} does not fit a {inputs.task} model of --base {base_dir}: "
+                         f"{err}") from None
     try:
         for lang, setting in runs:
             if setting == COMPOSED:
-                languages[lang].apply(model, skip_missing_heads=True)  # its MLM head has no place here
+                inputs.lang_sfts[lang].apply(model, skip_missing_heads=True)  # its MLM head has no place here
             try:
                 runner.progress.set_postfix_str(f"{lang} {SETTING_TITLES[setting]}")
                 outputs = runner.outputs(encoded[lang].inputs, fields)
             finally:
                 if setting == COMPOSED:
-                    languages[lang].revert(model)
+                    inputs.lang_sfts[lang].revert(model)
             if outputs is not None:
                 scores[lang][setting] = encoded[lang].score(outputs, lang, options.qa_metric)
     finally:
-        sft.revert(model)
+        inputs.task_sft.revert(model)
         runner.progress.close()
-    if rank != 0:
+    if runner.rank != 0:
         return None
     return {
-        "task": task,
-        "metric": options.qa_metric if task == "qa" else "accuracy",
+        "task": inputs.task,
+        "metric": options.qa_metric if inputs.task == "qa" else "accuracy",
         "base": str(base_dir),
         "task_sft": str(task_sft),
         "lang_sfts": dict(lang_sfts),
@@ -292,7 +314,7 @@ def evaluate(base_dir, task_sft: str, data: dict[str, str], lang_sfts: dict[str,
         "options": asdict(options),
         "languages": {lang: {s: scores[lang][s] for s in (COMPOSED, TASK_ONLY) if s in scores[lang]}
                       for lang in encoded},
-        "average": _averages(task, scores),
+        "average": _averages(inputs.task, scores),
     }
 
 

@@ -34,7 +34,7 @@ def export_merged(base_dir, sft_locations: list[str], task: str, out, overwrite:
         raise LtsftError(f"-o {out}: already exists; choose another directory or pass --overwrite")
     if not (Path(base_dir) / "config.json").is_file():
         raise LtsftError(f"--base {base_dir}: no config.json there; pass a directory written by save_pretrained")
-    sfts = [load_sft_flag(location, f"--sft {location}") for location in sft_locations]
+    sfts = [load_sft_flag(location, "--sft") for location in sft_locations]
     model = load_task_model(base_dir, task)
     for location, sft in zip(sft_locations, sfts):
         require_same_base(sft, model, f"--sft {location}", base_dir)

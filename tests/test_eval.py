@@ -342,9 +342,9 @@ def test_bad_input_is_refused_with_the_flag_and_the_fix(world, tmp_path):
     msg = error(*base, "--task-sft", world["qa"], "--data", world["squad-de"])
     assert "expected LANG=PATH" in msg
     msg = error(*base, "--task-sft", world["lang-de"], "--data", f"de={world['squad-de']}")
-    assert "--task-sft" in msg and "a language SFT, expected a task SFT" in msg
+    assert f"--task-sft {world['lang-de']}: a language SFT, expected a task SFT" in msg
     msg = error(*base, "--task-sft", str(tmp_path / "missing"), "--data", f"de={world['squad-de']}")
-    assert "--task-sft" in msg and "missing" in msg
+    assert msg.startswith(f"--task-sft: {tmp_path / 'missing'}: not an SFT directory")
     msg = error(*base, "--task-sft", world["nli"], "--task", "qa", "--data", f"de={world['squad-de']}")
     assert "carries no qa head" in msg and "qa_outputs" in msg
     msg = error(*base, "--task-sft", world["qa"], "--data", f"es={world['squad-es']}",
