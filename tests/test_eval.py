@@ -318,6 +318,12 @@ def test_export_loads_with_plain_transformers_and_matches_in_memory(world, tmp_p
     with torch.no_grad():
         assert torch.equal(exported(**batch).logits, base(**batch).logits)
 
+    # --overwrite replaces a previous export (here the QA one) and leaves no temporary directory behind
+    assert cli("export", "--base", world["base"], "--sft", world["lang-de"], "--task", "mlm",
+               "-o", tmp_path / "merged", "--overwrite") == 0
+    assert json.loads((tmp_path / "merged" / "ltsft_export.json").read_text())["task"] == "mlm"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "mlm"]
+
 
 # ---------------------------------------------------------------------------------------------- (d) bad input
 
