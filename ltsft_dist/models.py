@@ -53,20 +53,19 @@ def load_task_model(base_dir: str, task: str) -> torch.nn.Module:
     Missing *body* weights are reported: an SFT stores only differences to them, so their values at training time
     are lost. The MLM model gets untied output embeddings, as language SFTs were trained on."""
     from transformers import AutoModelForQuestionAnswering
+    from transformers.utils import logging as hf_logging
 
     from ltsft_dist.tasks.nli import LABELS
 
-    loaders = {"qa": (AutoModelForQuestionAnswering, {}), "nli": (AutoModelForSequenceClassification,
-                                                                  {"num_labels": len(LABELS)}),
-               "mlm": (AutoModelForMaskedLM, {})}
-    auto, extra = loaders[task]
-    from transformers.utils import logging as hf_logging
-
-    torch.manual_seed(0)
+    auto, extra = {"qa": (AutoModelForQuestionAnswering, {}),
+                   "nli": (AutoModelForSequenceClassification, {"num_labels": len(LABELS)}),
+                   "mlm": (AutoModelForMaskedLM, {})}[task]
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report calls the expected fresh head "missing"; ours is below
     try:
-        model, info = auto.from_pretrained(base_dir, output_loading_info=True, **extra)
+        with torch.random.fork_rng(devices=[]):  # the caller's random state is left alone
+            torch.manual_seed(0)
+            model, info = auto.from_pretrained(base_dir, output_loading_info=True, **extra)
     except (OSError, ValueError) as err:
         raise LtsftError(f"--base {base_dir}: cannot load it as a {task} model ({err}); pass a directory written "
                          "by save_pretrained (config.json and weights)") from None

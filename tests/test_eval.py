@@ -256,6 +256,19 @@ def test_nli_reader_is_chosen_by_extension_and_header(name, lang, data_format, r
     assert read_eval_data("nli", lang, renamed, data_format) == expected
 
 
+def test_a_base_without_pooler_loads_the_same_pooler_every_time_and_says_so(tmp_path, caplog):
+    from ltsft_dist.models import load_task_model
+
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=9)).save_pretrained(tmp_path)
+    state = torch.get_rng_state()
+    first, second = (load_task_model(str(tmp_path), "nli").bert.pooler.dense.weight for _ in range(2))
+    assert torch.equal(first, second) and torch.equal(torch.get_rng_state(), state)
+    assert "has no bert.pooler.dense.bias, bert.pooler.dense.weight (initialised randomly" in caplog.text
+    assert "classifier" not in caplog.text  # a fresh task head is expected: the task SFT brings it
+
+
 # ---------------------------------------------------------------------------------------------- (b) 2 ranks
 
 
