@@ -10,7 +10,7 @@ from ltsft_dist.errors import LtsftError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ltsft_dist.commands import artifact, demo, pipeline, train
+    from ltsft_dist.commands import artifact, demo, evaluate, pipeline, train
 
     parser = argparse.ArgumentParser(
         prog="ltsft",
@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ltsft {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (train, pipeline, demo, artifact):
+    for module in (train, evaluate, pipeline, demo, artifact):
         module.register(sub)
     return parser
 

@@ -18,6 +18,7 @@ from ltsft_dist.errors import LtsftError
 from ltsft_dist.naming import module_type_and_layer
 
 LAYER_NORM = r"(LayerNorm|layer_norm|layernorm|\.ln_)"
+POOLER = r"\.pooler\."
 
 
 @dataclass
@@ -46,10 +47,12 @@ def default_rules(kind: str, model) -> EligibilityConfig:
             name = next(n for n, p in model.named_parameters() if p is out.weight)
             excluded.append("^" + re.escape(name) + "$")
         return EligibilityConfig(include=[".*"], exclude=excluded, head=[])
+    # The pooler is part of the task head (BERT's two-layer head on [CLS], as in the paper's NLI setup): stored
+    # densely, so a task SFT does not depend on the pooler a masked-LM base checkpoint lacks.
     if kind == "task":
-        return EligibilityConfig(include=[".*"], exclude=[], head=[_outside_body(model)])
+        return EligibilityConfig(include=[".*"], exclude=[], head=[_outside_body(model), POOLER])
     if kind == "bitfit":
-        return EligibilityConfig(include=[r"\.bias$"], exclude=[], head=[_outside_body(model)])
+        return EligibilityConfig(include=[r"\.bias$"], exclude=[], head=[_outside_body(model), POOLER])
     raise LtsftError(f"unknown SFT kind {kind!r}: use 'language', 'task' or 'bitfit'")
 
 

@@ -36,7 +36,7 @@ def build_model(cfg: ModelConfig, task: str, num_labels: int | None = None, voca
         try:
             torch.manual_seed(seed)
             model = auto.from_pretrained(cfg.name_or_path, **extra)
-        except OSError as err:
+        except (OSError, ValueError) as err:
             raise LtsftError(f"model.name_or_path: cannot load {cfg.name_or_path!r} ({err}). Offline? Point it at "
                              "a local directory, or set HF_HUB_OFFLINE=1 with the model in the cache.") from None
         finally:
@@ -73,3 +73,15 @@ def save_tiny_base(directory, cfg: ModelConfig, texts: list[str], seed: int = 0)
     if directory.exists():
         shutil.rmtree(directory)
     tmp.replace(directory)
+
+
+def load_task_model(base_dir: str, task: str) -> torch.nn.Module:
+    """The base model (a `save_pretrained` directory) with the head of `task` (qa | nli | mlm) on it, for
+    evaluation and export. Weights the checkpoint lacks (a fresh task head) are initialised under a fixed seed
+    without touching the caller's random state; an SFT's dense heads then overwrite them."""
+    from ltsft_dist.tasks.nli import LABELS
+
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(ModelConfig(name_or_path=base_dir), task,
+                            num_labels=len(LABELS) if task == "nli" else None, seed=0)
+    return model.eval()

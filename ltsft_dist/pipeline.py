@@ -102,6 +102,8 @@ def _check(config: PipelineConfig, where: str) -> None:
         raise LtsftError(f"{where}: task_sft.data.sources: list the task's source languages and their files")
     if not config.evaluation.data:
         raise LtsftError(f"{where}: evaluation.data: map each target language to its evaluation file")
+    if config.task_sft.get("task") not in ("nli", "qa"):
+        raise LtsftError(f"{where}: task_sft.task: the pipeline evaluates nli or qa task SFTs; set one of them")
     if config.ranks < 1:
         raise LtsftError(f"{where}: ranks: must be at least 1")
     for name in ("language_sft", "task_sft"):
@@ -190,7 +192,7 @@ def plan(config: PipelineConfig) -> list[Stage]:
     args = {"base": base_dir, "task_sft": str(task.directory / "sft"), "task": data.get("task", "classification"),
             "lang_sfts": {lang: d for lang, d in targets.items() if d}, "data": ev.data,
             "max_seq_length": ev.max_seq_length, "stride": ev.stride, "batch_size": ev.batch_size,
-            "limit": ev.limit}
+            "limit": ev.limit, "max_query_length": _train_config(data, "task_sft").data.max_query_length}
     needs = ["task", *(f"lang:{lang}" for lang, d in targets.items() if d)]
     evaluation = Stage("eval", root / f"eval-{_digest(args, task.directory.name, *map(Path, ev.data.values()))}",
                        needs, args)
@@ -202,7 +204,7 @@ def eval_argv(stage: Stage) -> list[str]:
     a = stage.config
     argv = ["eval", "--base", a["base"], "--task-sft", a["task_sft"], "--task", a["task"],
             "--out", str(stage.directory), "--max-seq-length", str(a["max_seq_length"]), "--stride", str(a["stride"]),
-            "--batch-size", str(a["batch_size"])]
+            "--batch-size", str(a["batch_size"]), "--max-query-length", str(a["max_query_length"])]
     for lang, path in a["lang_sfts"].items():
         argv += ["--lang-sft", f"{lang}={path}"]
     for lang, path in a["data"].items():

@@ -12,9 +12,9 @@
 #   OUT_DIR          root of all outputs (default runs/pipeline): OUT_DIR/lang/xx/sft, OUT_DIR/task/sft
 #   LANG_SBATCH_ARGS, TASK_SBATCH_ARGS, EVAL_SBATCH_ARGS
 #                    extra sbatch options per stage, e.g. TASK_SBATCH_ARGS="--nodes=4 --time=48:00:00"
-# The task config must name the language SFTs of stage 1 (OUT_DIR/lang/<xx>/sft) and the eval config the task
-# SFT (OUT_DIR/task/sft) and the target languages' SFTs. `ltsft eval` comes with the evaluation issue; until it
-# exists stage 3 fails with "invalid choice: 'eval'" while stages 1-2 are unaffected.
+# The task config must name the language SFTs of stage 1 (OUT_DIR/lang/<xx>/sft) and the eval config (YAML of
+# `ltsft eval` options) the task SFT (task_sft: OUT_DIR/task/sft), the target languages' SFTs (lang_sft: {xx: ...}),
+# their evaluation files (data: {xx: ...}), the base and the output directory (out).
 # A failed stage cancels the stages after it (--kill-on-invalid-dep=yes) instead of leaving them pending forever.
 set -euo pipefail
 if [ $# -ne 3 ]; then

@@ -1,0 +1,168 @@
+"""``ltsft eval`` (zero-shot transfer scores per target language) and ``ltsft export`` (SFTs merged into the base)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ltsft_dist.errors import LtsftError
+
+
+def register(subparsers) -> None:
+    from ltsft_dist.evaluation import FORMATS, QA_METRICS, TASKS, EvalOptions
+    from ltsft_dist.export import EXPORT_TASKS
+
+    defaults = EvalOptions()
+    ev = subparsers.add_parser(
+        "eval", help="zero-shot evaluation: task SFT with and without each target language's SFT",
+        description="For every --data language, score θ⁰ + φ_task + φ_lang (when a --lang-sft of that language is "
+                    "given) and TA-only θ⁰ + φ_task; write results.json and results.md to --out. Start it under a "
+                    "launcher (deepspeed/torchrun, srun, mpiexec) to split the batches across ranks; alone it is a "
+                    "1-rank run. The scores do not depend on the number of ranks.")
+    ev.add_argument("config", nargs="?", metavar="CONFIG",
+                    help="optional YAML/JSON file holding any of these options under their names with '_' for '-' "
+                         "(base, task_sft, lang_sft, data, max_seq_length, ...; lang_sft and data as LANG: PATH "
+                         "mappings); flags on the command line take precedence")
+    ev.add_argument("--base", metavar="DIR", help="base model directory written by save_pretrained, with its "
+                                                   "tokenizer (required)")
+    ev.add_argument("--task-sft", metavar="DIR", help="the task SFT, with its dense task head (required)")
+    ev.add_argument("--task", choices=TASKS, help="qa or nli (default: told by the task SFT's head parameters)")
+    ev.add_argument("--lang-sft", action="append", default=[], metavar="LANG=DIR",
+                    help="language SFT of target language LANG (repeatable); its MLM head is not used")
+    ev.add_argument("--data", action="append", default=[], metavar="LANG=PATH",
+                    help="evaluation file of target language LANG (repeatable, at least one). QA: SQuAD-format "
+                         "JSON (e.g. xquad.de.json); NLI: XNLI TSV, AmericasNLI TSV or MultiNLI-style JSONL")
+    ev.add_argument("--format", dest="format", choices=FORMATS,
+                    help="reader for every --data file (default: from the extension, and the header for TSV)")
+    ev.add_argument("--max-seq-length", type=int, metavar="N",
+                    help=f"tokens per model input (QA window or NLI pair; default {defaults.max_seq_length})")
+    ev.add_argument("--stride", type=int, metavar="N",
+                    help=f"QA: context tokens shared by consecutive windows of a long context "
+                         f"(default {defaults.stride})")
+    ev.add_argument("--max-query-length", type=int, metavar="N",
+                    help=f"QA: questions are cut to this many tokens (default {defaults.max_query_length})")
+    ev.add_argument("--batch-size", type=int, metavar="N",
+                    help=f"model inputs per forward pass on each rank (default {defaults.batch_size})")
+    ev.add_argument("--limit", type=int, metavar="N",
+                    help="only the first N questions / pairs of each language, for a quick check")
+    ev.add_argument("--qa-metric", choices=QA_METRICS,
+                    help=f"squad: the SQuAD v1.1 script, XQuAD's official metric; mlqa: MLQA's per-language "
+                         f"normalisation (MLQA's languages only); default {defaults.qa_metric}")
+    ev.add_argument("--out", metavar="DIR", help="directory for results.json and results.md (required)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.set_defaults(func=eval_command)
+
+    ex = subparsers.add_parser(
+        "export", help="merge SFTs into the base and write a plain Hugging Face model directory",
+        description="Apply the SFTs (composed: their differences summed, heads taken from the task SFT) to the "
+                    "base and save the result with the base's tokenizer, so that "
+                    "transformers.AutoModelFor...from_pretrained(OUT) loads it without ltsft.")
+    ex.add_argument("--base", required=True, metavar="DIR",
+                    help="base model directory written by save_pretrained, with its tokenizer")
+    ex.add_argument("--sft", dest="sfts", action="append", required=True, metavar="DIR",
+                    help="SFT to merge (repeatable), e.g. a task SFT and a language SFT")
+    ex.add_argument("--task", choices=EXPORT_TASKS, required=True,
+                    help="model head to save: qa (QuestionAnswering), nli (SequenceClassification, 3 labels) or "
+                         "mlm (MaskedLM, output embeddings untied as in language SFT training)")
+    ex.add_argument("-o", "--output", required=True, metavar="OUT",
+                    help="directory to create (written under a temporary name, then renamed)")
+    ex.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    ex.set_defaults(func=export_command)
+
+
+def parse_pairs(values: list[str], flag: str) -> dict[str, str]:
+    """LANG=VALUE arguments as a dict; malformed or repeated languages are errors."""
+    pairs = {}
+    for value in values:
+        lang, sep, path = value.partition("=")
+        if not sep or not lang.strip() or not path.strip():
+            raise LtsftError(f"{flag} {value!r}: expected LANG=PATH, e.g. {flag} de=data/xquad.de.json")
+        if lang in pairs:
+            raise LtsftError(f"{flag}: language {lang!r} given twice; give each language once")
+        pairs[lang.strip()] = path.strip()
+    return pairs
+
+
+CONFIG_KEYS = ("base", "task_sft", "task", "lang_sft", "data", "format", "max_seq_length", "stride",
+               "max_query_length", "batch_size", "limit", "qa_metric", "out")
+NUMBERS = ("max_seq_length", "stride", "max_query_length", "batch_size", "limit")
+
+
+def read_eval_config(path: str) -> dict:
+    """An eval config file (what slurm/evaluate.sbatch passes): the flags' values under their names."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(open(path, encoding="utf-8")) or {}
+    except OSError as err:
+        raise LtsftError(f"eval config {path}: cannot read it ({err.strerror}); check the path") from None
+    except yaml.YAMLError as err:
+        raise LtsftError(f"eval config {path}: not valid YAML/JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise LtsftError(f"eval config {path}: expected a mapping of option names to values")
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        raise LtsftError(f"eval config {path}: unknown key {unknown[0]!r}; the keys are {', '.join(CONFIG_KEYS)}")
+    for key in ("lang_sft", "data"):
+        if not isinstance(config.get(key, {}), dict):
+            raise LtsftError(f"eval config {path}: {key} must map each language to a path, e.g. {key}: {{de: ...}}")
+        config[key] = {str(lang): str(value) for lang, value in config.get(key, {}).items()}
+    for key in NUMBERS:
+        if key in config and (not isinstance(config[key], int) or isinstance(config[key], bool)):
+            raise LtsftError(f"eval config {path}: {key} must be an integer, got {config[key]!r}")
+    return config
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from ltsft_dist.evaluation import EvalOptions, evaluate, markdown_table, write_results
+
+    config = read_eval_config(args.config) if args.config else {}
+    value = {key: getattr(args, key) if getattr(args, key) is not None else config.get(key)
+             for key in CONFIG_KEYS if key not in ("lang_sft", "data")}
+    data = {**config.get("data", {}), **parse_pairs(args.data, "--data")}
+    lang_sfts = {**config.get("lang_sft", {}), **parse_pairs(args.lang_sft, "--lang-sft")}
+    for key in ("base", "task_sft", "out"):
+        if not value[key]:
+            flag = "--" + key.replace("_", "-")
+            raise LtsftError(f"missing {flag}: give it on the command line or as {key}: in the eval config")
+    numbers = {key: value[key] for key in NUMBERS if value[key] is not None}
+    for key, number in numbers.items():
+        if number < 0 or (number == 0 and key != "stride"):
+            raise LtsftError(f"--{key.replace('_', '-')} must be {'>= 0' if key == 'stride' else 'positive'}, "
+                             f"got {number}")
+    options = EvalOptions(**numbers, qa_metric=value["qa_metric"] or EvalOptions.qa_metric,
+                          data_format=value["format"])
+    _join_launched_group()
+    results = evaluate(value["base"], value["task_sft"], data, lang_sfts, value["task"], options,
+                       show_progress=not args.no_progress)
+    if results is not None:
+        write_results(results, value["out"])
+        print(markdown_table(results))
+        print(f"wrote {value['out']}/results.json and results.md", file=sys.stderr)
+    return 0
+
+
+def _join_launched_group() -> None:
+    """Join the process group when a launcher started several ranks; a lone process evaluates by itself, without
+    DeepSpeed's start-up (and can run inside another program, e.g. a test)."""
+    import torch.distributed as dist
+
+    from ltsft_dist.engine import init_distributed
+    from ltsft_dist.launch_env import discover
+
+    if dist.is_initialized():
+        return
+    try:
+        alone = discover(use_mpi4py=False).world_size == 1
+    except LtsftError:  # e.g. an MPI launcher whose ranks only mpi4py can tell: let init_distributed find out
+        alone = False
+    if not alone:
+        init_distributed()
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from ltsft_dist.export import export_merged
+
+    out = export_merged(args.base, args.sfts, args.task, args.output, overwrite=args.overwrite)
+    print(f"wrote {out} (load it with transformers' AutoModelFor...from_pretrained)")
+    return 0

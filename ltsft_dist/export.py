@@ -1,0 +1,87 @@
+"""Merging SFTs into their base: a plain Hugging Face model directory that needs no ltsft to load or serve."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ltsft_dist.errors import LtsftError
+from ltsft_dist.evaluation import head_names, load_sft_flag, require_same_base
+from ltsft_dist.sft import compose
+
+EXPORT_TASKS = ("qa", "nli", "mlm")
+PROVENANCE = "ltsft_export.json"
+
+
+def export_merged(base_dir, sft_locations: list[str], task: str, out, overwrite: bool = False) -> Path:
+    """θ⁰ + Σφ (the SFTs composed) with the task head, written by save_pretrained beside the base's tokenizer.
+
+    The directory appears complete or not at all: it is written under a temporary name and renamed."""
+    from transformers import AutoTokenizer
+
+    from ltsft_dist.models import load_task_model
+
+    out = Path(out)
+    if task not in EXPORT_TASKS:
+        raise LtsftError(f"--task {task}: use one of {', '.join(EXPORT_TASKS)}")
+    if not sft_locations:
+        raise LtsftError("no SFT to merge: pass --sft DIR (repeatable)")
+    if out.exists() and not overwrite:
+        raise LtsftError(f"-o {out}: already exists; choose another directory or pass --overwrite")
+    if not (Path(base_dir) / "config.json").is_file():
+        raise LtsftError(f"--base {base_dir}: no config.json there; pass a directory written by save_pretrained")
+    sfts = [load_sft_flag(location, "--sft") for location in sft_locations]
+    model = load_task_model(base_dir, task)
+    for location, sft in zip(sft_locations, sfts):
+        require_same_base(sft, model, f"--sft {location}", base_dir)
+    composed, overlap = compose(*sfts)
+    skipped = composed.apply(model, skip_missing_heads=True)  # e.g. a language SFT's MLM head in a task model
+    if task != "mlm":
+        missing = sorted(head_names(model) - set(composed.heads))
+        if missing:
+            raise LtsftError(f"no --sft carries the {task} head ({missing[0]!r} is missing; skipped as foreign to "
+                             f"a {task} model: {skipped or 'nothing'}): add the task SFT or pass the --task it "
+                             "was trained for")
+    _separate_shared_parameters(model)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        model.save_pretrained(temp)
+        tokenizer.save_pretrained(temp)
+        provenance = {"base": str(base_dir), "task": task, "sfts": list(map(str, sft_locations)),
+                      "nnz": composed.nnz, "overlapping_positions": overlap.total, "skipped": skipped}
+        (temp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
+        _replace_dir(temp, out)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return out
+
+
+def _separate_shared_parameters(model) -> None:
+    """Give every parameter that is shared between modules its own copy, so each is saved under its own name.
+
+    The MLM model has untied output embeddings (tie_word_embeddings=False), and then transformers no longer ties
+    the decoder bias to `cls.predictions.bias` on load either: a checkpoint holding only one of them would reload
+    with the other freshly initialised."""
+    seen = set()
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if id(param) in seen:
+                setattr(module, name, torch.nn.Parameter(param.detach().clone()))
+            seen.add(id(param))
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move `new` to `target`; an existing target is moved aside first and removed only once `new` is in place."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+        target.rename(old / target.name)
+    new.rename(target)
+    if old is not None:
+        shutil.rmtree(old)
