@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start `ltsft train` on every task of a SLURM allocation: one rank per task.
+# Start `ltsft train` (or `ltsft $LTSFT_COMMAND`, e.g. pipeline) on every task of a SLURM allocation: one rank per task.
 #
 # Usage, inside an sbatch script or a salloc shell (see slurm/ for ready-made sbatch scripts):
 #   launch/srun.sh CONFIG.yaml [--set key=value ...]
@@ -10,6 +10,7 @@
 # are kept as overrides. Environment:
 #   VENV                  virtual environment to run from (default: .venv in the repo)
 #   LTSFT_SRUN_ARGS       extra srun options, e.g. "--mpi=pmi2" or "--cpu-bind=cores" (word-split)
+#   LTSFT_COMMAND         the ltsft subcommand to run (default: train)
 #   LTSFT_DIST_TIMEOUT_S  how long ranks wait for each other (default 600)
 # `exec` makes srun replace this shell, so signals sent to it (e.g. scancel --signal, --signal=B:USR1) go to
 # srun, which forwards them to every task.
@@ -27,4 +28,4 @@ unset RANK WORLD_SIZE LOCAL_RANK LOCAL_SIZE LOCAL_WORLD_SIZE
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 # --kill-on-bad-exit: one failing rank ends the step instead of leaving the others waiting for it.
 # shellcheck disable=SC2086
-exec srun --kill-on-bad-exit=1 ${LTSFT_SRUN_ARGS:-} "$PY" -m ltsft_dist.cli train "$@"
+exec srun --kill-on-bad-exit=1 ${LTSFT_SRUN_ARGS:-} "$PY" -m ltsft_dist.cli "${LTSFT_COMMAND:-train}" "$@"

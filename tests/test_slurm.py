@@ -124,28 +124,31 @@ def test_preemptible_sbatch_forwards_usr1_to_the_ranks_and_requeues(cluster, tmp
     assert "SFT written" not in text  # stopped by the signal, not by finishing
 
 
-def test_pipeline_chains_language_sfts_task_sft_and_evaluation(cluster, tmp_path):
-    """slurm/pipeline.sh: the task stage starts only after every language SFT finished, evaluation after the
-    task stage. (A language config stands in for the task config; `ltsft eval` comes with its own issue, so the
-    last stage's outcome is not asserted, only that it ran after the task SFT.)"""
-    config = write_tiny_run(tmp_path, languages=("en", "de"))
-    out = tmp_path / "pipe"
-    env = job_env(cluster, LANGUAGES="en de", TRAIN_FILE=f"{tmp_path}/{{lang}}.txt", OUT_DIR=str(out),
-                  LANG_SBATCH_ARGS=f"--cpus-per-task=1 --output={tmp_path}/lang-%a.out",
+def test_pipeline_chains_base_language_sfts_task_sft_and_evaluation(cluster, tmp_path):
+    """slurm/pipeline.sh on a pipeline config: each stage a job after the ones it needs (the task SFT after every
+    language SFT, on 2 nodes), ending with the same results table `ltsft pipeline` writes locally."""
+    from test_pipeline import tiny_pipeline
+
+    from ltsft_dist.pipeline import load_pipeline, plan
+
+    config = tiny_pipeline(tmp_path)
+    env = job_env(cluster, LANG_SBATCH_ARGS=f"--ntasks-per-node=1 --cpus-per-task=1 --output={tmp_path}/lang-%a.out",
                   TASK_SBATCH_ARGS=f"--nodes=2 --ntasks-per-node=1 --cpus-per-task=1 --output={tmp_path}/task.out",
-                  EVAL_SBATCH_ARGS=f"--cpus-per-task=1 --output={tmp_path}/eval.out")
-    res = cluster.run("bash", str(REPO / "slurm" / "pipeline.sh"), str(config), str(config), str(config), env=env,
-                      cwd=REPO)
+                  EVAL_SBATCH_ARGS=f"--ntasks-per-node=1 --cpus-per-task=1 --output={tmp_path}/eval.out")
+    res = cluster.run("bash", str(REPO / "slurm" / "pipeline.sh"), str(config), env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    ids = dict(line.split(":", 1)[0:2] for line in res.stdout.splitlines() if line.startswith(("language", "task",
-                                                                                                "evaluation")))
-    lang_job, task_job, eval_job = (ids[k].split()[1] for k in ("language SFTs", "task SFT", "evaluation"))
+    ids = dict(line.split(":", 1)[0:2] for line in res.stdout.splitlines() if ":" in line and "job" in line)
+    base_job, lang_job, task_job, eval_job = (ids[k].split()[1] for k in ("base", "language SFTs", "task SFT",
+                                                                          "evaluation"))
+    assert cluster.wait(base_job, JOB_TIMEOUT_S) == {base_job: "COMPLETED"}
     assert cluster.wait(lang_job, JOB_TIMEOUT_S) == {f"{lang_job}_0": "COMPLETED", f"{lang_job}_1": "COMPLETED"}
     assert cluster.wait(task_job, JOB_TIMEOUT_S) == {task_job: "COMPLETED"}, read_log(tmp_path / "task.out")
-    cluster.wait(eval_job, JOB_TIMEOUT_S)
+    assert cluster.wait(eval_job, JOB_TIMEOUT_S) == {eval_job: "COMPLETED"}, read_log(tmp_path / "eval.out")
     (task,), (evaluation,) = cluster.jobs(task_job), cluster.jobs(eval_job)
     assert task["StartTime"] >= max(j["EndTime"] for j in cluster.jobs(lang_job))  # ISO times sort as strings
-    assert evaluation["StartTime"] >= task["EndTime"] and evaluation["JobState"] in ("COMPLETED", "FAILED")
-    assert [SparseFineTuning.from_pretrained(out / p / "sft").metadata.languages for p in ("lang/en", "lang/de")] \
-        == [["en"], ["de"]]
-    assert SparseFineTuning.from_pretrained(out / "task" / "sft").nnz > 0
+    assert evaluation["StartTime"] >= task["EndTime"]
+    stages = {s.name: s for s in plan(load_pipeline(config))}
+    assert all(s.done for s in stages.values())
+    results = json.loads((stages["eval"].directory / "results.json").read_text())
+    assert set(results["languages"]) == {"en", "de"}
+    assert SparseFineTuning.from_pretrained(stages["task"].directory / "sft").metadata.languages == ["en"]

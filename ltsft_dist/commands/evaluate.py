@@ -89,7 +89,7 @@ NUMBERS = ("max_seq_length", "stride", "max_query_length", "batch_size", "limit"
 
 
 def read_eval_config(path: str) -> dict:
-    """An eval config file (what slurm/evaluate.sbatch passes): the flags' values under their names."""
+    """An eval config file: the flags' values under their names."""
     import yaml
 
     try:

@@ -46,7 +46,11 @@ def pipeline_command(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     if args.stage:
-        return run_stage(by_name[args.stage], config, by_name, in_process=under_launcher())
+        stage = by_name[args.stage]
+        if stage.done:
+            print(f"stage {stage.name} is done ({stage.directory}): skipped")
+            return 0
+        return run_stage(stage, config, by_name, in_process=under_launcher())
     for stage in stages:
         if stage.done:
             continue

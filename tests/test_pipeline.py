@@ -1,0 +1,124 @@
+"""`ltsft pipeline`: the stages run in order and write the results table; a rerun skips finished stages, a changed
+input reruns exactly the stages downstream of it, an interrupted stage resumes; the paper's configs plan."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ltsft_dist.commands.demo import write_demo
+from ltsft_dist.errors import LtsftError
+from ltsft_dist.launch_env import free_port
+from ltsft_dist.pipeline import load_pipeline, plan
+from ltsft_dist.sft import SparseFineTuning
+
+CONFIGS = Path(__file__).resolve().parents[1] / "ltsft_dist" / "configs"
+
+
+def tiny_pipeline(directory: Path, **changes) -> Path:
+    """The demo pipeline cut down to seconds: en and de, a few steps per phase, English as the only source."""
+    path = write_demo(directory)
+    config = yaml.safe_load(path.read_text())
+    config["ranks"] = 1
+    config["base"].update(pretrain_steps=0, tiny={**config["base"]["tiny"], "hidden_size": 32,
+                                                  "intermediate_size": 64})
+    config["languages"].pop("es")
+    for key in ("language_sft", "task_sft"):
+        config[key].update(phase1={"steps": 4, "lr": 1e-3}, phase2={"steps": 4, "lr": 1e-3}, checkpoint_every=2)
+    config["language_sft"]["data"].update(eval_every=0)
+    config["task_sft"]["data"]["sources"] = config["task_sft"]["data"]["sources"][:1]
+    config["evaluation"].update(data={"en": "data/nli_test.en.tsv", "de": "data/nli_test.de.tsv"}, limit=40)
+    for key, value in changes.items():
+        config[key] = value
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def pipeline(config: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", LTSFT_DIST_TIMEOUT_S="120")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID"):
+        env.pop(key, None)
+    result = subprocess.run([sys.executable, "-m", "ltsft_dist.cli", "pipeline", str(config), "--master-port",
+                             str(free_port()), *args], capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    config = tiny_pipeline(tmp_path_factory.mktemp("pipeline"))
+    return config, pipeline(config)
+
+
+def test_the_stages_run_in_order_and_write_the_table(finished):
+    config, result = finished
+    stages = plan(load_pipeline(config))
+    assert [s.name for s in stages] == ["base", "lang:en", "lang:de", "task", "eval"]
+    assert all(s.done for s in stages)
+    starts = [result.stdout.index(f"== stage {s.name}:") for s in stages]
+    assert starts == sorted(starts)
+    root = config.parent
+    table = (root / "results.md").read_text()
+    assert "| en | 40 |" in table and "| de | 40 |" in table and "TA-only" in table
+    assert f"results: {root / 'results.md'}" in result.stdout
+    task = SparseFineTuning.from_pretrained(stages[3].directory / "sft")
+    assert task.metadata.training_config["language_sfts"] == {"en": str(stages[1].directory / "sft")}
+
+
+def test_a_rerun_skips_finished_stages_and_a_change_reruns_what_depends_on_it(finished):
+    config, _ = finished
+    before = {s.name: (s.directory, (s.directory / "DONE").stat().st_mtime_ns) for s in plan(load_pipeline(config))}
+    result = pipeline(config)
+    assert "== stage" not in result.stdout and result.stdout.count("done, skipped") == 5
+    assert {s.name: (s.directory, (s.directory / "DONE").stat().st_mtime_ns)
+            for s in plan(load_pipeline(config))} == before
+    # a different task density: the base and the language SFTs are reused, the task and evaluation are new
+    data = yaml.safe_load(config.read_text())
+    data["task_sft"]["density"] = 0.02
+    changed = config.with_name("changed.yaml")  # beside it: the same data and output directory
+    changed.write_text(yaml.safe_dump(data, sort_keys=False))
+    dry = pipeline(changed, "--dry-run")
+    after = {s.name: s for s in plan(load_pipeline(changed))}
+    assert [n for n, s in after.items() if s.directory == before[n][0]] == ["base", "lang:en", "lang:de"]
+    assert not after["task"].done and "to run" in dry.stdout
+    assert not after["task"].directory.exists()  # --dry-run runs nothing
+
+
+def test_an_interrupted_stage_resumes_from_its_checkpoints(finished):
+    config, _ = finished
+    task = {s.name: s for s in plan(load_pipeline(config))}["task"]
+    first = SparseFineTuning.from_pretrained(task.directory / "sft")
+    (task.directory / "DONE").unlink()  # as if the job had been killed after its last checkpoint
+    assert "interrupted, resumes" in pipeline(config, "--dry-run").stdout
+    result = pipeline(config, "--stage", "task")
+    assert "resumed from" in result.stdout
+    again = SparseFineTuning.from_pretrained(task.directory / "sft")
+    for name, (indices, values) in first.diffs.items():
+        assert (again.diffs[name][0] == indices).all() and (again.diffs[name][1] == values).all(), name
+
+
+@pytest.mark.parametrize("name", ["paper_nli_americasnli.yaml", "paper_qa_xquad.yaml", "demo_pipeline.yaml"])
+def test_the_shipped_pipeline_configs_plan(name):
+    stages = plan(load_pipeline(CONFIGS / name))
+    assert stages[-2].name == "task" and stages[-1].name == "eval"
+    task = stages[-2].config
+    assert set(task["language_sfts"]) <= {s.name.split(":")[1] for s in stages if s.name.startswith("lang:")}
+
+
+def test_pipeline_config_errors(tmp_path):
+    config = tiny_pipeline(tmp_path)
+    data = yaml.safe_load(config.read_text())
+    data["task_sft"]["output_dir"] = "x"
+    config.write_text(yaml.safe_dump(data))
+    with pytest.raises(LtsftError, match="task_sft.output_dir is set by the pipeline"):
+        load_pipeline(config)
+    del data["task_sft"]["output_dir"]
+    data["task_sft"]["phase1"]["lr"] = "fast"
+    config.write_text(yaml.safe_dump(data))
+    with pytest.raises(LtsftError, match="task_sft: phase1.lr: expected float"):
+        load_pipeline(config)
