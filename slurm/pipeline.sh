@@ -9,7 +9,8 @@
 # Usage, from the repo root:
 #   slurm/pipeline.sh PIPELINE_CONFIG          e.g. slurm/pipeline.sh ltsft_dist/configs/paper_qa_xquad.yaml
 # Edit (or export) the shape of each stage's jobs:
-#   LANG_SBATCH_ARGS, TASK_SBATCH_ARGS, EVAL_SBATCH_ARGS   e.g. TASK_SBATCH_ARGS="--nodes=4 --time=48:00:00"
+#   BASE_SBATCH_ARGS, LANG_SBATCH_ARGS, TASK_SBATCH_ARGS, EVAL_SBATCH_ARGS
+#                    extra sbatch options per stage, e.g. TASK_SBATCH_ARGS="--nodes=4 --time=48:00:00"
 # Stages that are already done finish at once, so resubmitting after a failure reruns only what is missing.
 # A failed stage cancels the stages after it (--kill-on-invalid-dep=yes) instead of leaving them pending forever.
 set -euo pipefail
@@ -20,6 +21,7 @@ fi
 CONFIG=$1
 here=$(dirname "$0")
 source "$here/../launch/_venv.sh"
+export LTSFT_REPO=${LTSFT_REPO:-$REPO}  # the jobs find launch/ here, wherever they were submitted from
 stages=$("$PY" -c 'import sys
 from ltsft_dist.pipeline import load_pipeline, plan
 print(" ".join(s.name for s in plan(load_pipeline(sys.argv[1]))))' "$CONFIG")
@@ -28,7 +30,9 @@ langs=()
 for s in "${all[@]}"; do [[ $s == lang:* ]] && langs+=("$s"); done
 after=()
 if [[ " $stages " == *" base "* ]]; then
-  base_job=$(sbatch --parsable --job-name=ltsft-base --ntasks-per-node=1 "$here/pipeline_stage.sbatch" "$CONFIG" base)
+  # shellcheck disable=SC2086
+  base_job=$(sbatch --parsable --job-name=ltsft-base --ntasks-per-node=1 ${BASE_SBATCH_ARGS:-} \
+    "$here/pipeline_stage.sbatch" "$CONFIG" base)
   base_job=${base_job%%;*}
   after=(--dependency="afterok:$base_job" --kill-on-invalid-dep=yes)
   echo "base:          job $base_job"

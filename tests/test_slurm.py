@@ -132,7 +132,8 @@ def test_pipeline_chains_base_language_sfts_task_sft_and_evaluation(cluster, tmp
     from ltsft_dist.pipeline import load_pipeline, plan
 
     config = tiny_pipeline(tmp_path)
-    env = job_env(cluster, LANG_SBATCH_ARGS=f"--ntasks-per-node=1 --cpus-per-task=1 --output={tmp_path}/lang-%a.out",
+    env = job_env(cluster, BASE_SBATCH_ARGS=f"--cpus-per-task=1 --output={tmp_path}/base.out",
+                  LANG_SBATCH_ARGS=f"--ntasks-per-node=1 --cpus-per-task=1 --output={tmp_path}/lang-%a.out",
                   TASK_SBATCH_ARGS=f"--nodes=2 --ntasks-per-node=1 --cpus-per-task=1 --output={tmp_path}/task.out",
                   EVAL_SBATCH_ARGS=f"--ntasks-per-node=1 --cpus-per-task=1 --output={tmp_path}/eval.out")
     res = cluster.run("bash", str(REPO / "slurm" / "pipeline.sh"), str(config), env=env, cwd=tmp_path)
@@ -140,7 +141,7 @@ def test_pipeline_chains_base_language_sfts_task_sft_and_evaluation(cluster, tmp
     ids = dict(line.split(":", 1)[0:2] for line in res.stdout.splitlines() if ":" in line and "job" in line)
     base_job, lang_job, task_job, eval_job = (ids[k].split()[1] for k in ("base", "language SFTs", "task SFT",
                                                                           "evaluation"))
-    assert cluster.wait(base_job, JOB_TIMEOUT_S) == {base_job: "COMPLETED"}
+    assert cluster.wait(base_job, JOB_TIMEOUT_S) == {base_job: "COMPLETED"}, read_log(tmp_path / "base.out")
     assert cluster.wait(lang_job, JOB_TIMEOUT_S) == {f"{lang_job}_0": "COMPLETED", f"{lang_job}_1": "COMPLETED"}
     assert cluster.wait(task_job, JOB_TIMEOUT_S) == {task_job: "COMPLETED"}, read_log(tmp_path / "task.out")
     assert cluster.wait(eval_job, JOB_TIMEOUT_S) == {eval_job: "COMPLETED"}, read_log(tmp_path / "eval.out")
