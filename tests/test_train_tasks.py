@@ -165,6 +165,17 @@ def test_multisource_qa_on_xquad_swaps_language_sfts_on_two_ranks(xquad_base, tm
         loss = HeldOut({lang: data.held_out[lang]}, 4, 0, 1).loss(model)[lang]
         sfts[lang].revert(model)
         assert loss == pytest.approx(per_language[lang], rel=1e-4), lang
+    # and on to zero-shot evaluation on the real XQuAD files: the trained task SFT with each language's SFT
+    evaluation = subprocess.run(
+        [sys.executable, "-m", "ltsft_dist.cli", "eval", "--base", str(d / "base"), "--task-sft", str(out / "sft"),
+         "--lang-sft", f"de={d / 'lang_de'}", "--data", f"de={files['de']}", "--data", f"en={files['en']}",
+         "--max-seq-length", "96", "--stride", "32", "--max-query-length", "24", "--limit", "30", "--out",
+         str(tmp_path / "eval"), "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    scores = json.loads((tmp_path / "eval" / "results.json").read_text())["languages"]
+    assert scores["de"]["task+lang"]["examples"] == scores["en"]["task-only"]["examples"] == 30
+    assert "task+lang" not in scores["en"]  # no English language SFT was given for evaluation
+    assert all(0 <= scores[lang]["task-only"]["f1"] <= 100 for lang in ("de", "en"))
 
 
 @pytest.mark.parametrize("change, message", [
