@@ -68,6 +68,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 0  # steps between periodic checkpoints (0: only when stopped by SIGUSR1/SIGTERM)
     resume: bool = True  # continue from the latest complete checkpoint in output_dir/checkpoints
+    on_nonfinite_loss: str = "stop"  # stop: fail naming the step and the last checkpoint | skip: skip such steps
 
     def validate(self, where: str = "config") -> None:
         def bad(key: str, msg: str):
@@ -85,6 +86,8 @@ class TrainConfig:
             bad("k", f"must be positive, got {self.k}")
         if self.density is not None and not 0 < self.density <= 1:
             bad("density", f"must lie in (0, 1], got {self.density}")
+        if self.on_nonfinite_loss not in ("stop", "skip"):
+            bad("on_nonfinite_loss", f"{self.on_nonfinite_loss!r} is not one of stop, skip")
         if self.rounds < 1:
             bad("rounds", "must be at least 1")
         for name in ("phase1", "phase2"):
