@@ -40,6 +40,7 @@ class Monitor:
 
         parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items()]
         tqdm.write(" ".join(["ltsft", event, *parts]), file=sys.stdout)
+        sys.stdout.flush()  # seen at once in a batch job's log, whose stdout is not a terminal
 
     def close(self) -> None:
         if self.writer is not None:
