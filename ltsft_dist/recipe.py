@@ -406,6 +406,8 @@ class LTSFTRecipe:
         return (round_ - 1) * (phase1 + cfg.phase2.steps) + (phase1 if phase_name == "phase2" else 0) + step
 
     def save_results(self, path: Path) -> None:
+        """Strict JSON: the non-finite losses of skipped steps are written as null."""
+        losses = {k: [v if math.isfinite(v) else None for v in vs] for k, vs in self.stats.losses.items()}
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.stats.__dict__, indent=2))
+        tmp.write_text(json.dumps({**self.stats.__dict__, "losses": losses}, indent=2, allow_nan=False))
         tmp.replace(path)

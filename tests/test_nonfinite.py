@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,13 +61,16 @@ def nonfinite_cases(cases: list) -> dict:
         except LtsftError as err:
             results[name] = {"error": str(err)}
             continue
+        results_json = Path(cfg.output_dir) / f"results-rank{recipe.rank}.json"
+        recipe.save_results(results_json)
         m = hook.masters
         same = lambda a, b: all(torch.equal(x, y) for x, y in zip(m[a], m[b]))  # noqa: E731
         results[name] = {"skipped_step_kept_masters": same(NAN_STEP, NAN_STEP + 1),
                          "steps_around_it_moved": not same(NAN_STEP - 1, NAN_STEP)
                          and not same(NAN_STEP + 1, NAN_STEP + 2),
                          "skipped_steps": recipe.stats.skipped_steps, "frozen_drift": recipe.stats.frozen_drift,
-                         "nnz": None if sft is None else sft.nnz, "k": recipe.stats.k}
+                         "nnz": None if sft is None else sft.nnz, "k": recipe.stats.k,
+                         "results": results_json.read_text()}
     return results
 
 
@@ -90,6 +95,8 @@ def test_skip_leaves_every_rank_unchanged_by_the_step(case):
         assert got["skipped_step_kept_masters"], f"rank {rank}: a master weight changed in the skipped step"
         assert got["steps_around_it_moved"], f"rank {rank}: the normal steps did not train"
         assert got["skipped_steps"] == 1 and got["frozen_drift"] == 0
+        losses = json.loads(got["results"], parse_constant=lambda c: pytest.fail(f"results.json holds {c}"))
+        assert losses["losses"]["phase2"].count(None) == (1 if rank == NAN_RANK else 0)
     assert nonfinite()[0][case]["nnz"] == nonfinite()[0][case]["k"] > 0
 
 
