@@ -238,7 +238,10 @@ class LTSFTRecipe:
                     hook.before_optimizer_step(step)
             if self.engine.is_gradient_accumulation_boundary():
                 grads = self.shards.grads()
-                if self._agree(step, finite):  # a skipped step: no gradient, no learning rate, no change
+                if self._agree(step, finite):
+                    # Skipped: DeepSpeed still steps (its counters and our masking hooks stay in step), but with
+                    # zero gradients and learning rate 0 no weight moves (AdamW's moments decay by one step and
+                    # its step count advances).
                     for g in grads:
                         g.zero_()
                     self.shards.set_lr(0.0)
