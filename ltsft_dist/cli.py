@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from ltsft_dist import __version__
 from ltsft_dist.errors import LtsftError
@@ -34,13 +35,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = int(args.func(args) or 0)
     except LtsftError as err:
-        print(f"ltsft {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    if status == 0:
+        print(f"ltsft {args.command}: {_rank_label()}error: {err}", file=sys.stderr)
+        status = 2
+    except Exception:
+        if not _rank_label():
+            raise
+        print(f"ltsft {args.command}: {_rank_label()}error:\n{traceback.format_exc()}", file=sys.stderr)
+        status = 1
+    if "ltsft_dist.engine" in sys.modules:
         from ltsft_dist.engine import leave_cleanly
 
-        leave_cleanly()  # a distributed run ends here, before any C++ teardown can abort it
+        # A distributed run ends here, whatever the outcome: a failing rank must not wait in exit-time
+        # collectives or C++ teardown (the other ranks would hang until the timeout); the launcher (deepspeed,
+        # srun --kill-on-bad-exit, mpiexec) ends the other ranks as soon as it sees the non-zero status.
+        leave_cleanly(status)
     return status
+
+
+def _rank_label() -> str:
+    """'rank 1/4: ' in a process group (for messages that must say which rank failed), else ''."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return ""
+    return f"rank {dist.get_rank()}/{dist.get_world_size()}: "
 
 
 if __name__ == "__main__":

@@ -99,6 +99,7 @@ class TrainConfig:
     language_sfts: dict[str, str] = field(default_factory=dict)  # task SFTs: source language -> its language
     #   SFT directory, active for every step that trains on that language (multi-source per-step swap)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # multi-source: language per step
+    on_nonfinite_loss: str = "stop"  # stop: fail naming the step and the last checkpoint | skip: skip such steps
 
     def validate(self, where: str = "config") -> None:
         def bad(key: str, msg: str):
@@ -116,6 +117,8 @@ class TrainConfig:
             bad("k", f"must be positive, got {self.k}")
         if self.density is not None and not 0 < self.density <= 1:
             bad("density", f"must lie in (0, 1], got {self.density}")
+        if self.on_nonfinite_loss not in ("stop", "skip"):
+            bad("on_nonfinite_loss", f"{self.on_nonfinite_loss!r} is not one of stop, skip")
         if self.rounds < 1:
             bad("rounds", "must be at least 1")
         for name in ("phase1", "phase2"):

@@ -59,19 +59,20 @@ def init_distributed() -> None:
 _outcome = {"status": "not distributed"}  # "running" once init_distributed has run, then the exit status
 
 
-def leave_cleanly() -> None:
-    """End a successful distributed process now, without C++ teardown (see init_distributed)."""
+def leave_cleanly(status: int = 0) -> None:
+    """End a distributed process now with `status`, without C++ teardown (see init_distributed) and without
+    exit-time collectives, which would make a failing rank wait for peers that are still training."""
     if _outcome["status"] == "not distributed":
         return
     mpi = sys.modules.get("mpi4py.MPI")
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+    if status == 0 and mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():  # (collective)
         mpi.Finalize()
     import logging
 
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)
 
 
 def load_ds_config(path: Path, *, micro_batch_size: int, accumulation: int, world_size: int,

@@ -9,9 +9,11 @@ Every step below works on this rank's shard only; the library pieces it calls ar
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -24,11 +26,14 @@ from ltsft_dist.checkpoint import Progress
 from ltsft_dist.config import PhaseConfig, TrainConfig, to_dict
 from ltsft_dist.data import Examples, StepOrder
 from ltsft_dist.engine import build_engine
+from ltsft_dist.errors import LtsftError
 from ltsft_dist.heldout import HeldOut
 from ltsft_dist.masking import GradientMask, L1Pull
+from ltsft_dist.monitor import Monitor, density_scalars, mask_overlap, peak_memory_mb, selected_per_parameter
 from ltsft_dist.shards import Shards
 from ltsft_dist.sft import SFTMetadata, SparseFineTuning, base_fingerprint
 from ltsft_dist.snapshot import Snapshot
+from ltsft_dist.swap import LanguageSwap
 from ltsft_dist.topk import random_scores, select_topk
 
 FLOAT_MAX = torch.finfo(torch.float32).max
@@ -52,6 +57,7 @@ class RunStats:
     zero_valued_selected: int = 0  # selected positions that ended phase 2 exactly at θ⁰
     frozen_drift: int = 0  # frozen elements not bit-identical to θ⁰ after phase 2 (must be 0)
     theta0_bytes_per_rank: int = 0
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss (on_nonfinite_loss: skip)
     seconds: dict = field(default_factory=dict)
     losses: dict = field(default_factory=dict)
     eval_losses: dict = field(default_factory=dict)  # per phase: [{step, all, <language>...}]
@@ -65,16 +71,25 @@ def linear_lr(step: int, phase: PhaseConfig) -> float:
     return phase.lr * max(0.0, (phase.steps - step) / max(1, phase.steps - phase.warmup_steps))
 
 
+class _Mark(NamedTuple):
+    """Where the last log line was: rates and per-step times are over the steps since then."""
+    time: float
+    tokens: int
+    swap_seconds: float
+    step: int
+
+
 class LTSFTRecipe:
     def __init__(self, model: torch.nn.Module, examples: Examples, config: TrainConfig, ds_config: dict,
-                 base_model: str = "", writer=None, show_progress: bool = True, order=None, step_hooks=(),
-                 held_out: HeldOut | None = None):
+                 base_model: str = "", log_dir: Path | None = None, show_progress: bool = True, order=None,
+                 step_hooks=(), held_out: HeldOut | None = None):
         """`order` replaces the default `StepOrder` (e.g. one language per step for multi-source training);
         each of `step_hooks` gets `before_step(step)` before the step's first forward pass and
         `before_optimizer_step(step)` after its last backward pass (e.g. a per-step language delta swap).
+        Rank 0 writes TensorBoard scalars to `log_dir` (if given) and, with `show_progress`, log lines.
         With `held_out`, phase 2 is evaluated every `data.eval_every` steps and at its end, and φ is taken from
         the evaluation with the lowest loss."""
-        self.config, self.examples, self.writer = config, examples, writer
+        self.config, self.examples, self.log_dir = config, examples, log_dir
         self.held_out = held_out
         self.best: dict | None = None  # phase 2's best evaluation so far: step, loss, selected values, heads
         self.show_progress = show_progress
@@ -82,6 +97,10 @@ class LTSFTRecipe:
         self.model = model
         self.selected: list[torch.Tensor] | None = None  # the mask, per sparse fragment of my shard
         self._stop_requested = False
+        self._stop_agreed = False  # the ranks' agreement on a stop request, made once per optimizer step
+        self.phase_name = ""  # the phase being trained, for messages
+        self.global_step = 0  # optimizer steps done since the start of the run (TensorBoard's x axis)
+        self.tokens_seen = 0  # tokens (non-padding positions) this rank has fed forward
         self.checkpoint_root = Path(config.output_dir) / "checkpoints"
         self.base_model = base_model
         self.stats = RunStats()
@@ -100,6 +119,8 @@ class LTSFTRecipe:
         self.engine = build_engine(model, ds_config, cfg.phase1.lr, cfg.weight_decay)
         self.shards = Shards(self.engine, model)
         self.rank = self.shards.rank
+        self.monitor = Monitor(self.log_dir if self.rank == 0 else None,
+                               print_lines=self.rank == 0 and self.show_progress)
         if self.rank == 0 and self.show_progress:
             print(f"eligible parameters ({cfg.kind} SFT), elements per module type:\n{self.eligibility.table(model)}")
             print(f"K = {self.stats.k} of {self.stats.n_eligible} eligible ({self.stats.k / self.stats.n_eligible:.2%})")
@@ -116,6 +137,12 @@ class LTSFTRecipe:
     def run(self) -> SparseFineTuning | None:
         """The whole algorithm; resumes from the latest complete checkpoint under output_dir, if any.
         Raises `Preempted` after checkpointing when a stop was requested (e.g. by SIGUSR1)."""
+        try:
+            return self._run()
+        finally:
+            self.monitor.close()  # flushes the TensorBoard events, also when stopped or failing
+
+    def _run(self) -> SparseFineTuning | None:
         cfg = self.config
         at = self.resume()
         mask = None
@@ -144,18 +171,22 @@ class LTSFTRecipe:
     def train_phase(self, round_: int, phase_name: str, phase: PhaseConfig, mask: GradientMask | None,
                     first_step: int = 0) -> None:
         name = phase_name + (f".{round_}" if self.config.rounds > 1 else "")
+        self.phase_name = name
+        self.global_step = self._global_step(round_, phase_name, first_step)
         start = time.perf_counter()
         l1 = L1Pull(self.shards, self.snapshot, self.sparse, phase.l1, self.stats.n_eligible)
         bar = tqdm(range(first_step, phase.steps), desc=name, disable=self.rank != 0 or not self.show_progress,
                    leave=False, initial=first_step, total=phase.steps)
         losses = []
+        mark = self._mark(first_step)
         for step in bar:
             lr = linear_lr(step, phase)
             self.shards.set_lr(lr)
             step_loss = self.train_step(step, mask, l1)
+            self.global_step += 1
             losses.append(step_loss)
             if (step + 1) % self.config.log_every == 0 or step + 1 == phase.steps:
-                self._log(name, step, step_loss, lr, l1, bar)
+                mark = self._log(name, step, step_loss, lr, l1, bar, mark)
             every = self.config.data.eval_every
             if mask is not None and self.held_out is not None and (
                     step + 1 == phase.steps or (every and (step + 1) % every == 0)):
@@ -174,10 +205,9 @@ class LTSFTRecipe:
     def _evaluate(self, phase: str, step: int) -> None:
         losses = self.held_out.loss(self.engine)
         self.stats.eval_losses.setdefault(phase, []).append({"step": step, **losses})
-        if self.writer is not None:
-            for language, value in losses.items():
-                self.writer.add_scalar(f"{phase}/eval_loss" + ("" if language == "all" else f"/{language}"),
-                                       value, step)
+        self.monitor.scalars({f"eval/{phase}/loss" + ("" if lang == "all" else f"/{lang}"): value
+                              for lang, value in losses.items()}, self.global_step)
+        self.monitor.line("eval", phase=phase, step=step, **{f"loss_{lang}": v for lang, v in losses.items()})
         if self.best is None or losses["all"] < self.best["loss"]:
             self.best = {"step": step, "loss": losses["all"],
                          "selected": [self.shards.master(f)[sel].clone() for f, sel in zip(self.sparse, self.selected)],
@@ -203,17 +233,15 @@ class LTSFTRecipe:
         self._stop_requested = True
 
     def _maybe_checkpoint(self, progress: Progress, last: bool) -> None:
+        """`_stop_agreed` is what the ranks agreed on during the step (they get a signal at different moments)."""
         every = self.config.checkpoint_every
-        stop = torch.tensor([1 if self._stop_requested else 0])
-        if self.shards.world_size > 1:  # ranks get the signal at different moments: agree on one step
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         periodic = every > 0 and progress.step % every == 0 and not last
-        if not (stop.item() or periodic):
+        if not (self._stop_agreed or periodic):
             return
         path = checkpoint.save(self.checkpoint_root, progress, self.engine, self.rank, self.shards.world_size,
                                self.shards.stage,
                                {"theta0": self.snapshot.segments, "selected": self.selected, "best": self.best})
-        if stop.item():
+        if self._stop_agreed:
             raise Preempted(path)
 
     def resume(self) -> Progress:
@@ -233,9 +261,12 @@ class LTSFTRecipe:
         """One optimizer step; returns this rank's share of the global mean loss."""
         batches = [self.order.batch_at(step, micro) for micro in range(self.order.accumulation)]
         scale = self._mlm_loss_scale(batches)
+        self.tokens_seen += sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                                for b in batches)
         for hook in self.step_hooks:
             hook.before_step(step)
         step_loss = 0.0
+        finite = True
         for i, batch in enumerate(batches):
             if scale is None:
                 loss = self.engine(**batch).loss
@@ -243,18 +274,53 @@ class LTSFTRecipe:
                 labels = batch.pop("labels")
                 logits = self.engine(**batch).logits
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum") * scale
+            finite = finite and math.isfinite(loss.item())
             self.engine.backward(loss)
             if i == len(batches) - 1:
                 for hook in self.step_hooks:
                     hook.before_optimizer_step(step)
             if self.engine.is_gradient_accumulation_boundary():
                 grads = self.shards.grads()
-                l1.add_gradient(grads)
-                if mask is not None:
-                    mask.mask_gradients(grads)
+                if self._agree(step, finite):
+                    # Skipped: DeepSpeed still steps (its counters and our masking hooks stay in step), but with
+                    # zero gradients and learning rate 0 no weight moves (AdamW's moments decay by one step and
+                    # its step count advances).
+                    for g in grads:
+                        g.zero_()
+                    self.shards.set_lr(0.0)
+                else:
+                    l1.add_gradient(grads)
+                    if mask is not None:
+                        mask.mask_gradients(grads)
             self.engine.step()
             step_loss += loss.item() / self.order.accumulation
         return step_loss
+
+    def _agree(self, step: int, finite: bool) -> bool:
+        """The ranks' one agreement per optimizer step (a single small all-reduce): whether a stop was requested
+        (see `_maybe_checkpoint`) and which ranks saw a non-finite loss. Returns True if this step is to be
+        skipped; raises `LtsftError` on every rank if it is to stop the run (`on_nonfinite_loss`)."""
+        flags = torch.zeros(1 + self.shards.world_size, dtype=torch.int32)
+        flags[0] = int(self._stop_requested)
+        flags[1 + self.rank] = int(not finite)
+        if self.shards.world_size > 1:
+            dist.all_reduce(flags)
+        self._stop_agreed = bool(flags[0])
+        bad_ranks = torch.nonzero(flags[1:]).view(-1).tolist()
+        if not bad_ranks:
+            return False
+        where = f"{self.phase_name} step {step + 1}"
+        ranks = f"rank{'s' if len(bad_ranks) > 1 else ''} {', '.join(map(str, bad_ranks))}"
+        if self.config.on_nonfinite_loss == "stop":
+            last = checkpoint.latest(self.checkpoint_root)
+            raise LtsftError(
+                f"non-finite loss (NaN or inf) on {ranks} in {where}; last complete checkpoint: "
+                f"{last if last is not None else 'no checkpoint yet'}. Lower the learning rate or enable clipping "
+                "(max_grad_norm), check the data of that step, or set on_nonfinite_loss: skip to skip such steps")
+        self.stats.skipped_steps += 1
+        self.monitor.line("skipped", phase=self.phase_name, step=step + 1, reason=f"non-finite-loss-on-{ranks}",
+                          skipped_steps=self.stats.skipped_steps)
+        return True
 
     def _mlm_loss_scale(self, batches: list[dict]) -> float | None:
         """MLM batches hold different numbers of masked tokens per rank. Normalising each token's loss by the
@@ -284,10 +350,25 @@ class LTSFTRecipe:
         self.stats.threshold = result.threshold
         self.stats.ties_at_threshold, self.stats.ties_taken = result.ties_at_threshold, result.ties_taken
         self.stats.seconds["select"] = self.stats.seconds.get("select", 0.0) + time.perf_counter() - start
-        if self.writer is not None:
-            self.writer.add_scalar("select/threshold", result.threshold, 0)
-            self.writer.add_scalar("select/k", k, 0)
+        self._report_selection(result.masks, k, result.threshold)
         return result.masks
+
+    def _report_selection(self, masks: list[torch.Tensor], k: int, threshold: float) -> None:
+        """Threshold, K, mask density per module type and per layer, and the mask's overlap with each language
+        SFT swapped in by a step hook: counted on my shard, summed over ranks in one all-reduce of one vector."""
+        names = [n for n in self.shapes if self.eligibility.roles[n] == "sparse"]
+        sfts = {}
+        for hook in self.step_hooks:
+            if isinstance(hook, LanguageSwap):
+                sfts.update(hook.sfts)
+        counts = self.shards.all_reduce(torch.cat([selected_per_parameter(self.sparse, masks, names),
+                                                   mask_overlap(self.sparse, masks, sfts)]))
+        per_param = {n: int(c) for n, c in zip(names, counts[:len(names)])}
+        overlap = {lang: int(c) for lang, c in zip(sfts, counts[len(names):])}
+        values = {"select/threshold": threshold, "select/k": k, **density_scalars(per_param, self.shapes),
+                  **{f"mask/overlap/{lang}": c for lang, c in overlap.items()}}
+        self.monitor.scalars(values, self.global_step)
+        self.monitor.line("select", k=k, threshold=threshold, **{f"overlap_{lang}": c for lang, c in overlap.items()})
 
     def frozen_drift(self, mask: GradientMask) -> int:
         """Frozen elements of my shard that are not bit-identical to θ⁰ (summed over ranks)."""
@@ -333,24 +414,46 @@ class LTSFTRecipe:
 
     # --- reporting -----------------------------------------------------------------------------
 
-    def _log(self, phase: str, step: int, loss: float, lr: float, l1: L1Pull, bar) -> None:
-        mean_loss = torch.tensor([loss])
+    def _mark(self, step: int) -> _Mark:
+        swap = sum(sum(h.seconds.values()) for h in self.step_hooks if isinstance(h, LanguageSwap))
+        return _Mark(time.perf_counter(), self.tokens_seen, swap, step)
+
+    def _log(self, phase: str, step: int, loss: float, lr: float, l1: L1Pull, bar, since: _Mark) -> _Mark:
+        """Collective (every rank calls it). Loss and tokens are summed over ranks; times, swap time and peak
+        memory are rank 0's. Returns the mark the next interval starts from."""
+        now = self._mark(step + 1)
+        totals = torch.tensor([loss, now.tokens - since.tokens], dtype=torch.float64)
         if self.shards.world_size > 1:
-            dist.all_reduce(mean_loss)
-        mean_loss = float(mean_loss) / self.shards.world_size
+            dist.all_reduce(totals)
+        mean_loss = float(totals[0]) / self.shards.world_size
         penalty = l1.penalty() if l1.scale else 0.0
         if self.rank != 0:
-            return
+            return now
+        steps, seconds = max(1, now.step - since.step), max(1e-9, now.time - since.time)
+        values = {"train/loss": mean_loss, "train/lr": lr, "train/l1": penalty,
+                  "train/phase": 2.0 if phase.startswith("phase2") else 1.0,
+                  "train/tokens_per_s": float(totals[1]) / seconds, "train/step_seconds": seconds / steps,
+                  "train/peak_memory_mb": peak_memory_mb(), "train/skipped_steps": self.stats.skipped_steps}
+        if any(isinstance(h, LanguageSwap) for h in self.step_hooks):
+            values["train/swap_seconds"] = (now.swap_seconds - since.swap_seconds) / steps
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None:
+            values["train/grad_norm"] = float(norm)
         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
-        if self.writer is not None:
-            self.writer.add_scalar(f"{phase}/loss", mean_loss, step)
-            self.writer.add_scalar(f"{phase}/lr", lr, step)
-            self.writer.add_scalar(f"{phase}/l1", penalty, step)
-            norm = self.engine.get_global_grad_norm()
-            if norm is not None:
-                self.writer.add_scalar(f"{phase}/grad_norm", float(norm), step)
+        self.monitor.scalars(values, self.global_step)
+        fields = {t.split("/", 1)[1]: v for t, v in values.items() if t != "train/phase"}
+        self.monitor.line("step", phase=phase, step=step + 1, **fields)
+        return now
+
+    def _global_step(self, round_: int, phase_name: str, step: int) -> int:
+        """Optimizer steps before `step` of this phase since the start of the run, over all phases and rounds."""
+        cfg = self.config
+        phase1 = cfg.phase1.steps if cfg.selection == "magnitude" else 0
+        return (round_ - 1) * (phase1 + cfg.phase2.steps) + (phase1 if phase_name == "phase2" else 0) + step
 
     def save_results(self, path: Path) -> None:
+        """Strict JSON: the non-finite losses of skipped steps are written as null."""
+        losses = {k: [v if math.isfinite(v) else None for v in vs] for k, vs in self.stats.losses.items()}
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.stats.__dict__, indent=2))
+        tmp.write_text(json.dumps({**self.stats.__dict__, "losses": losses}, indent=2, allow_nan=False))
         tmp.replace(path)

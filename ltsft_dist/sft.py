@@ -274,7 +274,7 @@ class SparseFineTuning:
             "training_config": m.training_config,
             "params": self.param_nnz,
             "heads": {name: list(t.shape) for name, t in self.heads.items()},
-            **_density_tables(self.param_nnz, self.shapes),
+            **density_tables(self.param_nnz, self.shapes),
         }
 
 
@@ -525,7 +525,8 @@ def _composed_metadata(sfts, nnz: int) -> SFTMetadata:
 
 
 
-def _density_tables(param_nnz: dict[str, int], shapes: dict[str, tuple[int, ...]]) -> dict:
+def density_tables(param_nnz: dict[str, int], shapes: dict[str, tuple[int, ...]]) -> dict:
+    """Non-zeros and density per module type and per layer (for `inspect` and the training monitor)."""
     roots = {name.split(".", 1)[0] for name in param_nnz}
     strip = len(roots.pop()) + 1 if len(roots) == 1 else 0  # drop the shared "bert." for readability
     by_type: dict[str, list[int]] = {}

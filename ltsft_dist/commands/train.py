@@ -84,13 +84,8 @@ def run_training(config, base_dir: Path | None = None) -> int:
     ds_config = load_ds_config(config.deepspeed_path(base_dir), micro_batch_size=config.micro_batch_size,
                                accumulation=config.batch_size // per_step, world_size=world,
                                max_grad_norm=config.max_grad_norm)
-    writer = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "tensorboard"))
     recipe = LTSFTRecipe(model, next(iter(data.train.values())), config, ds_config,
-                         base_model=config.model.name_or_path or "tiny", writer=writer, order=order,
+                         base_model=config.model.name_or_path or "tiny", log_dir=out / "tensorboard", order=order,
                          step_hooks=hooks, held_out=held_out)
     for sig in (signal.SIGUSR1, signal.SIGTERM):  # SLURM's warning before preemption or the time limit
         signal.signal(sig, lambda *_: recipe.request_stop())
@@ -103,7 +98,6 @@ def run_training(config, base_dir: Path | None = None) -> int:
     if rank == 0:
         sft.save_pretrained(out / "sft")
         recipe.save_results(out / "results.json")
-        writer.close()
         stats = recipe.stats
         print(json.dumps({"k": stats.k, "n_eligible": stats.n_eligible, "threshold": stats.threshold,
                           "zero_valued_selected": stats.zero_valued_selected, "frozen_drift": stats.frozen_drift,
