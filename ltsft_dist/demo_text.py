@@ -38,6 +38,7 @@ LEXICON = {
     },
 }
 LANGUAGES = tuple(LEXICON)
+NAMES = ("anna", "paul", "maria", "tom", "lena", "omar", "sara", "ivan", "nora", "hugo")  # the same in every language
 
 
 def sentences(language: str, n: int, seed: int = 0) -> list[str]:
@@ -51,8 +52,11 @@ def sentences(language: str, n: int, seed: int = 0) -> list[str]:
         adj, verb = rng.randrange(len(lex["adjectives"])), rng.randrange(len(lex["verbs"]))
         place, time = rng.randrange(len(lex["places"])), rng.randrange(len(lex["times"]))
         art = lex["article"]
-        out.append(f"{art} {lex['adjectives'][adj]} {lex['nouns'][a]} {lex['verbs'][verb]} {art} "
-                   f"{lex['nouns'][b]} {lex['places'][place]} {lex['times'][time]} .")
+        subject = f"{art} {lex['adjectives'][adj]} {lex['nouns'][a]}"
+        if rng.random() < 0.3:  # people's names, the same in every language
+            subject = NAMES[rng.randrange(len(NAMES))]
+        out.append(f"{subject} {lex['verbs'][verb]} {art} {lex['nouns'][b]} {lex['places'][place]} "
+                   f"{lex['times'][time]} .")
     return out
 
 
@@ -60,22 +64,19 @@ NLI_LABELS = ("entailment", "neutral", "contradiction")
 
 
 def nli_examples(language: str, n: int, seed: int = 0) -> list[tuple[str, str, str]]:
-    """`n` (premise, hypothesis, label) triples, parallel across languages for the same seed: the hypothesis
-    drops details (entailment), adds a time the premise does not give (neutral) or changes the object
-    (contradiction)."""
+    """`n` (premise, hypothesis, label) triples, parallel across languages for the same seed. People are named
+    (names are shared across languages, as in real text); the hypothesis drops the place (entailment), adds a
+    time the premise does not give (neutral) or names someone else (contradiction)."""
     if language not in LEXICON:
         raise ValueError(f"no demo text for {language!r}; available: {', '.join(LANGUAGES)}")
     lex, rng = LEXICON[language], random.Random(seed)
-    art, nouns = lex["article"], lex["nouns"]
     out = []
-    for i in range(n):
-        a, b = rng.randrange(len(nouns)), rng.randrange(len(nouns))
-        other = (b + 1 + rng.randrange(len(nouns) - 1)) % len(nouns)
-        adj, verb = rng.choice(lex["adjectives"]), rng.choice(lex["verbs"])
-        place, time = rng.choice(lex["places"]), rng.choice(lex["times"])
+    for _ in range(n):
+        a, b, other = rng.sample(NAMES, 3)
+        verb, place, time = rng.choice(lex["verbs"]), rng.choice(lex["places"]), rng.choice(lex["times"])
         label = NLI_LABELS[rng.randrange(3)]
-        premise = f"{art} {adj} {nouns[a]} {verb} {art} {nouns[b]} {place} ."
-        core = f"{art} {nouns[a]} {verb} {art} {nouns[other if label == 'contradiction' else b]}"
+        premise = f"{a} {verb} {b} {place} ."
+        core = f"{a} {verb} {other if label == 'contradiction' else b}"
         hypothesis = f"{core} {time} ." if label == "neutral" else f"{core} ."
         out.append((premise, hypothesis, label))
     return out

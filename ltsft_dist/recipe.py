@@ -265,35 +265,39 @@ class LTSFTRecipe:
                                 for b in batches)
         for hook in self.step_hooks:
             hook.before_step(step)
-        step_loss = 0.0
-        finite = True
-        for i, batch in enumerate(batches):
-            if scale is None:
-                loss = self.engine(**batch).loss
-            else:
-                labels = batch.pop("labels")
-                logits = self.engine(**batch).logits
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum") * scale
-            finite = finite and math.isfinite(loss.item())
-            self.engine.backward(loss)
-            if i == len(batches) - 1:
-                for hook in self.step_hooks:
-                    hook.before_optimizer_step(step)
-            if self.engine.is_gradient_accumulation_boundary():
-                grads = self.shards.grads()
-                if self._agree(step, finite):
-                    # Skipped: DeepSpeed still steps (its counters and our masking hooks stay in step), but with
-                    # zero gradients and learning rate 0 no weight moves (AdamW's moments decay by one step and
-                    # its step count advances).
-                    for g in grads:
-                        g.zero_()
-                    self.shards.set_lr(0.0)
+        try:
+            step_loss = 0.0
+            finite = True
+            for i, batch in enumerate(batches):
+                if scale is None:
+                    loss = self.engine(**batch).loss
                 else:
-                    l1.add_gradient(grads)
-                    if mask is not None:
-                        mask.mask_gradients(grads)
-            self.engine.step()
-            step_loss += loss.item() / self.order.accumulation
+                    labels = batch.pop("labels")
+                    logits = self.engine(**batch).logits
+                    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum") * scale
+                finite = finite and math.isfinite(loss.item())
+                self.engine.backward(loss)
+                if i == len(batches) - 1:
+                    for hook in self.step_hooks:
+                        hook.before_optimizer_step(step)
+                if self.engine.is_gradient_accumulation_boundary():
+                    grads = self.shards.grads()
+                    if self._agree(step, finite):
+                        # Skipped: DeepSpeed still steps (its counters and our masking hooks stay in step), but with
+                        # zero gradients and learning rate 0 no weight moves (AdamW's moments decay by one step and
+                        # its step count advances).
+                        for g in grads:
+                            g.zero_()
+                        self.shards.set_lr(0.0)
+                    else:
+                        l1.add_gradient(grads)
+                        if mask is not None:
+                            mask.mask_gradients(grads)
+                self.engine.step()
+                step_loss += loss.item() / self.order.accumulation
+        finally:  # an error mid-step must not leave a language delta in the working weights
+            for hook in self.step_hooks:
+                getattr(hook, "restore", lambda: None)()
         return step_loss
 
     def _agree(self, step: int, finite: bool) -> bool:

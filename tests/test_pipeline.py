@@ -21,7 +21,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "ltsft_dist" / "configs"
 
 
 def tiny_pipeline(directory: Path, **changes) -> Path:
-    """The demo pipeline cut down to seconds: en and de, a few steps per phase, English as the only source."""
+    """The demo pipeline cut down to seconds: en and de, a few steps per phase, both as task sources."""
     path = write_demo(directory)
     config = yaml.safe_load(path.read_text())
     config["ranks"] = 1
@@ -31,7 +31,6 @@ def tiny_pipeline(directory: Path, **changes) -> Path:
     for key in ("language_sft", "task_sft"):
         config[key].update(phase1={"steps": 4, "lr": 1e-3}, phase2={"steps": 4, "lr": 1e-3}, checkpoint_every=2)
     config["language_sft"]["data"].update(eval_every=0)
-    config["task_sft"]["data"]["sources"] = config["task_sft"]["data"]["sources"][:1]
     config["evaluation"].update(data={"en": "data/nli_test.en.tsv", "de": "data/nli_test.de.tsv"}, limit=40)
     for key, value in changes.items():
         config[key] = value
@@ -67,7 +66,8 @@ def test_the_stages_run_in_order_and_write_the_table(finished):
     assert "| en | 40 |" in table and "| de | 40 |" in table and "TA-only" in table
     assert f"results: {root / 'results.md'}" in result.stdout
     task = SparseFineTuning.from_pretrained(stages[3].directory / "sft")
-    assert task.metadata.training_config["language_sfts"] == {"en": str(stages[1].directory / "sft")}
+    assert task.metadata.training_config["language_sfts"] == {"en": str(stages[1].directory / "sft"),
+                                                               "de": str(stages[2].directory / "sft")}
 
 
 def test_a_rerun_skips_finished_stages_and_a_change_reruns_what_depends_on_it(finished):
@@ -90,6 +90,8 @@ def test_a_rerun_skips_finished_stages_and_a_change_reruns_what_depends_on_it(fi
 
 
 def test_an_interrupted_stage_resumes_from_its_checkpoints(finished):
+    """The multi-source task stage, checkpointed in phase 2, resumes to a bit-identical φ (language schedule,
+    swap and data position included)."""
     config, _ = finished
     task = {s.name: s for s in plan(load_pipeline(config))}["task"]
     first = SparseFineTuning.from_pretrained(task.directory / "sft")
