@@ -301,14 +301,14 @@ def write_tiny_run(directory: Path, languages=("en",), steps: int = 3) -> Path:
     one or two ranks (batch 16 = micro-batch 8 × 2 ranks, or × 2 accumulation steps on one)."""
     import yaml
 
-    from ltsft_dist.commands.demo import DEMO_CONFIG
     from ltsft_dist.demo_text import sentences
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for lang in languages:
         (directory / f"{lang}.txt").write_text("\n".join(sentences(lang, 200, seed=1)) + "\n", encoding="utf-8")
-    config = yaml.safe_load(DEMO_CONFIG.read_text())
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "ltsft_dist" / "configs" /
+                             "demo_language.yaml").read_text())
     config["languages"] = [languages[0]]
     config["output_dir"] = str(directory / "out")
     config["data"]["train_file"] = str(directory / f"{languages[0]}.txt")
