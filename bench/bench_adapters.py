@@ -5,7 +5,9 @@ first use (`bench/run --only adapters`): `python -m venv`, then exactly the runn
 `torch==2.13.0+cpu`, so pip can never substitute a CUDA build), then `adapters==1.3.0` with torch pinned by a
 constraint. The peer process (`adapters_peer.py`) is driven line by line from our W=1 rank, so every repetition
 runs, back to back and in a rotating order: our phase-2 training step, the peer's training step, our base and
-composed models' inference, the peer's base and adapter-stack inference. One thread each; medians of ratios.
+composed models' inference, the peer's base and adapter-stack inference (each inference pair as warm-up, base,
+other, other, base: `adapters_peer.infer_pair`, so neither model always meets the caches another process left
+cold). One thread each; medians of paired ratios.
 
 - `composed_inference_over_base`: the base with a language SFT and a task SFT applied (5 % each) is a plain dense
   model: its forward latency over the base's, same process. Target ≤ 1.02.
@@ -58,6 +60,7 @@ def worker(python: str, warmup: int, repeats: int) -> dict:
     import torch
 
     from _common import phase2_engine
+    from adapters_peer import infer_pair
 
     peer = subprocess.Popen([python, str(HERE / "adapters_peer.py")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
@@ -94,24 +97,17 @@ def worker(python: str, warmup: int, repeats: int) -> dict:
             engine.step()
             return time.perf_counter() - t
 
-        def our_infer(m):
-            with torch.inference_mode():
-                t = time.perf_counter()
-                m(**infer)
-                return time.perf_counter() - t
-
-        tasks = {"ours_step": our_step, "peer_step": lambda: ask({"op": "train_step"})["seconds"],
-                 "ours_base": lambda: our_infer(base), "ours_composed": lambda: our_infer(composed),
-                 "peer_base": lambda: ask({"op": "infer", "model": "base"})["seconds"],
-                 "peer_adapters": lambda: ask({"op": "infer", "model": "adapters"})["seconds"]}
+        tasks = {"ours_step": lambda: {"ours_step": our_step()},
+                 "peer_step": lambda: {"peer_step": ask({"op": "train_step"})["seconds"]},
+                 "ours_infer": lambda: {f"ours_{k}": v for k, v in infer_pair(base, composed, infer).items()},
+                 "peer_infer": lambda: {f"peer_{k}": v for k, v in ask({"op": "infer"}).items()}}
         names = list(tasks)
-        times = {n: [] for n in names}
+        times = {}
         for rep in range(warmup + repeats):
             for j in range(len(names)):
-                name = names[(rep + j) % len(names)]
-                t = tasks[name]()
-                if rep >= warmup:
-                    times[name].append(t)
+                for name, t in tasks[names[(rep + j) % len(names)]]().items():
+                    if rep >= warmup:
+                        times.setdefault(name, []).append(t)
         ask({"op": "quit"}, answer=False)
     finally:
         if peer.poll() is None:
@@ -144,17 +140,17 @@ def run(quick: bool) -> dict:
                       "reduction_factor=16), active Stack('lang', 'task'), train_adapter('task') + classifier",
               "ours": {"phase2": "W=1 ZeRO-2 fp32, AdamW lr 1e-4 wd 0.01, clipping 1.0", "K_task_mask": r["K"],
                        "composed_sfts_nnz": r["K_sfts"]},
-              "order": "each repetition runs all six measurements back to back, rotating which goes first"}
+              "order": "each repetition runs the four tasks (our step, peer step, our inference pair, peer inference pair) back to back, rotating which goes first; an inference pair is warm-up, base, other, other, base"}
     seconds = {n: summary(v) for n, v in t.items()}
     common = {"config": config, "seconds": seconds, "raw_seconds": t, "wall_seconds": time.perf_counter() - t0}
-    composed = ratio("ours_composed", "ours_base")
+    composed = ratio("ours_other", "ours_base")
     return {
         "composed_inference_over_base": {
             "value": composed, "target": "<= 1.02", "meets_target": composed <= 1.02,
             "definition": "median over repetitions of forward latency (inference_mode, batch 1 x 64) of the base "
                           "with a language and a task SFT applied / of the base, same process", **common},
         "adapters_inference_over_base": {
-            "value": ratio("peer_adapters", "peer_base"), "target": "diagnostic (the peer)", "meets_target": None,
+            "value": ratio("peer_other", "peer_base"), "target": "diagnostic (the peer)", "meets_target": None,
             "definition": "median over repetitions of forward latency of the base with the MAD-X stack / of the "
                           "plain base, both in the peer process (transformers 4.57, adapters 1.3.0)", **common},
         "adapters_step_over_phase2_step": {
@@ -174,10 +170,10 @@ def lines(results: dict) -> list[str]:
     return [
         f"composed_inference_over_base = {c['value']:.3f}  (target {c['target']}: {status(c)})",
         f"    batch {INFER_BATCH}x{SEQ}: base {ms['ours_base']:.2f} ms, base + language SFT + task SFT "
-        f"{ms['ours_composed']:.2f} ms",
+        f"{ms['ours_other']:.2f} ms",
         f"adapters_inference_over_base = {a['value']:.3f}  (diagnostic; adapters {p['adapters']}, transformers "
         f"{p['transformers']})",
-        f"    peer base {ms['peer_base']:.2f} ms, Stack(lang, task) {ms['peer_adapters']:.2f} ms "
+        f"    peer base {ms['peer_base']:.2f} ms, Stack(lang, task) {ms['peer_other']:.2f} ms "
         f"({p['N_with_adapters'] - p['N_base']:,} adapter parameters)",
         f"adapters_step_over_phase2_step = {s['value']:.3f}  (diagnostic)",
         f"    batch {TRAIN_BATCH}x{SEQ}: peer task-adapter step {ms['peer_step']:.0f} ms ({p['N_trainable']:,} "

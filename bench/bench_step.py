@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import time
 
-from _common import build_bert, ds_config, status as _status, summary
+from _common import build_bert, ds_config, status, summary
 
 KINDS = ("dense", "masked", "masked", "dense")  # build order
 
@@ -231,7 +231,7 @@ def lines(results: dict) -> list[str]:
         return []
     c, f, b, s = r["config"], r["full_train_step"], r["breakdown_rank0_median_seconds"], o["optimizer_step"]
     return [
-        f"phase2_step_over_dense_step = {r['value']:.3f}  (target {r['target']}: {_status(r)})",
+        f"phase2_step_over_dense_step = {r['value']:.3f}  (target {r['target']}: {status(r)})",
         f"    W={c['W']} ZeRO-{c['zero_stage']} {c['precision']} N={c['N_trainable']:,} K={c['K']:,} "
         f"({c['density']:.0%}) repeats={c['repeats']} engines={'/'.join(c['engines'])}",
         f"    full train step (fwd+bwd+step): dense {f['dense_seconds']['median'] * 1e3:.0f} ms, masked "
