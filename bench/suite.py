@@ -75,7 +75,8 @@ def markdown(results: dict) -> str:
             f"{m.get('cpus')} CPUs ({m.get('cpu_model', '?')}), {m.get('mem_total_gib', '?')} GiB; torch "
             f"{m.get('torch')}, deepspeed {m.get('deepspeed')}; 1-min load average at start "
             f"{m['loadavg_at_start'][0]:.1f}. Full numbers, configurations and raw timings: "
-            f"`{results['json_name']}`. What each key means: `bench/README.md`.", "",
+            f"`{results['json_name']}`. What each key means: `bench/README.md`."
+            + "".join(f" Plot: `{a}`." for a in results.get("artefacts", [])), "",
             "| key | value | target | status |", "| --- | --- | --- | --- |"]
     for key, module in KEYS.items():
         r = results.get(key)
@@ -90,7 +91,7 @@ def markdown(results: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bench/run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a ~2 minute smoke run (fewer repeats, N=10M only)")
+    parser.add_argument("--quick", action="store_true", help="a ~2 minute smoke run (fewer repeats, N=10M only; skips the adapters peer unless named)")
     parser.add_argument("--only", nargs="+", choices=[*NAMES, *KEYS], metavar="NAME",
                         help=f"run only these benchmarks (a key, or a module: {', '.join(NAMES)})")
     parser.add_argument("--out", type=Path, help="results JSON path (default bench/results.json, "
@@ -122,9 +123,12 @@ def main(argv=None) -> int:
             print(f"[bench] {name} FAILED after {time.perf_counter() - t:.0f} s:\n{results['errors'][name]}",
                   file=sys.stderr, flush=True)
     results["wall_seconds"] = time.perf_counter() - start
-    for module in MODULES:  # plots and the like, beside the JSON
+    for name, module in NAMES.items():  # plots and the like, beside the JSON; a failure must not lose the numbers
         if hasattr(module, "write_artefacts"):
-            results.setdefault("artefacts", []).extend(p.name for p in module.write_artefacts(results, out))
+            try:
+                results.setdefault("artefacts", []).extend(p.name for p in module.write_artefacts(results, out))
+            except Exception:
+                results["errors"][f"{name} (artefacts)"] = traceback.format_exc()
     write_atomic(out, json.dumps(results, indent=1) + "\n")
     write_atomic(out.with_suffix(".md"), markdown(results))
     print()
