@@ -1,6 +1,6 @@
 """How the phase-2 training step time and peak memory per rank scale with model size N and world size W.
 
-Three BERT sizes (N ≈ 1.6 M, 5.4 M, 15 M) at W = 1 and W = 2 (ZeRO-2, fp32, 1 thread per rank, a 5 % task mask
+Three BERT sizes (N ≈ 1.5 M, 5.4 M, 14 M) at W = 1 and W = 2 (ZeRO-2, fp32, 1 thread per rank, a 5 % task mask
 attached with `GradientMask`), strong scaling: global batch 16 × 64 tokens (micro-batch 16/W). One launch per W
 builds the sizes one after another; per size: warm-up, then the median step time (slower rank) and the peak RSS
 growth per rank while the engine is built and stepped (`PeakMemory`: VmHWM reset first). W=1 and W=2 run in

@@ -38,7 +38,8 @@ class GradientMask:
         """Zero the frozen elements of `grads` (one view per fragment, as `Shards.grads()` returns them).
 
         DeepSpeed keeps the fragments' gradients side by side in one buffer (ZeRO 1-3), so they are edited as a
-        few long runs of that buffer, not fragment by fragment: per-op overhead, not bandwidth, dominated."""
+        few long runs of that buffer (3 ops per run, not 3 per fragment: ~9 instead of ~100 kernel launches per
+        step). What remains is memory bandwidth: one pass over the partition."""
         layout = _storage_layout(grads)
         if layout != self._grad_layout:  # planned once per buffer layout, not per step
             self._grad_layout, self._grad_runs = layout, self._plan_grad_runs(grads)
