@@ -28,16 +28,40 @@ class GradientMask:
             frozen.copy_(~cov)  # padding
         for f, sel in zip(sparse, selected):
             self.frozen[f.segment].narrow(0, f.segment_offset, f.numel).copy_(~sel)
-        self._grad_plans = [_plan(self.frozen[f.segment].narrow(0, f.segment_offset, f.numel))
-                            for f in shards.fragments]
+        self._grad_layout, self._grad_runs = None, []
         self._segment_plans = [_plan(frozen) for frozen in self.frozen]
         self._steps = [0] * len(self.frozen)
         self._handle = None
 
     @torch.no_grad()
     def mask_gradients(self, grads: list[torch.Tensor]) -> None:
-        for g, plan in zip(grads, self._grad_plans):
-            _keep_only(g, plan, 0.0)
+        """Zero the frozen elements of `grads` (one view per fragment, as `Shards.grads()` returns them).
+
+        DeepSpeed keeps the fragments' gradients side by side in one buffer (ZeRO 1-3), so they are edited as a
+        few long runs of that buffer (3 ops per run, not 3 per fragment: ~9 instead of ~100 kernel launches per
+        step). What remains is memory bandwidth: one pass over the partition."""
+        layout = _storage_layout(grads)
+        if layout != self._grad_layout:  # planned once per buffer layout, not per step
+            self._grad_layout, self._grad_runs = layout, self._plan_grad_runs(grads)
+        for first, offset, numel, plan in self._grad_runs:
+            _keep_only(grads[first].as_strided((numel,), (1,), offset), plan, 0.0)
+
+    def _plan_grad_runs(self, grads: list[torch.Tensor]) -> list[tuple[int, int, int, tuple]]:
+        """(view index, storage offset, numel, plan) per maximal run of views that tile one storage range."""
+        order = sorted(range(len(grads)), key=lambda i: (_storage_id(grads[i]), grads[i].storage_offset()))
+        runs: list[list[int]] = []
+        for i in order:
+            prev = runs[-1][-1] if runs else None
+            if (prev is not None and _storage_id(grads[i]) == _storage_id(grads[prev])
+                    and grads[i].storage_offset() == grads[prev].storage_offset() + grads[prev].numel()):
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        fragments = self.shards.fragments
+        return [(run[0], grads[run[0]].storage_offset(), sum(grads[i].numel() for i in run),
+                 _plan(torch.cat([self.frozen[fragments[i].segment].narrow(0, fragments[i].segment_offset,
+                                                                            fragments[i].numel) for i in run])))
+                for run in runs]
 
     @torch.no_grad()
     def project(self, segment_indices: list[int]) -> None:
@@ -65,6 +89,17 @@ class GradientMask:
 
 
 
+def _storage_id(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _storage_layout(views: list[torch.Tensor]) -> tuple:
+    """Which views share a storage (numbered by first appearance, not by address: ZeRO-1 reallocates its
+    gradient buffer every step in the same layout), and where each starts in it."""
+    ids: dict[int, int] = {}
+    return tuple((ids.setdefault(_storage_id(v), len(ids)), v.storage_offset(), v.numel()) for v in views)
+
+
 REFRESH_SECOND_MOMENT = 10_000  # steps
 INDEX_FORM_LIMIT = 8  # index form when at most 1/8 of a run is trainable: its int64 indices cost ≤ a bool mask
 
@@ -72,7 +107,7 @@ INDEX_FORM_LIMIT = 8  # index form when at most 1/8 of a run is trainable: its i
 def _plan(frozen: torch.Tensor) -> tuple[str, torch.Tensor | None]:
     """How to edit one run of elements. On CPU, bool-masked writes (`masked_fill_`, `where`) cost ~8× a plain
     copy, so a sparse mask is applied in index form: save the kept elements, overwrite all, put them back."""
-    keep = frozen.numel() - int(frozen.sum())
+    keep = frozen.numel() - int(torch.count_nonzero(frozen))
     if keep == 0:
         return "all_frozen", None
     if keep == frozen.numel():

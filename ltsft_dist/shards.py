@@ -132,7 +132,7 @@ class Shards:
         return self.segments[f.segment].narrow(0, f.segment_offset, f.numel)
 
     def grads(self) -> list[torch.Tensor]:
-        """Writable views of my reduced gradient per fragment, valid after backward and before `engine.step()`.
+        """Flat writable views of my reduced gradient per fragment, valid after backward and before `engine.step()`.
 
         These are DeepSpeed's own buffers: what is written here is what its norm, clipping and optimizer see.
         """

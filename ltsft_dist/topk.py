@@ -74,7 +74,8 @@ def select_topk(scores: list[torch.Tensor], keys: list[tuple[int, int]], k: int,
     ties_total = int(hist_lo[lo])
 
     # Canonical tie-break: the first `needed` tied elements in (parameter, offset) order win.
-    local_ties = [(key, int((s.view(torch.int32) == threshold_bits).sum())) for key, s in zip(keys, scores)]
+    local_ties = [(key, int(torch.count_nonzero(s.view(torch.int32) == threshold_bits)))
+                  for key, s in zip(keys, scores)]
     table = sorted(t for rank_table in all_gather_object(local_ties) for t in rank_table)
     allotted, remaining = {}, needed
     for key, count in table:

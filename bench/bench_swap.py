@@ -1,7 +1,5 @@
 """Cost of the per-step language delta swap of multi-source task training (`ltsft_dist.swap.LanguageSwap`).
 
-    python bench/swap_bench.py [--quick] [--out bench/swap_results.json]
-
 One launch of W=2 ranks (ZeRO-2, fp32, 1 torch thread per rank) builds, per model size, one phase-2 engine
 (AdamW, a 5 % random task mask attached with `GradientMask` exactly as the recipe does) and three language SFTs
 of random positions at the given language density (relative to the body parameters a language SFT may touch:
@@ -27,71 +25,19 @@ an iteration's single-source time is the mean of its two. Keys:
   step time (same engine, same shapes), model A. Target ≤ 1.03. `noise_floor_single_b_over_single_a` is the same
   statistic between the two single-source steps.
 
-Runs in about 2 min on 2 idle CPU cores (`--quick`: about 40 s); results JSON at `--out`, each key with its
-configuration.
+Runs in about 2 min on 2 idle CPU cores (`--quick`: about 40 s).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(1, str(HERE.parent))
-
-from _common import BERT, ds_config, summary  # noqa: E402
+from _common import BERT, build_bert, ds_config, language_body, random_language_sfts, status, summary
 
 MODELS = {"A": dict(BERT), "B": dict(BERT, hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
                                      intermediate_size=1536)}
 LANGUAGES = ("de", "en", "sw")
-
-
-def _build(config: dict):
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from ltsft_dist import eligibility as elig
-
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(**config, num_labels=2))
-    eligibility = elig.resolve(model, "task")
-    elig.apply_roles(model, eligibility)
-    return model, eligibility
-
-
-def _language_body(model) -> dict:
-    return {n: p.numel() for n, p in model.named_parameters()
-            if n.startswith("bert.") and not n.startswith("bert.pooler.") and "LayerNorm" not in n}
-
-
-def _language_sfts(model, k_per_language: int, seed: int) -> dict:
-    """Random language SFTs with exactly ~k positions each, spread over the body in proportion to size."""
-    import torch
-
-    from ltsft_dist.sft import SFTMetadata, SparseFineTuning, base_fingerprint
-
-    body = _language_body(model)
-    total = sum(body.values())
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    fingerprint = base_fingerprint(model)
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for lang in LANGUAGES:
-        diffs = {}
-        for name, numel in body.items():
-            k = round(k_per_language * numel / total)
-            if k:
-                idx = torch.sort(torch.randperm(numel, generator=g)[:k]).values
-                diffs[name] = (idx, torch.randn(k, generator=g) * 1e-3)
-        meta = SFTMetadata(kind="language", languages=[lang], base_model="bench", base_fingerprint=fingerprint,
-                           k=k_per_language, density=k_per_language / total, training_config={})
-        out[lang] = SparseFineTuning(diffs, {n: shapes[n] for n in diffs}, {}, meta)
-    return out
 
 
 def _examples(n: int, seq_len: int, vocab: int, seed: int):
@@ -118,10 +64,10 @@ def _measure_model(config: dict, k_languages: list[int], micro: int, seq_len: in
     from ltsft_dist.topk import random_scores, select_topk
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    model, eligibility = _build(config)
+    model, eligibility = build_bert(config=config)
     n_params = sum(p.numel() for p in model.parameters())
-    body = sum(_language_body(model).values())
-    sft_sets = {k: _language_sfts(model, k, seed=10 + i) for i, k in enumerate(k_languages)}
+    body = sum(language_body(model).values())
+    sft_sets = {k: random_language_sfts(model, k, LANGUAGES, seed=10 + i) for i, k in enumerate(k_languages)}
     sources = {lang: _examples(micro * world * 8, seq_len, config["vocab_size"], seed=i)
                for i, lang in enumerate(LANGUAGES)}
     multi = MultiSourceOrder(sources, micro * world, micro, rank, world, seed=0)
@@ -205,7 +151,7 @@ def worker(micro: int, seq_len: int, warmup: int, iterations: dict, density: flo
     sizes = {}
     for name, cfg in MODELS.items():  # body sizes first (cheap), to fix K from model A
         torch.manual_seed(0)
-        sizes[name] = sum(_language_body(BertForSequenceClassification(BertConfig(**cfg, num_labels=2))).values())
+        sizes[name] = sum(language_body(BertForSequenceClassification(BertConfig(**cfg, num_labels=2))).values())
     k_a = round(density * sizes["A"])
     k_b = round(density * sizes["B"])
     out = {"A": _measure_model(MODELS["A"], [k_a], micro, seq_len, warmup, iterations["A"], task_density,
@@ -218,13 +164,16 @@ def worker(micro: int, seq_len: int, warmup: int, iterations: dict, density: flo
     return out
 
 
+KEYS = ("swap_over_step", "multisource_step_over_single_source_step")
+
+
 def run(quick: bool) -> dict:
     from _launch import run_ranks
 
     W, micro, seq = 2, 8, 64
     # Model A carries both keys: many iterations (the step-time ratio is a ~2% effect in ±4% per-step noise).
     # Model B only shows how the swap scales with N at fixed K: fewer.
-    warmup, iterations, repeats = (2, {"A": 12, "B": 6}, 10) if quick else (4, {"A": 100, "B": 20}, 40)
+    warmup, iterations, repeats = (2, {"A": 10, "B": 4}, 10) if quick else (4, {"A": 100, "B": 20}, 40)
     density, task_density = 0.05, 0.05
     load_before = os.getloadavg()
     t0 = time.perf_counter()
@@ -288,7 +237,7 @@ def run(quick: bool) -> dict:
                 f"A_K={k_a}": a["standalone_apply_restore_seconds_by_K"][k_a]["median"],
                 f"B_K={k_a}": b["standalone_apply_restore_seconds_by_K"][k_a]["median"],
                 f"B_K={k_b}": b["standalone_apply_restore_seconds_by_K"][k_b]["median"]},
-            "per_model": per_model,
+            "per_model": per_model, "wall_seconds": wall,
         },
         "multisource_step_over_single_source_step": {
             "value": ms_value, "target": "<= 1.03", "meets_target": ms_value <= 1.03,
@@ -301,16 +250,16 @@ def run(quick: bool) -> dict:
             "noise_floor_single_b_over_single_a": a["control_single_b_over_single_a"]["median"],
             "model_B_same_K": b["multi_over_single"]["median"],
         },
-        "wall_seconds": wall,
     }
 
 
 def lines(results: dict) -> list[str]:
-    s, m = results["swap_over_step"], results["multisource_step_over_single_source_step"]
+    s, m = results.get("swap_over_step"), results.get("multisource_step_over_single_source_step")
+    if not s:
+        return []
     a, b = s["per_model"]["A"], s["per_model"]["B"]
-    ok = lambda r: "meets target" if r["meets_target"] else "MISSES target"  # noqa: E731
     return [
-        f"swap_over_step = {s['value']:.4f}  (target {s['target']}: {ok(s)})",
+        f"swap_over_step = {s['value']:.4f}  (target {s['target']}: {status(s)})",
         f"    W=2 ZeRO-2 fp32, model A N={a['N_params']:,}, K_L={next(iter(a['K_per_language'].values())):,} "
         f"({a['language_density']:.1%} of {a['N_language_body']:,} language-body elements); swap "
         f"{a['swap_seconds_in_step']['median'] * 1e3:.2f} ms (apply "
@@ -322,7 +271,7 @@ def lines(results: dict) -> list[str]:
         f"ratio to its {b['single_step_seconds']['median'] * 1e3:.0f} ms step {s['swap_over_step_model_B_same_K']:.4f}",
         "    standalone apply+restore: " + ", ".join(f"{k} {v * 1e3:.2f} ms"
                                                     for k, v in s["standalone_apply_restore_median_seconds"].items()),
-        f"multisource_step_over_single_source_step = {m['value']:.4f}  (target {m['target']}: {ok(m)})",
+        f"multisource_step_over_single_source_step = {m['value']:.4f}  (target {m['target']}: {status(m)})",
         f"    model A: single {a['single_step_seconds']['median'] * 1e3:.0f} ms, multi "
         f"{a['multi_step_seconds']['median'] * 1e3:.0f} ms, ratio of medians {m['ratio_of_medians']:.4f}, IQR of "
         f"paired ratios [{a['multi_over_single']['p25']:.4f}, {a['multi_over_single']['p75']:.4f}], noise floor "
@@ -331,24 +280,3 @@ def lines(results: dict) -> list[str]:
         f"model B "
         f"{m['model_B_same_K']:.4f}; frozen drift {a['frozen_drift'] + b['frozen_drift']}",
     ]
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
-    parser.add_argument("--out", type=Path, default=HERE / "swap_results.json", help="results JSON path")
-    args = parser.parse_args(argv)
-    results = run(args.quick)
-    results["quick"] = args.quick
-    results["command"] = " ".join(["python bench/swap_bench.py", *(argv if argv is not None else sys.argv[1:])])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(tmp, args.out)
-    print("\n".join(lines(results)))
-    print(f"wrote {args.out} ({results['wall_seconds']:.0f} s)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
