@@ -155,3 +155,43 @@ def test_pipeline_chains_base_language_sfts_task_sft_and_evaluation(cluster, tmp
     results = json.loads((stages["eval"].directory / "results.json").read_text())
     assert set(results["languages"]) == {"en", "de"}
     assert SparseFineTuning.from_pretrained(stages["task"].directory / "sft").metadata.languages == ["en", "de"]
+
+
+def test_preempted_job_is_requeued_resumes_mid_phase_2_and_trains_the_same_sft(cluster, tmp_path):
+    """slurm/preemptible.sbatch on 2 nodes, signalled (as SLURM's warning would) in phase 2: the ranks checkpoint
+    and exit 42, the job requeues itself, the restarted job resumes from that checkpoint and finishes. Its φ must
+    be bit-identical to that of the same job left uninterrupted (same tokenizer, world size and config)."""
+    config = write_tiny_run(tmp_path, steps=10)
+    shape = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1"]
+    long_phase2 = ["--set", "phase2.steps=400", "--set", "log_every=5"]
+    plain_log, log = tmp_path / "plain.out", tmp_path / "preempted.out"
+    plain = cluster.sbatch(REPO / "slurm" / "preemptible.sbatch", str(config), *long_phase2, "--set",
+                           f"output_dir={tmp_path}/plain", options=[*shape, f"--output={plain_log}"],
+                           env=job_env(cluster), cwd=REPO)
+    assert cluster.wait(plain, JOB_TIMEOUT_S) == {plain: "COMPLETED"}, read_log(plain_log)
+    job = cluster.sbatch(REPO / "slurm" / "preemptible.sbatch", str(config), *long_phase2, "--set",
+                         f"output_dir={tmp_path}/preempted", "--set", f"model.tokenizer={tmp_path}/plain/tokenizer",
+                         options=[*shape, f"--output={log}"], env=job_env(cluster), cwd=REPO)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while "ltsft step phase=phase2 step=50 " not in read_log(log):  # well inside phase 2
+        assert time.monotonic() < deadline and cluster.queue(job), read_log(log)
+        time.sleep(0.2)
+    assert cluster.run("scancel", "--batch", "--signal=USR1", job).returncode == 0
+    while "Restarts=1" not in cluster.run("scontrol", "show", "job", job).stdout:
+        assert time.monotonic() < deadline, read_log(log)
+        time.sleep(0.5)
+    # SLURM holds a requeued batch job back for about two minutes (BeginTime): let it start now.
+    assert cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now").returncode == 0
+    assert cluster.wait(job, JOB_TIMEOUT_S) == {job: "COMPLETED"}, read_log(log)
+    text = read_log(log)
+    assert "USR1 at" in text and "stopped on request: checkpointed to" in text and "restart 1" in text, text
+    resumed = re.search(r"resumed from \S+ \(round 1, phase2, step (\d+)\)", text)
+    assert resumed and 50 <= int(resumed.group(1)) < 400, text
+    assert text.count("SFT written") == 1
+    got, want = (SparseFineTuning.from_pretrained(tmp_path / d / "sft") for d in ("preempted", "plain"))
+    assert got.nnz == want.nnz > 0 and set(got.diffs) == set(want.diffs)
+    for name, (idx, values) in want.diffs.items():
+        assert torch.equal(got.diffs[name][0], idx) and torch.equal(got.diffs[name][1], values), name
+    assert set(got.heads) == set(want.heads)
+    for name, values in want.heads.items():
+        assert torch.equal(got.heads[name], values), name
