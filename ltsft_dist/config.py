@@ -233,19 +233,26 @@ def from_dict(cls, data: dict, where: str = "config", prefix: str = ""):
     return cls(**{k: _convert(v, hints[k], prefix + k, where) for k, v in data.items()})
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
-    """Load a YAML/JSON config; `overrides` are `key.path=value` strings (value parsed as YAML)."""
+def read_mapping(path: str | Path, what: str = "config file") -> dict:
+    """A YAML/JSON file holding a mapping; errors name the file, the line and what is wrong."""
     path = Path(path)
     if not path.is_file():
-        raise LtsftError(f"config file {path} not found")
+        raise LtsftError(f"{what} {path} not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
         raise LtsftError(f"{path}:{line} is not valid YAML/JSON: {getattr(err, 'problem', err)}") from None
     if not isinstance(data, dict):
         raise LtsftError(f"{path}: expected a mapping of keys at the top level")
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """Load a YAML/JSON config; `overrides` are `key.path=value` strings (value parsed as YAML)."""
+    path = Path(path)
+    data = read_mapping(path)
     for item in overrides:
         if "=" not in item:
             raise LtsftError(f"override {item!r}: expected key.path=value")

@@ -14,9 +14,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from ltsft_dist.config import SourceConfig, TrainConfig, from_dict, to_dict
+from ltsft_dist.config import SourceConfig, TrainConfig, from_dict, read_mapping, to_dict
 from ltsft_dist.errors import LtsftError
 
 DONE = "DONE"  # written last into a stage directory: the stage finished
@@ -70,12 +68,7 @@ class Stage:
 
 def load_pipeline(path: str | Path) -> PipelineConfig:
     path = Path(path)
-    if not path.is_file():
-        raise LtsftError(f"pipeline config {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise LtsftError(f"{path}: not valid YAML: {err}") from None
+    data = read_mapping(path, "pipeline config")
     config = from_dict(PipelineConfig, data, where=str(path))
     base_dir = path.resolve().parent
     for language, source in config.languages.items():

@@ -113,6 +113,7 @@ def nli_sft(base: Path, data: Path) -> SparseFineTuning:
     tiny BERT gives nearly the same logits to every pair, so it would predict one class for all of them."""
     from transformers import AutoTokenizer
 
+    torch.manual_seed(0)  # the fresh head's initialisation: the same whichever tests ran before
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=3).eval()
     sft = random_sft(model, "task", ["en"], 4, scale=0.2)
     sft.apply(model)

@@ -90,16 +90,9 @@ NUMBERS = ("max_seq_length", "stride", "max_query_length", "batch_size", "limit"
 
 def read_eval_config(path: str) -> dict:
     """An eval config file: the flags' values under their names."""
-    import yaml
+    from ltsft_dist.config import read_mapping
 
-    try:
-        config = yaml.safe_load(open(path, encoding="utf-8")) or {}
-    except OSError as err:
-        raise LtsftError(f"eval config {path}: cannot read it ({err.strerror}); check the path") from None
-    except yaml.YAMLError as err:
-        raise LtsftError(f"eval config {path}: not valid YAML/JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise LtsftError(f"eval config {path}: expected a mapping of option names to values")
+    config = read_mapping(path, "eval config")
     unknown = sorted(set(config) - set(CONFIG_KEYS))
     if unknown:
         raise LtsftError(f"eval config {path}: unknown key {unknown[0]!r}; the keys are {', '.join(CONFIG_KEYS)}")
