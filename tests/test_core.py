@@ -153,9 +153,12 @@ def test_bf16_keeps_frozen_positions_bit_identical(stage):
 def test_bitfit_trains_all_biases_and_nothing_else():
     got = variants()["bitfit-z2"]
     model = tiny_model("bitfit")
-    biases = {n: p.numel() for n, p in model.named_parameters() if n.endswith(".bias") and n.startswith("bert.")}
+    biases = {n: p.numel() for n, p in model.named_parameters()
+              if n.endswith(".bias") and n.startswith("bert.") and ".pooler." not in n}
     assert {n: len(i) for n, (i, _) in got["diffs"].items()} == biases
-    assert set(got["heads"]) == {"classifier.weight", "classifier.bias"}
+    # the pooler belongs to the dense task head (BERT's two-layer head on [CLS])
+    assert set(got["heads"]) == {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight",
+                                 "bert.pooler.dense.bias"}
     assert got["working_drift"] == 0
 
 
