@@ -62,14 +62,30 @@ def read_classification(path: str | Path) -> list[dict]:
 
 
 def train_wordpiece(lines: list[str], vocab_size: int):
-    """A small tokenizer trained locally, for tiny models built without the hub."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    """A small WordPiece tokenizer built locally, for tiny models without the hub: the special tokens, the most
+    frequent characters (alone and as ##continuations) and then the most frequent words. Built from counts with
+    a fixed tie-break, so the same text always gives the same tokenizer (the `tokenizers` trainer does not: its
+    hash maps are seeded per process, which made every run's token ids differ)."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(lines, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL))
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = Counter(word for line in lines
+                    for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line)))
+    chars = Counter()
+    for word, n in words.items():
+        for c in word:
+            chars[c] += n
+    by_count = lambda counts: sorted(counts, key=lambda t: (-counts[t], t))  # noqa: E731
+    room = max(0, vocab_size - len(SPECIAL))
+    kept_chars = by_count(chars)[:room // 2]
+    vocab = list(SPECIAL) + kept_chars + ["##" + c for c in kept_chars]
+    known = set(vocab)
+    vocab += [w for w in by_count(words) if w not in known and len(w) > 1][:max(0, vocab_size - len(vocab))]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",

@@ -228,5 +228,5 @@ def test_held_out_loss_does_not_depend_on_the_world_size():
         for batch, weight in batches:
             count = int((batch["labels"] != -100).sum()) * weight
             if count:
-                totals.append((float(model(**batch).loss) * count, count))
+                totals.append((model(**batch).loss.item() * count, count))
     assert sum(t for t, _ in totals) / sum(c for _, c in totals) == pytest.approx(single, rel=1e-6)
