@@ -18,7 +18,7 @@ def register(subparsers) -> None:
     p.add_argument("--output-dir", default="runs/demo", help="where the data, SFTs, results and logs go "
                                                                "(default: runs/demo)")
     p.add_argument("--ranks", type=int, default=2, help="local ranks per stage (default: 2)")
-    p.add_argument("--master-port", type=int, default=29517, help="rendezvous port for the local ranks")
+    p.add_argument("--master-port", type=int, help="rendezvous port for the local ranks (default: a free one)")
     p.add_argument("--dry-run", action="store_true", help="write the data and config, print the plan, run nothing")
     p.set_defaults(func=demo_command)
 

@@ -28,7 +28,8 @@ def register(subparsers) -> None:
                    help="run only this stage (base, lang:<xx>, task or eval), on the ranks of the current launcher "
                         "if there is one (what the slurm/ chain does)")
     p.add_argument("--ranks", type=int, help="local ranks per stage (default: the config's `ranks`)")
-    p.add_argument("--master-port", type=int, default=29517, help="rendezvous port of the local ranks")
+    p.add_argument("--master-port", type=int, help="rendezvous port of the local ranks (default: a free one, so "
+                                                    "two pipelines on one machine do not collide)")
     p.set_defaults(func=pipeline_command)
 
 
@@ -66,7 +67,7 @@ def under_launcher() -> bool:
     return any(k in os.environ for k in ("WORLD_SIZE", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK"))
 
 
-def run_stage(stage, config, by_name: dict, *, in_process: bool, master_port: int = 29517) -> int:
+def run_stage(stage, config, by_name: dict, *, in_process: bool, master_port: int | None = None) -> int:
     from ltsft_dist import pipeline as pl
 
     missing = [n for n in stage.needs if not by_name[n].done]
@@ -99,12 +100,14 @@ def run_stage(stage, config, by_name: dict, *, in_process: bool, master_port: in
     return status
 
 
-def local_launcher(ranks: int, master_port: int) -> list[str]:
+def local_launcher(ranks: int, master_port: int | None) -> list[str]:
     """The deepspeed launcher with `ranks` local processes running `ltsft_dist.cli`."""
+    from ltsft_dist.launch_env import free_port
+
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
     if launcher is None:
         raise LtsftError("the deepspeed launcher is not installed in this environment: pip install deepspeed")
-    return [launcher, "--num_gpus", str(ranks), "--master_port", str(master_port), "--no_local_rank",
+    return [launcher, "--num_gpus", str(ranks), "--master_port", str(master_port or free_port()), "--no_local_rank",
             "--module", "ltsft_dist.cli"]
 
 
