@@ -68,7 +68,8 @@ def resolve_format(source: SourceConfig, task: str) -> str:
     if suffix == ".jsonl":
         return "multinli_jsonl"
     if suffix == ".tsv":
-        header = Path(source.train_file).open(encoding="utf-8").readline().rstrip("\n").split("\t")
+        with Path(source.train_file).open(encoding="utf-8") as f:
+            header = f.readline().rstrip("\n").split("\t")
         return "americasnli_tsv" if "premise" in header else "xnli_tsv"
     raise LtsftError(f"{source.train_file}: cannot tell the NLI format from the extension {suffix!r}; set "
                      "format: xnli_tsv, americasnli_tsv or multinli_jsonl")
