@@ -76,6 +76,9 @@ def resolve_format(source: SourceConfig, task: str) -> str:
 
 
 def read_source(source: SourceConfig, task: str) -> Source:
+    if source.train_file and not Path(source.train_file).is_file():
+        raise LtsftError(f"{source.train_file}: training file not found (language {source.language!r}); fix the "
+                         "path in data.train_file or data.sources (relative paths are taken from the config's folder)")
     fmt = resolve_format(source, task)
     lang = source.language
     where = source.train_file or f"{source.hf_dataset} ({source.hf_config or 'default'}, {source.split})"

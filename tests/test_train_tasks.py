@@ -206,6 +206,11 @@ def test_task_config_errors_before_training(tmp_path):
     config["language_sfts"] = {}
     from ltsft_dist.training_data import read_sources as read
 
+    config["data"]["sources"][1]["train_file"] = str(tmp_path / "missing.tsv")
+    with pytest.raises(LtsftError, match=r"missing.tsv: training file not found \(language 'de'\)"):
+        read(load_config(write_config(tmp_path, config)))
+    config["data"]["sources"][1]["train_file"] = str(tsv)
+
     with pytest.raises(LtsftError, match=r"no labelled examples for language\(s\) \['de'\]; the file has \['en'\]"):
         read(load_config(write_config(tmp_path, config)))
 
