@@ -38,8 +38,8 @@ class ModelConfig:
     tokenizer: str | None = None  # tokenizer directory; defaults to name_or_path
 
 
-FORMATS = ("auto", "text", "jsonl", "squad", "xnli_tsv", "multinli_jsonl", "americasnli_tsv", "hf")
-TASKS = ("mlm", "classification", "nli", "qa")
+FORMATS = ("auto", "text", "jsonl", "squad", "xnli_tsv", "multinli_jsonl", "americasnli_tsv", "conll", "hf")
+TASKS = ("mlm", "classification", "nli", "qa", "ner", "pos")
 
 
 @dataclass
@@ -49,7 +49,7 @@ class SourceConfig:
     language: str = ""
     train_file: str | None = None
     format: str = "auto"  # auto (by task and extension) | text | jsonl | squad | xnli_tsv | multinli_jsonl |
-    #                       americasnli_tsv | hf
+    #                       americasnli_tsv | conll (ner/pos: CoNLL-U or word ... tag columns) | hf
     hf_dataset: str | None = None  # e.g. facebook/xnli, squad, wikitext
     hf_config: str | None = None  # e.g. the language's config name
     split: str = "train"
@@ -67,7 +67,7 @@ class DataConfig:
     packed: bool = False  # mlm: concatenate lines and cut into max_seq_length blocks (else one line per row)
     doc_stride: int = 32  # qa: context tokens shared by consecutive windows of a long context
     max_query_length: int = 24  # qa: question tokens kept
-    labels: list[str] | None = None  # classification label names, in id order; default: sorted labels seen
+    labels: list[str] | None = None  # classification/ner/pos label names, in id order; default: sorted labels seen
     eval_fraction: float = 0.0  # held out from training for the eval loss (the paper: 5% for language SFTs)
     eval_every: int = 0  # phase-2 steps between evaluations; the best φ by eval loss is kept (0: phase end only)
 
@@ -75,7 +75,8 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     kind: str = "language"  # language | task | bitfit
-    task: str | None = None  # mlm | classification | nli | qa (default: mlm for language SFTs, else classification)
+    task: str | None = None  # mlm | classification | nli | qa | ner | pos (default: mlm for language SFTs, else
+    #                          classification)
     languages: list[str] = field(default_factory=list)  # language code(s), recorded in the SFT
     output_dir: str = "runs/ltsft"
     model: ModelConfig = field(default_factory=ModelConfig)

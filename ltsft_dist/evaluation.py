@@ -16,17 +16,18 @@ import torch
 
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.sft import SparseFineTuning, base_fingerprint, write_atomically
-from ltsft_dist.tasks import nli, qa
-from ltsft_dist.tasks.metrics import MLQA_LANGUAGES, accuracy, qa_scores
+from ltsft_dist.tasks import nli, qa, tokens
+from ltsft_dist.tasks.metrics import MLQA_LANGUAGES, accuracy, entity_f1, qa_scores, token_accuracy
 
 log = logging.getLogger(__name__)
 
-TASKS = ("qa", "nli")
-FORMATS = ("squad", "xnli-tsv", "americasnli-tsv", "multinli-jsonl")
+TASKS = ("qa", "nli", "ner", "pos")
+TOKEN_TASKS = ("ner", "pos")
+FORMATS = ("squad", "xnli-tsv", "americasnli-tsv", "multinli-jsonl", "conll")
 QA_METRICS = ("squad", "mlqa")
 COMPOSED, TASK_ONLY = "task+lang", "task-only"
 SETTING_TITLES = {COMPOSED: "task+lang", TASK_ONLY: "TA-only"}
-METRICS = {"qa": ("exact_match", "f1"), "nli": ("accuracy",)}
+METRICS = {"qa": ("exact_match", "f1"), "nli": ("accuracy",), "ner": ("f1",), "pos": ("accuracy",)}
 METRIC_TITLES = {"exact_match": "EM", "f1": "F1", "accuracy": "acc"}
 
 
@@ -61,8 +62,13 @@ def head_names(model: torch.nn.Module) -> set[str]:
 
 
 def infer_task(sft: SparseFineTuning, base_dir) -> str:
-    """The task whose head (built on the meta device, so nothing is allocated) has exactly the SFT's head names."""
+    """The task the SFT was trained for (recorded in its training config), else the task whose head (built on the
+    meta device, so nothing is allocated) has exactly the SFT's head names."""
     from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+    recorded = sft.metadata.training_config.get("task")
+    if recorded in TASKS:
+        return recorded
 
     config = AutoConfig.from_pretrained(base_dir)
     autos = {"qa": AutoModelForQuestionAnswering, "nli": AutoModelForSequenceClassification}
@@ -101,6 +107,10 @@ def read_eval_data(task: str, language: str, path, data_format: str | None = Non
         if data_format not in (None, "squad"):
             raise LtsftError(f"--format {data_format} is an NLI format; QA data is SQuAD-format JSON (--format squad)")
         examples = qa.read_squad_json(path, language)
+    elif task in TOKEN_TASKS:
+        if data_format not in (None, "conll"):
+            raise LtsftError(f"--format {data_format}: {task} data is CoNLL (CoNLL-U or word ... tag columns)")
+        examples = tokens.read_conll(path, language)
     else:
         data_format = data_format or _nli_format(path)
         readers = {"xnli-tsv": lambda: nli.read_xnli_tsv(path, [language]),
@@ -159,8 +169,9 @@ class _Encoded:
 
     examples: list
     inputs: dict[str, torch.Tensor]
-    features: qa.QAFeatures | None = None  # QA
-    labels: torch.Tensor | None = None  # NLI
+    features: qa.QAFeatures | tokens.TokenFeatures | None = None  # QA, NER/POS
+    labels: torch.Tensor | list[str] | None = None  # NLI: label ids; NER/POS: the label names
+    task: str = ""
 
     @property
     def rows(self) -> int:  # model inputs: QA windows or NLI pairs
@@ -169,13 +180,24 @@ class _Encoded:
     def score(self, outputs: list[torch.Tensor], language: str, qa_metric: str) -> dict:
         if self.features is None:
             return {"accuracy": 100.0 * accuracy(outputs[0], self.labels), "examples": len(self.examples)}
+        if isinstance(self.features, tokens.TokenFeatures):
+            predicted = tokens.predicted_tags(self.features, outputs[0], self.labels)
+            gold = [s.tags for s in self.examples]
+            scores = entity_f1(gold, predicted) if self.task == "ner" else {"accuracy": token_accuracy(gold,
+                                                                                                       predicted)}
+            return {**scores, "examples": len(self.examples),
+                    "words_lost_to_truncation": self.features.truncated_words}
         predictions = qa.predict_answers(self.features, self.examples, *outputs)
         scores = qa_scores(qa.gold_answers(self.examples), predictions, language if qa_metric == "mlqa" else None)
         return {"exact_match": scores["exact_match"], "f1": scores["f1"], "examples": scores["total"],
                 "lost_to_truncation": len(self.features.report.lost)}
 
 
-def _encode(task: str, tokenizer, examples: list, options: EvalOptions) -> _Encoded:
+def _encode(task: str, tokenizer, examples: list, options: EvalOptions, labels: list[str] | None) -> _Encoded:
+    if task in TOKEN_TASKS:
+        features = tokens.encode_tokens(tokenizer, examples, options.max_seq_length, labels)
+        return _Encoded(examples, _model_inputs(tokenizer, features.examples.tensors), features=features,
+                        labels=labels, task=task)
     if task == "qa":
         features = qa.encode_qa(tokenizer, examples, options.max_seq_length, options.stride, options.max_query_length)
         tensors = features.examples.tensors
@@ -207,6 +229,7 @@ class _Inputs:
     task_sft: SparseFineTuning
     lang_sfts: dict[str, SparseFineTuning]
     examples: dict[str, list]
+    labels: list[str] | None = None  # NER/POS: the tag names, in the head's output order
 
 
 def _load_inputs(base_dir, task_sft: str, data: dict[str, str], lang_sfts: dict[str, str], task: str | None,
@@ -236,9 +259,15 @@ def _load_inputs(base_dir, task_sft: str, data: dict[str, str], lang_sfts: dict[
         if languages[lang].metadata.languages and lang not in languages[lang].metadata.languages:
             raise LtsftError(f"--lang-sft {lang}={path}: that SFT is for {languages[lang].metadata.languages}, "
                              f"not {lang}; check the language code")
+    labels = None
+    if task in TOKEN_TASKS:
+        labels = (sft.metadata.training_config.get("data") or {}).get("labels")
+        if not labels:
+            raise LtsftError(f"--task-sft {task_sft}: no tag names in its training config (data.labels); retrain it "
+                             "with this version of ltsft, which records them")
     examples = {lang: read_eval_data(task, lang, path, options.data_format, options.limit)
                 for lang, path in data.items()}
-    return _Inputs(task, sft, languages, examples)
+    return _Inputs(task, sft, languages, examples, labels)
 
 
 def _load_model(base_dir, inputs: _Inputs, task_sft: str, lang_sfts: dict[str, str]):
@@ -252,7 +281,7 @@ def _load_model(base_dir, inputs: _Inputs, task_sft: str, lang_sfts: dict[str, s
     except (OSError, ValueError) as err:
         raise LtsftError(f"--base {base_dir}: no usable tokenizer there ({err}); save the base's tokenizer "
                          "into it (tokenizer.save_pretrained)") from None
-    model = load_task_model(base_dir, inputs.task)
+    model = load_task_model(base_dir, inputs.task, len(inputs.labels) if inputs.labels else None)
     require_same_base(inputs.task_sft, model, f"--task-sft {task_sft}", base_dir)
     for lang, lang_sft in inputs.lang_sfts.items():
         require_same_base(lang_sft, model, f"--lang-sft {lang}={lang_sfts[lang]}", base_dir)
@@ -274,7 +303,8 @@ def evaluate(base_dir, task_sft: str, data: dict[str, str], lang_sfts: dict[str,
     options, lang_sfts = options or EvalOptions(), lang_sfts or {}
     inputs = _load_inputs(base_dir, task_sft, data, lang_sfts, task, options)
     model, tokenizer = _load_model(base_dir, inputs, task_sft, lang_sfts)
-    encoded = {lang: _encode(inputs.task, tokenizer, exs, options) for lang, exs in inputs.examples.items()}
+    encoded = {lang: _encode(inputs.task, tokenizer, exs, options, inputs.labels)
+               for lang, exs in inputs.examples.items()}
 
     runs = [(lang, TASK_ONLY) for lang in encoded] + [(lang, COMPOSED) for lang in inputs.lang_sfts]
     runner = _Runner(model, options.batch_size)
@@ -306,7 +336,7 @@ def evaluate(base_dir, task_sft: str, data: dict[str, str], lang_sfts: dict[str,
         return None
     return {
         "task": inputs.task,
-        "metric": options.qa_metric if inputs.task == "qa" else "accuracy",
+        "metric": {"qa": options.qa_metric, "ner": "entity f1"}.get(inputs.task, "accuracy"),
         "base": str(base_dir),
         "task_sft": str(task_sft),
         "lang_sfts": dict(lang_sfts),

@@ -13,7 +13,7 @@ from ltsft_dist.errors import LtsftError
 from ltsft_dist.evaluation import head_names, load_sft_flag, require_same_base
 from ltsft_dist.sft import compose
 
-EXPORT_TASKS = ("qa", "nli", "mlm")
+EXPORT_TASKS = ("qa", "nli", "ner", "pos", "mlm")
 PROVENANCE = "ltsft_export.json"
 
 
@@ -35,7 +35,16 @@ def export_merged(base_dir, sft_locations: list[str], task: str, out, overwrite:
     if not (Path(base_dir) / "config.json").is_file():
         raise LtsftError(f"--base {base_dir}: no config.json there; pass a directory written by save_pretrained")
     sfts = [load_sft_flag(location, "--sft") for location in sft_locations]
-    model = load_task_model(base_dir, task)
+    labels = None
+    if task in ("ner", "pos"):  # the tag names, recorded in the task SFT's training config
+        labels = next((s.metadata.training_config.get("data", {}).get("labels") for s in sfts
+                       if s.metadata.kind == "task"), None)
+        if not labels:
+            raise LtsftError(f"--task {task}: no --sft is a task SFT recording its tag names (data.labels)")
+    model = load_task_model(base_dir, task, len(labels) if labels else None)
+    if labels:
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {name: i for i, name in enumerate(labels)}
     for location, sft in zip(sft_locations, sfts):
         require_same_base(sft, model, f"--sft {location}", base_dir)
     composed, overlap = compose(*sfts)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import torch
 from transformers import (AutoModelForMaskedLM, AutoModelForQuestionAnswering, AutoModelForSequenceClassification,
-                          BertConfig, XLMRobertaConfig)
+                          AutoModelForTokenClassification, BertConfig, XLMRobertaConfig)
 
 from ltsft_dist.config import ModelConfig
 from ltsft_dist.errors import LtsftError
 
 TINY_CONFIGS = {"bert": BertConfig, "xlm-roberta": XLMRobertaConfig}
 AUTO_CLASSES = {"mlm": AutoModelForMaskedLM, "classification": AutoModelForSequenceClassification,
-                "nli": AutoModelForSequenceClassification, "qa": AutoModelForQuestionAnswering}
+                "nli": AutoModelForSequenceClassification, "qa": AutoModelForQuestionAnswering,
+                "ner": AutoModelForTokenClassification, "pos": AutoModelForTokenClassification}
 
 
 def build_model(cfg: ModelConfig, task: str, num_labels: int | None = None, vocab_size: int | None = None,
@@ -75,13 +76,13 @@ def save_tiny_base(directory, cfg: ModelConfig, texts: list[str], seed: int = 0)
     tmp.replace(directory)
 
 
-def load_task_model(base_dir: str, task: str) -> torch.nn.Module:
-    """The base model (a `save_pretrained` directory) with the head of `task` (qa | nli | mlm) on it, for
+def load_task_model(base_dir: str, task: str, num_labels: int | None = None) -> torch.nn.Module:
+    """The base model (a `save_pretrained` directory) with the head of `task` (qa | nli | ner | pos | mlm) on it, for
     evaluation and export. Weights the checkpoint lacks (a fresh task head) are initialised under a fixed seed
     without touching the caller's random state; an SFT's dense heads then overwrite them."""
     from ltsft_dist.tasks.nli import LABELS
 
     with torch.random.fork_rng(devices=[]):
         model = build_model(ModelConfig(name_or_path=base_dir), task,
-                            num_labels=len(LABELS) if task == "nli" else None, seed=0)
+                            num_labels=len(LABELS) if task == "nli" else num_labels, seed=0)
     return model.eval()

@@ -16,7 +16,7 @@ import torch
 from ltsft_dist.config import SourceConfig, TrainConfig
 from ltsft_dist.data import Examples, read_classification
 from ltsft_dist.errors import LtsftError
-from ltsft_dist.tasks import mlm, nli, qa
+from ltsft_dist.tasks import mlm, nli, qa, tokens
 from ltsft_dist.tasks._io import load_hf_dataset
 
 
@@ -35,6 +35,8 @@ class Source:
             return self.records
         if isinstance(first, nli.NLIRecord):
             return [t for r in self.records for t in (r.premise, r.hypothesis)]
+        if isinstance(first, tokens.TaggedSentence):
+            return [" ".join(r.words) for r in self.records]
         if isinstance(first, qa.QAExample):
             contexts = list(dict.fromkeys(r.context for r in self.records))
             return contexts + [r.question for r in self.records]
@@ -65,6 +67,8 @@ def resolve_format(source: SourceConfig, task: str) -> str:
         return "jsonl"
     if task == "qa":
         return "squad"
+    if task in ("ner", "pos"):
+        return "conll"
     if suffix == ".jsonl":
         return "multinli_jsonl"
     if suffix == ".tsv":
@@ -95,6 +99,9 @@ def read_source(source: SourceConfig, task: str) -> Source:
             load_hf_dataset(source.hf_dataset, source.hf_config, source.split)[0], lang, where), lang, where),
         ("qa", "squad"): lambda: qa.read_squad_json(source.train_file, lang or None),
         ("qa", "hf"): lambda: qa.load_squad_hf(source.hf_dataset, lang, source.hf_config, source.split),
+        **{(t, "conll"): lambda: tokens.read_conll(source.train_file, lang) for t in ("ner", "pos")},
+        **{(t, "hf"): lambda: tokens.load_hf_sentences(source.hf_dataset, lang, source.hf_config, source.split)
+           for t in ("ner", "pos")},
     }
     reader = readers.get((task, fmt))
     if reader is None:
@@ -126,6 +133,8 @@ def encode_sources(config: TrainConfig, tokenizer, sources: list[Source]) -> Tra
         out.labels = data.labels or sorted({str(r["label"]) for s in sources for r in s.records})
     elif config.task == "nli":
         out.labels = list(nli.LABELS)
+    elif config.task in ("ner", "pos"):
+        out.labels = data.labels or sorted({t for s in sources for r in s.records for t in r.tags})
     for source in sources:
         lang = source.language
         if config.task == "mlm":
@@ -166,6 +175,8 @@ def _encode(config: TrainConfig, tokenizer, records: list, labels: list[str] | N
         return qa.encode_qa(tokenizer, records, data.max_seq_length, data.doc_stride, data.max_query_length)
     if config.task == "nli":
         return nli.encode_nli(tokenizer, records, data.max_seq_length)
+    if config.task in ("ner", "pos"):
+        return tokens.encode_tokens(tokenizer, records, data.max_seq_length, labels).examples
     index = {name: i for i, name in enumerate(labels)}
     for r in records:
         if str(r["label"]) not in index:

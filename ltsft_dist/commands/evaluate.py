@@ -26,12 +26,14 @@ def register(subparsers) -> None:
     ev.add_argument("--base", metavar="DIR", help="base model directory written by save_pretrained, with its "
                                                    "tokenizer (required)")
     ev.add_argument("--task-sft", metavar="DIR", help="the task SFT, with its dense task head (required)")
-    ev.add_argument("--task", choices=TASKS, help="qa or nli (default: told by the task SFT's head parameters)")
+    ev.add_argument("--task", choices=TASKS, help="qa, nli, ner or pos (default: the task the SFT was trained for, "
+                                                  "else told by its head parameters)")
     ev.add_argument("--lang-sft", action="append", default=[], metavar="LANG=DIR",
                     help="language SFT of target language LANG (repeatable); its MLM head is not used")
     ev.add_argument("--data", action="append", default=[], metavar="LANG=PATH",
                     help="evaluation file of target language LANG (repeatable, at least one). QA: SQuAD-format "
-                         "JSON (e.g. xquad.de.json); NLI: XNLI TSV, AmericasNLI TSV or MultiNLI-style JSONL")
+                         "JSON (e.g. xquad.de.json); NLI: XNLI TSV, AmericasNLI TSV or MultiNLI-style JSONL; NER/POS: "
+                         "CoNLL (CoNLL-U, or word ... tag columns as CoNLL-2003/WikiANN)")
     ev.add_argument("--format", dest="format", choices=FORMATS,
                     help="reader for every --data file (default: from the extension, and the header for TSV)")
     ev.add_argument("--max-seq-length", type=int, metavar="N",

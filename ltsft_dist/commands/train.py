@@ -64,6 +64,7 @@ def run_training(config, base_dir: Path | None = None) -> int:
     dist.barrier()
     tokenizer = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
     data = encode_sources(config, tokenizer, sources)
+    config.data.labels = data.labels  # recorded in the SFT: evaluation maps the head's outputs back to names
     if rank == 0:
         for language, report in data.report.items():
             print(f"data [{language}]: " + ", ".join(f"{k}={v}" for k, v in report.items()), flush=True)

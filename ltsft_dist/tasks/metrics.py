@@ -110,3 +110,37 @@ def accuracy(predictions, labels) -> float:
         raise LtsftError(f"accuracy: {tuple(predictions.shape)} predictions for {tuple(labels.shape)} labels; "
                          "pass one prediction per labelled example")
     return (predictions == labels).float().mean().item()
+
+
+def token_accuracy(gold: list[list[str]], predicted: list[list[str]]) -> float:
+    """Per-word accuracy (POS), over the words that have a prediction."""
+    pairs = [(g, p) for gs, ps in zip(gold, predicted) for g, p in zip(gs, ps)]
+    return 100.0 * sum(g == p for g, p in pairs) / max(1, len(pairs))
+
+
+def _chunks(tags: list[str]) -> set[tuple[str, int, int]]:
+    """(type, start, end) entities of a BIO / IOB1 / IO tag sequence, as conlleval reads them: an entity begins at
+    B-X, or at I-X after O or after another type, and ends where the next one begins or at O."""
+    chunks, kind, start = set(), None, 0
+    for i, tag in enumerate([*tags, "O"]):
+        prefix, _, entity = tag.partition("-") if "-" in tag else (("O", "", None) if tag == "O" else ("I", "", tag))
+        if kind is not None and (prefix in ("O", "B") or entity != kind):
+            chunks.add((kind, start, i))
+            kind = None
+        if prefix != "O" and kind is None:
+            kind, start = entity, i
+    return chunks
+
+
+def entity_f1(gold: list[list[str]], predicted: list[list[str]]) -> dict[str, float]:
+    """Micro-averaged entity precision, recall and F1 (×100) over exact (type, span) matches, as conlleval."""
+    correct = found = expected = 0
+    for g, p in zip(gold, predicted):
+        gold_chunks, predicted_chunks = _chunks(g[:len(p)]), _chunks(p)
+        correct += len(gold_chunks & predicted_chunks)
+        found += len(predicted_chunks)
+        expected += len(gold_chunks)
+    precision = 100.0 * correct / found if found else 0.0
+    recall = 100.0 * correct / expected if expected else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1}
