@@ -151,3 +151,15 @@ def test_ner_task_sft_trains_and_evaluates_end_to_end(tmp_path):
     expected = entity_f1([s.tags for s in data], predicted_tags(features, logits, ["B-PER", "O"]))
     assert got["f1"] == pytest.approx(expected["f1"]) and got["examples"] == 40
     assert got["words_lost_to_truncation"] == features.truncated_words
+    # exported, it is a plain transformers token classifier with the tag names and the same logits
+    from transformers import AutoModelForTokenClassification
+
+    result = subprocess.run([sys.executable, "-m", "ltsft_dist.cli", "export", "--base", str(tmp_path / "base"),
+                             "--sft", str(tmp_path / "out" / "sft"), "--task", "ner", "-o", str(tmp_path / "merged")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    merged = AutoModelForTokenClassification.from_pretrained(str(tmp_path / "merged")).eval()
+    assert merged.config.id2label == {0: "B-PER", 1: "O"}
+    with torch.no_grad():
+        again = merged(**{k: v for k, v in features.examples.tensors.items() if k != "labels"}).logits
+    assert torch.equal(again, logits)
