@@ -31,13 +31,11 @@ import pytest
 import torch
 
 from distributed import run_ranks
-from oracle import _optimizer
+from oracle import oracle_ltsft
 from scenarios import classification_examples, ds_config_for, task_config, tiny_model, working_weight_drift
-from ltsft_dist import eligibility as elig
 from ltsft_dist.config import PhaseConfig
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.multisource import MultiSourceOrder, build_multisource
-from ltsft_dist.recipe import linear_lr
 from ltsft_dist.sft import SFTMetadata, SparseFineTuning, base_fingerprint
 from ltsft_dist.swap import LanguageSwap
 
@@ -92,59 +90,11 @@ def multisource_config(stage_file: str, **overrides):
 # ---------------------------------------------------------------------- the naive reference
 
 
-def _reference_train(model, order, sfts, config, phase, theta0, sparse_names, mask=None):
-    params = dict(model.named_parameters())
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = _optimizer(model, config)
-    for step in range(phase.steps):
-        for group in opt.param_groups:
-            group["lr"] = linear_lr(step, phase)
-        sft = sfts[order.language_at(step)] if sfts else None
-        if sft is not None:
-            sft.apply(model, skip_missing_heads=True)
-        loss = model(**order.batch_at(step, 0)).loss
-        opt.zero_grad()
-        loss.backward()
-        if sft is not None:
-            sft.revert(model)
-        if mask is not None:
-            for n in sparse_names:
-                params[n].grad *= mask[n]
-        if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-        opt.step()
-        if mask is not None:
-            with torch.no_grad():
-                for n in sparse_names:
-                    params[n].copy_(torch.where(mask[n], params[n], theta0[n]))
-
-
 def reference_ltsft(config, sfts: dict | None):
-    """Single-process LT-SFT, every step on one language with its SFT applied/reverted around forward/backward.
-    Returns (mask, phi, heads) as tests/oracle.py."""
-    model = tiny_model("task")
-    roles = elig.resolve(model, config.kind, config.eligibility)
-    elig.apply_roles(model, roles)
-    sparse_names = roles.names("sparse")
-    params = dict(model.named_parameters())
-    theta0 = {n: p.detach().clone() for n, p in params.items()}
+    """Single-process LT-SFT (the oracle), every step on one language with its SFT applied/reverted around
+    forward/backward. Returns (mask, phi, heads) as tests/oracle.py."""
     order = MultiSourceOrder(sources(), config.batch_size, config.batch_size, 0, 1, config.seed)
-    k = config.k_for(sum(params[n].numel() for n in sparse_names))
-    _reference_train(model, order, sfts, config, config.phase1, theta0, sparse_names)
-    flat = torch.cat([(params[n].detach() - theta0[n]).abs().reshape(-1) for n in sparse_names])
-    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
-    chosen[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
-    mask, offset = {}, 0
-    for n in sparse_names:
-        mask[n] = chosen[offset:offset + params[n].numel()].view(params[n].shape)
-        offset += params[n].numel()
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(theta0[n])
-    _reference_train(model, order, sfts, config, config.phase2, theta0, sparse_names, mask)
-    phi = {n: (params[n].detach() - theta0[n]) * mask[n] for n in sparse_names}
-    heads = {n: params[n].detach().clone() for n in roles.names("head")}
-    return mask, phi, heads
+    return oracle_ltsft(tiny_model("task"), None, config, order=order, sfts=sfts)
 
 
 # ---------------------------------------------------------------------- exactness checks inside the run
