@@ -109,9 +109,11 @@ def ds_config(stage: int, micro_batch_size: int, world_size: int, max_grad_norm:
                           accumulation=1, world_size=world_size, max_grad_norm=max_grad_norm)
 
 
-def phase2_engine(model, eligibility, micro_batch_size: int, world_size: int, density: float = 0.05, stage: int = 2):
+def phase2_engine(model, eligibility, micro_batch_size: int, world_size: int, density: float = 0.05, stage: int = 2,
+                  attach: bool = True):
     """A DeepSpeed engine set up for phase 2 as the recipe does: θ⁰ snapshot, a K = density mask from the library's
-    own selection (on seeded random scores), `GradientMask` attached. Returns (engine, shards, mask, K)."""
+    own selection (on seeded random scores), `GradientMask` attached (unless `attach=False`, e.g. to instrument
+    its projection first). Returns (engine, shards, mask, K)."""
     from ltsft_dist.engine import build_engine
     from ltsft_dist.masking import GradientMask
     from ltsft_dist.shards import Shards
@@ -125,7 +127,8 @@ def phase2_engine(model, eligibility, micro_batch_size: int, world_size: int, de
     selected = select_topk(random_scores([f.key for f in sparse], [f.numel for f in sparse], seed=0),
                            [f.key for f in sparse], k, shards.all_reduce, shards.all_gather_object).masks
     mask = GradientMask(shards, Snapshot(shards), sparse, selected)
-    mask.attach()
+    if attach:
+        mask.attach()
     return engine, shards, mask, k
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import time
 
-from _common import build_bert, ds_config, status, summary
+from _common import build_bert, ds_config, phase2_engine, status, summary
 
 KINDS = ("dense", "masked", "masked", "dense")  # build order
 
@@ -32,31 +32,20 @@ def worker(stage: int, micro_batch_size: int, seq_len: int, warmup: int, iterati
     import torch.distributed as dist
 
     from ltsft_dist.engine import build_engine
-    from ltsft_dist.masking import GradientMask
-    from ltsft_dist.shards import Shards
-    from ltsft_dist.snapshot import Snapshot
-    from ltsft_dist.topk import random_scores, select_topk
 
     rank, world = dist.get_rank(), dist.get_world_size()
     engines, masks, untimed_project = [], [], []
     project_seconds: list[float] = []
     for kind in kinds:
         model, eligibility = build_bert(seed=0)
-        engine = build_engine(model, ds_config(stage, micro_batch_size, world), lr=1e-4, weight_decay=0.01)
-        engines.append(engine)
         if kind == "dense":
+            engines.append(build_engine(model, ds_config(stage, micro_batch_size, world), lr=1e-4, weight_decay=0.01))
             masks.append(None)
             untimed_project.append(None)
             continue
-        shards = Shards(engine, model)
-        snapshot = Snapshot(shards)
-        sparse = [f for f in shards.fragments if eligibility.roles[f.name] == "sparse"]
+        engine, _, mask, k = phase2_engine(model, eligibility, micro_batch_size, world, density, stage, attach=False)
+        engines.append(engine)
         n_eligible = eligibility.count(model, "sparse")
-        k = round(density * n_eligible)
-        scores = random_scores([f.key for f in sparse], [f.numel for f in sparse], seed=0)
-        selected = select_topk(scores, [f.key for f in sparse], k, shards.all_reduce,
-                               shards.all_gather_object).masks
-        mask = GradientMask(shards, snapshot, sparse, selected)
         inner = mask.project
 
         def timed_project(segment_indices, inner=inner):  # instrumentation: the post-step hook's own time

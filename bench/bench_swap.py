@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 import time
 
-from _common import BERT, build_bert, ds_config, language_body, random_language_sfts, status, summary
+from _common import BERT, build_bert, language_body, phase2_engine, random_language_sfts, status, summary
 
 MODELS = {"A": dict(BERT), "B": dict(BERT, hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
                                      intermediate_size=1536)}
@@ -55,13 +55,8 @@ def _measure_model(config: dict, k_languages: list[int], micro: int, seq_len: in
     import torch.distributed as dist
 
     from ltsft_dist.data import StepOrder
-    from ltsft_dist.engine import build_engine
-    from ltsft_dist.masking import GradientMask
     from ltsft_dist.multisource import MultiSourceOrder
-    from ltsft_dist.shards import Shards
-    from ltsft_dist.snapshot import Snapshot
     from ltsft_dist.swap import LanguageSwap
-    from ltsft_dist.topk import random_scores, select_topk
 
     rank, world = dist.get_rank(), dist.get_world_size()
     model, eligibility = build_bert(config=config)
@@ -72,17 +67,8 @@ def _measure_model(config: dict, k_languages: list[int], micro: int, seq_len: in
                for i, lang in enumerate(LANGUAGES)}
     multi = MultiSourceOrder(sources, micro * world, micro, rank, world, seed=0)
     swaps = {k: LanguageSwap(model, sfts, multi) for k, sfts in sft_sets.items()}  # before the engine: checked
-    engine = build_engine(model, ds_config(2, micro, world), lr=1e-4, weight_decay=0.01)
-    shards = Shards(engine, model)
-    snapshot = Snapshot(shards)
-    sparse = [f for f in shards.fragments if eligibility.roles[f.name] == "sparse"]
+    engine, shards, mask, k_task = phase2_engine(model, eligibility, micro, world, task_density)
     n_eligible = eligibility.count(model, "sparse")
-    k_task = round(task_density * n_eligible)
-    scores = random_scores([f.key for f in sparse], [f.numel for f in sparse], seed=0)
-    mask = GradientMask(shards, snapshot, sparse,
-                        select_topk(scores, [f.key for f in sparse], k_task, shards.all_reduce,
-                                    shards.all_gather_object).masks)
-    mask.attach()
     single = StepOrder(sources["en"], micro * world, micro, rank, world, seed=0)
 
     def step(order, hooks, i):
@@ -136,7 +122,7 @@ def _measure_model(config: dict, k_languages: list[int], micro: int, seq_len: in
         standalone[str(k)] = summary(times)
     out["standalone"] = standalone
     mask.detach()
-    drift = sum(int(((m != t) & f).sum()) for m, t, f in zip(shards.segments, snapshot.segments, mask.frozen))
+    drift = sum(int(((m != t) & f).sum()) for m, t, f in zip(shards.segments, mask.snapshot.segments, mask.frozen))
     out["frozen_drift"] = drift
     return out
 
