@@ -235,3 +235,27 @@ def test_held_out_loss_does_not_depend_on_the_world_size():
             if count:
                 totals.append((model(**batch).loss.item() * count, count))
     assert sum(t for t, _ in totals) / sum(c for _, c in totals) == pytest.approx(single, rel=1e-6)
+
+
+def test_relative_paths_are_taken_from_the_config_folder(tmp_path, monkeypatch):
+    import argparse
+
+    from ltsft_dist.commands import train as train_module
+
+    folder = tmp_path / "configs"
+    (folder / "lang_de").mkdir(parents=True)
+    for name in ("en.txt", "de.tsv"):
+        (folder / name).write_text("x\n")
+    seen = []
+    monkeypatch.setattr(train_module, "run_training", lambda config, base_dir: seen.append(config) or 0)
+    single = {"kind": "language", "model": {"tiny": TINY}, "density": 0.1, "data": {"train_file": "en.txt"}}
+    multi = base_config(tmp_path / "o", task="nli", model={"tiny": TINY}, language_sfts={"de": "lang_de"},
+                        data={"sources": [{"language": "de", "train_file": "de.tsv"},
+                                          {"language": "en", "train_file": "elsewhere.tsv"}]})
+    monkeypatch.chdir(tmp_path)  # not the config's folder
+    for config in (single, multi):
+        (folder / "run.yaml").write_text(yaml.safe_dump(config))
+        train_module.train_command(argparse.Namespace(config=str(folder / "run.yaml"), overrides=[]))
+    assert seen[0].data.train_file == str(folder / "en.txt")
+    assert [s.train_file for s in seen[1].data.sources] == [str(folder / "de.tsv"), "elsewhere.tsv"]  # kept as given
+    assert seen[1].language_sfts == {"de": str(folder / "lang_de")}

@@ -28,14 +28,15 @@ def train_command(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)  # validate before any process group or model exists
     base_dir = Path(args.config).resolve().parent
-    for source in config.sources():  # paths relative to the config file, where they exist there
-        if source.train_file and not Path(source.train_file).is_absolute() and (base_dir / source.train_file).is_file():
-            source.train_file = str(base_dir / source.train_file)
-    if not config.data.sources and config.data.train_file:
-        config.data.train_file = config.sources()[0].train_file
-    for language, path in config.language_sfts.items():
-        if not Path(path).is_absolute() and (base_dir / path).exists():
-            config.language_sfts[language] = str(base_dir / path)
+
+    def beside_config(path: str | None) -> str | None:
+        """A relative path is taken from the config's folder, where it exists there."""
+        return str(base_dir / path) if path and not Path(path).is_absolute() and (base_dir / path).exists() else path
+
+    config.data.train_file = beside_config(config.data.train_file) or ""
+    for source in config.data.sources:
+        source.train_file = beside_config(source.train_file)
+    config.language_sfts = {language: beside_config(path) for language, path in config.language_sfts.items()}
     return run_training(config, base_dir)
 
 
