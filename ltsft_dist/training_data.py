@@ -150,15 +150,10 @@ def encode_sources(config: TrainConfig, tokenizer, sources: list[Source]) -> Tra
                                     "empty": encoded.empty}
             continue
         train, held = _split(source.records, data.eval_fraction, config.seed)
-        out.train[lang] = _encode(config, tokenizer, train, out.labels, source.where)
-        out.report[lang] = {"train_records": len(train), "held_out_records": len(held)}
+        out.train[lang], losses = _encode(config, tokenizer, train, out.labels, source.where)
+        out.report[lang] = {"train_records": len(train), "held_out_records": len(held), **losses}
         if held:
-            out.held_out[lang] = _encode(config, tokenizer, held, out.labels, source.where)
-        if config.task == "qa":
-            out.report[lang]["windows"] = str(out.train[lang].report)
-            out.train[lang] = out.train[lang].examples
-            if held:
-                out.held_out[lang] = out.held_out[lang].examples
+            out.held_out[lang], _ = _encode(config, tokenizer, held, out.labels, source.where)
     return out
 
 
@@ -169,14 +164,18 @@ def _split(records: list, fraction: float, seed: int) -> tuple[list, list]:
     return mlm.split_held_out(records, fraction, seed)
 
 
-def _encode(config: TrainConfig, tokenizer, records: list, labels: list[str] | None, where: str):
+def _encode(config: TrainConfig, tokenizer, records: list, labels: list[str] | None,
+            where: str) -> tuple[Examples, dict]:
+    """The records' examples, and what encoding cost them (QA windows, words past max_seq_length) for the report."""
     data = config.data
     if config.task == "qa":
-        return qa.encode_qa(tokenizer, records, data.max_seq_length, data.doc_stride, data.max_query_length)
+        features = qa.encode_qa(tokenizer, records, data.max_seq_length, data.doc_stride, data.max_query_length)
+        return features.examples, {"windows": str(features.report)}
     if config.task == "nli":
-        return nli.encode_nli(tokenizer, records, data.max_seq_length)
+        return nli.encode_nli(tokenizer, records, data.max_seq_length), {}
     if config.task in ("ner", "pos"):
-        return tokens.encode_tokens(tokenizer, records, data.max_seq_length, labels).examples
+        features = tokens.encode_tokens(tokenizer, records, data.max_seq_length, labels)
+        return features.examples, {"words_truncated": features.truncated_words}
     index = {name: i for i, name in enumerate(labels)}
     for r in records:
         if str(r["label"]) not in index:
@@ -186,7 +185,7 @@ def _encode(config: TrainConfig, tokenizer, records: list, labels: list[str] | N
                     padding="max_length", truncation=True, max_length=data.max_seq_length, return_tensors="pt")
     tensors = {name: enc[name] for name in tokenizer.model_input_names if name in enc}
     tensors["labels"] = torch.tensor([index[str(r["label"])] for r in records])
-    return Examples(tensors)
+    return Examples(tensors), {}
 
 
 def build_tokenizer(config: TrainConfig, sources: list[Source]):
