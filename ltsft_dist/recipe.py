@@ -128,6 +128,7 @@ class LTSFTRecipe:
         self.stats.theta0_bytes_per_rank = self.snapshot.nbytes
         roles = self.eligibility.roles
         self.sparse = [f for f in self.shards.fragments if roles[f.name] == "sparse"]
+        self.heads = [f for f in self.shards.fragments if roles[f.name] == "head"]
         if self.order is None:
             self.order = StepOrder(self.examples, cfg.batch_size, cfg.micro_batch_size, self.rank,
                                    self.shards.world_size, cfg.seed)
@@ -199,9 +200,6 @@ class LTSFTRecipe:
 
     # --- the best φ by held-out loss -----------------------------------------------------------
 
-    def _heads(self) -> list:
-        return [f for f in self.shards.fragments if self.eligibility.roles[f.name] == "head"]
-
     def _evaluate(self, phase: str, step: int) -> None:
         losses = self.held_out.loss(self.engine)
         self.stats.eval_losses.setdefault(phase, []).append({"step": step, **losses})
@@ -211,14 +209,14 @@ class LTSFTRecipe:
         if self.best is None or losses["all"] < self.best["loss"]:
             self.best = {"step": step, "loss": losses["all"],
                          "selected": [self.shards.master(f)[sel].clone() for f, sel in zip(self.sparse, self.selected)],
-                         "heads": [self.shards.master(f).clone() for f in self._heads()]}
+                         "heads": [self.shards.master(f).clone() for f in self.heads]}
 
     @torch.no_grad()
     def _restore_best(self) -> None:
         """Back to the best evaluation's weights (only the selected positions and the heads can differ)."""
         for f, sel, values in zip(self.sparse, self.selected, self.best["selected"]):
             self.shards.master(f)[sel] = values
-        for f, values in zip(self._heads(), self.best["heads"]):
+        for f, values in zip(self.heads, self.best["heads"]):
             self.shards.master(f).copy_(values)
         self.shards.sync_working_weights()
         self.stats.best_eval = {"step": self.best["step"], "loss": self.best["loss"]}
@@ -382,15 +380,12 @@ class LTSFTRecipe:
 
     def extract(self, selected: list[torch.Tensor]) -> SparseFineTuning | None:
         """φ = θ² − θ⁰ at the selected positions, plus the dense head; gathered on rank 0 (bytes ∝ K)."""
-        roles = self.eligibility.roles
-        sparse, heads = [], []
+        sparse = []
         for f, sel in zip(self.sparse, selected):
             idx = torch.nonzero(sel).view(-1)
             if idx.numel():
                 sparse.append((f.name, idx + f.param_offset, self.snapshot.delta(f)[idx]))
-        for f in self.shards.fragments:
-            if roles[f.name] == "head":
-                heads.append((f.name, f.param_offset, self.shards.master(f).clone()))
+        heads = [(f.name, f.param_offset, self.shards.master(f).clone()) for f in self.heads]
         gathered = self.shards.gather_object_to_zero((sparse, heads))
         if self.rank != 0:
             return None

@@ -63,8 +63,16 @@ def pipeline_command(args: argparse.Namespace) -> int:
     return report(config, by_name["eval"])
 
 
+def _launch():
+    """Where this process sits in the job, from the launcher's, SLURM's or MPI's variables (a world of one
+    alone), read before any process group exists."""
+    from ltsft_dist.launch_env import discover
+
+    return discover(use_mpi4py=False)
+
+
 def under_launcher() -> bool:
-    return any(k in os.environ for k in ("WORLD_SIZE", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK"))
+    return _launch().source != "single"
 
 
 def run_stage(stage, config, by_name: dict, *, in_process: bool, master_port: int | None = None) -> int:
@@ -77,7 +85,7 @@ def run_stage(stage, config, by_name: dict, *, in_process: bool, master_port: in
     stage.directory.mkdir(parents=True, exist_ok=True)
     print(f"== stage {stage.name}: {stage.directory}", flush=True)
     if stage.name == "base":
-        if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        if _launch().rank == 0:
             pl.build_base(config, stage)
         return 0
     if stage.name == "eval":
@@ -91,7 +99,7 @@ def run_stage(stage, config, by_name: dict, *, in_process: bool, master_port: in
 
         args = build_parser().parse_args(argv)
         status = int(args.func(args) or 0)
-        if status == 0 and int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+        if status == 0 and _launch().rank == 0:
             pl.mark_done(stage)
         return status
     status = subprocess.call(local_launcher(config.ranks, master_port) + argv)
