@@ -60,6 +60,19 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def previous_results(out: Path) -> dict:
+    """With --only, the keys not re-run are kept from the last results file: one file holds the whole suite,
+    and each benchmark's own run (`runs`) says when, by which command and on what machine it was measured."""
+    try:
+        previous = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return {}
+    if previous.get("schema") != 2:  # schema 1 had no per-benchmark provenance: its values are carried under it
+        previous["runs"] = {name: {k: previous[k] for k in ("generated", "command", "machine") if k in previous}
+                            for name, module in NAMES.items() if any(k in previous for k in module.KEYS)}
+    return previous
+
+
 def summary_lines(results: dict) -> list[str]:
     """The side-by-side summary printed at the end and written into the Markdown file."""
     lines = [line for m in MODULES for line in m.lines(results)]
@@ -71,20 +84,23 @@ def summary_lines(results: dict) -> list[str]:
 def markdown(results: dict) -> str:
     m = results["machine"]
     head = [f"# Benchmark results{' (quick)' if results['quick'] else ''}", "",
-            f"Generated {results['generated']} by `{results['command']}` in {results['wall_seconds']:.0f} s on "
+            f"Last written {results['generated']} by `{results['command']}` on "
             f"{m.get('cpus')} CPUs ({m.get('cpu_model', '?')}), {m.get('mem_total_gib', '?')} GiB; torch "
-            f"{m.get('torch')}, deepspeed {m.get('deepspeed')}; 1-min load average at start "
-            f"{m['loadavg_at_start'][0]:.1f}. Full numbers, configurations and raw timings: "
+            f"{m.get('torch')}, deepspeed {m.get('deepspeed')}. Each key's row names the run that measured it "
+            f"(with its 1-min load average at start). Full numbers, configurations and raw timings: "
             f"`{results['json_name']}`. What each key means: `bench/README.md`."
             + "".join(f" Plot: `{a}`." for a in results.get("artefacts", [])), "",
-            "| key | value | target | status |", "| --- | --- | --- | --- |"]
+            "| key | value | target | status | measured by |", "| --- | --- | --- | --- | --- |"]
     for key, module in KEYS.items():
         r = results.get(key)
+        run = results.get("runs", {}).get(module.__name__.removeprefix("bench_"), {})
+        load = run.get("machine", {}).get("loadavg_at_start", [float("nan")])[0]
+        by = f"`{run.get('command', '?')}` {run.get('generated', '?')}, load {load:.1f}"
         if r and "value" in r:
-            head.append(f"| `{key}` | {r['value']:.4g} | {r['target']} | {status(r)} |")
+            head.append(f"| `{key}` | {r['value']:.4g} | {r['target']} | {status(r)} | {by} |")
         else:
             failed = module.__name__.removeprefix("bench_") in results.get("errors", {})
-            head.append(f"| `{key}` | — | — | {'failed' if failed else 'not run'} |")
+            head.append(f"| `{key}` | — | — | {'failed' if failed else 'not run'} | |")
     return "\n".join(head + ["", "```", *summary_lines(results), "```", ""])
 
 
@@ -102,9 +118,13 @@ def main(argv=None) -> int:
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    results = {"schema": 1, "quick": args.quick, "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "command": " ".join(["bench/run", *(argv if argv is not None else sys.argv[1:])]),
-               "json_name": out.name, "machine": machine(), "errors": {}}
+    run_info = {"generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "command": " ".join(["bench/run", *(argv if argv is not None else sys.argv[1:])]),
+                "machine": machine()}
+    results = previous_results(out) if args.only else {}
+    results.update({"schema": 2, "quick": args.quick, "json_name": out.name, **run_info})
+    results.setdefault("runs", {})
+    results["errors"] = {}
     for name, module in NAMES.items():
         named = bool(args.only) and (name in args.only or bool(set(module.KEYS) & set(args.only)))
         if args.only and not named:
@@ -116,6 +136,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         try:
             results.update(module.run(args.quick))
+            results["runs"][name] = {**run_info, "seconds": round(time.perf_counter() - t, 1)}
             values = ", ".join(f"{k} = {results[k]['value']:.4f}" for k in module.KEYS if k in results)
             print(f"[bench] {values} ({time.perf_counter() - t:.0f} s)", flush=True)
         except Exception:
@@ -123,10 +144,11 @@ def main(argv=None) -> int:
             print(f"[bench] {name} FAILED after {time.perf_counter() - t:.0f} s:\n{results['errors'][name]}",
                   file=sys.stderr, flush=True)
     results["wall_seconds"] = time.perf_counter() - start
+    results["artefacts"] = []
     for name, module in NAMES.items():  # plots and the like, beside the JSON; a failure must not lose the numbers
         if hasattr(module, "write_artefacts"):
             try:
-                results.setdefault("artefacts", []).extend(p.name for p in module.write_artefacts(results, out))
+                results["artefacts"].extend(p.name for p in module.write_artefacts(results, out))
             except Exception:
                 results["errors"][f"{name} (artefacts)"] = traceback.format_exc()
     write_atomic(out, json.dumps(results, indent=1) + "\n")
