@@ -38,18 +38,14 @@ class ModelConfig:
     tokenizer: str | None = None  # tokenizer directory; defaults to name_or_path
 
 
-FORMATS = ("auto", "text", "jsonl", "squad", "xnli_tsv", "multinli_jsonl", "americasnli_tsv", "conll", "hf")
-TASKS = ("mlm", "classification", "nli", "qa", "ner", "pos")
-
-
 @dataclass
 class SourceConfig:
     """One source language's training data: a file, or a HF dataset (hf_dataset + hf_config + split)."""
 
     language: str = ""
     train_file: str | None = None
-    format: str = "auto"  # auto (by task and extension) | text | jsonl | squad | xnli_tsv | multinli_jsonl |
-    #                       americasnli_tsv | conll (ner/pos: CoNLL-U or word ... tag columns) | hf
+    format: str = "auto"  # auto (by task, extension and header) | text | jsonl | squad | xnli-tsv | multinli-jsonl |
+    #                       americasnli-tsv | conll (ner/pos: CoNLL-U or word ... tag columns) | hf
     hf_dataset: str | None = None  # e.g. facebook/xnli, squad, wikitext
     hf_config: str | None = None  # e.g. the language's config name
     split: str = "train"
@@ -103,6 +99,8 @@ class TrainConfig:
     on_nonfinite_loss: str = "stop"  # stop: fail naming the step and the last checkpoint | skip: skip such steps
 
     def validate(self, where: str = "config") -> None:
+        from ltsft_dist.tasks import format_problem, get_task, task_names
+
         def bad(key: str, msg: str):
             raise LtsftError(f"{where}: {key}: {msg}")
 
@@ -132,10 +130,10 @@ class TrainConfig:
             bad("model", "give exactly one of model.name_or_path or model.tiny")
         if self.task is None:
             self.task = "mlm" if self.kind == "language" else "classification"
-        if self.task not in TASKS:
-            bad("task", f"{self.task!r} is not one of {', '.join(TASKS)}")
-        if (self.kind == "language") != (self.task == "mlm"):
-            bad("task", "language SFTs train task mlm, and task mlm is a language SFT: set kind: language")
+        task = get_task(self.task, f"{where}: task")
+        if (self.kind == "language") != (task.kind == "language"):
+            bad("task", f"language SFTs train task {' or '.join(task_names(kind='language'))}, and task {self.task} "
+                        f"trains a {task.kind} SFT: set kind: {task.kind}")
         if self.language_sfts and self.kind == "language":
             bad("language_sfts", "language SFTs are activated while training task SFTs only: remove them")
         data = self.data
@@ -143,8 +141,9 @@ class TrainConfig:
             bad("data", "give exactly one of data.train_file (one source) or data.sources (a list, one per language)")
         for i, source in enumerate(self.sources() if data.train_file or data.sources else []):
             key = f"data.sources[{i}]" if data.sources else "data.train_file"
-            if source.format not in FORMATS:
-                bad(f"{key}.format", f"{source.format!r} is not one of {', '.join(FORMATS)}")
+            problem = format_problem(task, source.format)
+            if problem:
+                bad(f"{key}.format", f"{source.format!r} is {problem}")
             if bool(source.train_file) == bool(source.hf_dataset):
                 bad(key, "give exactly one of train_file or hf_dataset")
             if data.sources and not source.language:

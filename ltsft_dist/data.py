@@ -7,9 +7,7 @@ single-process oracle.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -39,26 +37,23 @@ class MLMSpec:
     probability: float = 0.15
 
 
-def read_classification(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise LtsftError(f"data.train_file: {path} not found")
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise LtsftError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-        for key in ("text", "label"):
-            if key not in record:
-                raise LtsftError(f"{path}:{number}: missing key {key!r} (each line needs text, label "
-                                 "and optionally text_pair)")
-        records.append(record)
-    if not records:
-        raise LtsftError(f"{path}: no records")
-    return records
+def bert_mask(ids: torch.Tensor, spec: MLMSpec, g: torch.Generator,
+              at_least_one: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking of `ids`: (inputs, labels). Each non-special token is chosen with `spec.probability`
+    (`at_least_one`: every row with a maskable token gets one); a chosen token becomes [MASK] (80%), a random
+    non-special id (10%) or stays (10%), and its label is the original id (-100 elsewhere)."""
+    maskable = ~torch.isin(ids, torch.tensor(spec.special_ids))
+    chosen = (torch.rand(ids.shape, generator=g) < spec.probability) & maskable
+    if at_least_one:
+        fallback = torch.rand(ids.shape, generator=g).masked_fill(~maskable, -1).argmax(1)
+        needs = ~chosen.any(1) & maskable.any(1)
+        chosen[needs, fallback[needs]] = True
+    action = torch.rand(ids.shape, generator=g)
+    random_ids = torch.randint(len(spec.special_ids), max(spec.vocab_size, len(spec.special_ids) + 1), ids.shape,
+                               generator=g)
+    inputs = torch.where(chosen & (action < 0.8), torch.full_like(ids, spec.mask_token_id), ids)
+    inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, inputs)
+    return inputs, torch.where(chosen, ids, torch.full_like(ids, -100))
 
 
 def train_wordpiece(lines: list[str], vocab_size: int):
@@ -115,23 +110,9 @@ class StepOrder:
             return
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         self._perm = torch.randperm(len(self.examples), generator=g)
-        if self.examples.mlm is not None:
-            self._mlm = self._draw_mlm(g)
+        if self.examples.mlm is not None:  # masks for the whole epoch at once
+            self._mlm = bert_mask(self.examples.tensors["input_ids"], self.examples.mlm, g)
         self._epoch = epoch
-
-    def _draw_mlm(self, g: torch.Generator):
-        """BERT masking (80% [MASK], 10% random, 10% kept), drawn for the whole epoch at once."""
-        spec = self.examples.mlm
-        ids = self.examples.tensors["input_ids"]
-        special = torch.isin(ids, torch.tensor(spec.special_ids))
-        chosen = (torch.rand(ids.shape, generator=g) < spec.probability) & ~special
-        action = torch.rand(ids.shape, generator=g)
-        random_ids = torch.randint(len(spec.special_ids), max(spec.vocab_size, len(spec.special_ids) + 1), ids.shape,
-                                   generator=g)
-        inputs = torch.where(chosen & (action < 0.8), torch.full_like(ids, spec.mask_token_id), ids)
-        inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, inputs)
-        labels = torch.where(chosen, ids, torch.full_like(ids, -100))
-        return inputs, labels
 
     def indices(self, step: int, micro: int) -> torch.Tensor:
         epoch, within = divmod(step, self.steps_per_epoch)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ltsft_dist.errors import LtsftError
-from ltsft_dist.naming import module_type_and_layer
+from ltsft_dist.naming import body_prefix, module_type_and_layer
 
 LAYER_NORM = r"(LayerNorm|layer_norm|layernorm|\.ln_)"
 POOLER = r"\.pooler\."
@@ -32,11 +32,8 @@ class EligibilityConfig:
 
 
 def _outside_body(model) -> str:
-    prefix = getattr(model, "base_model_prefix", "")
-    names = [n for n, _ in model.named_parameters()]
-    if prefix and any(n.startswith(prefix + ".") for n in names):
-        return rf"^(?!{re.escape(prefix)}\.)"
-    return r"$^"  # a plain module has no separate head
+    prefix = body_prefix(model)
+    return rf"^(?!{re.escape(prefix)})" if prefix else r"$^"  # a model that is all body has no head
 
 
 def default_rules(kind: str, model) -> EligibilityConfig:

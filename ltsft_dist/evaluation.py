@@ -9,37 +9,69 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
+from ltsft_dist.config import SourceConfig, from_dict, read_mapping
 from ltsft_dist.errors import LtsftError
+from ltsft_dist.naming import body_prefix
 from ltsft_dist.sft import SparseFineTuning, base_fingerprint, write_atomically
-from ltsft_dist.tasks import nli, qa, tokens
-from ltsft_dist.tasks.metrics import MLQA_LANGUAGES, accuracy, entity_f1, qa_scores, token_accuracy
+from ltsft_dist.tasks import FORMAT_NAMES, Encoding, Task, format_problem, get_task, task_names
+from ltsft_dist.tasks.qa import QA_METRICS
 
 log = logging.getLogger(__name__)
 
-TASKS = ("qa", "nli", "ner", "pos")
-TOKEN_TASKS = ("ner", "pos")
-FORMATS = ("squad", "xnli-tsv", "americasnli-tsv", "multinli-jsonl", "conll")
-QA_METRICS = ("squad", "mlqa")
 COMPOSED, TASK_ONLY = "task+lang", "task-only"
 SETTING_TITLES = {COMPOSED: "task+lang", TASK_ONLY: "TA-only"}
-METRICS = {"qa": ("exact_match", "f1"), "nli": ("accuracy",), "ner": ("f1",), "pos": ("accuracy",)}
 METRIC_TITLES = {"exact_match": "EM", "f1": "F1", "accuracy": "acc"}
+FILE_FORMATS = tuple(f for f in FORMAT_NAMES if f not in ("auto", "hf"))  # what --format takes
 
 
 @dataclass
 class EvalOptions:
-    max_seq_length: int = 384
+    """How to evaluate; the defaults are XQuAD's official settings (384-token windows, stride 128)."""
+
+    max_seq_length: int = 384  # tokens per model input (QA window, NLI pair, tagged sentence)
     stride: int = 128  # QA: context tokens shared by consecutive windows
-    max_query_length: int = 64  # QA
-    batch_size: int = 32
+    max_query_length: int = 64  # QA: questions are cut to this many tokens
+    batch_size: int = 32  # model inputs per forward pass on each rank
     limit: int | None = None  # first N questions / pairs per language, for quick runs
     qa_metric: str = "squad"  # squad: XQuAD's official (SQuAD v1.1) script; mlqa: MLQA's per-language one
-    data_format: str | None = None  # None: chosen from the file extension and header
+    format: str | None = None  # reader of every data file; None: told from the file's extension and header
+
+    def check(self) -> None:
+        for key in ("max_seq_length", "stride", "max_query_length", "batch_size", "limit"):
+            number = getattr(self, key)
+            if number is not None and (number < 0 or (number == 0 and key != "stride")):
+                raise LtsftError(f"--{key.replace('_', '-')} must be {'>= 0' if key == 'stride' else 'positive'}, "
+                                 f"got {number}")
+        if self.qa_metric not in QA_METRICS:
+            raise LtsftError(f"--qa-metric {self.qa_metric}: use one of {', '.join(QA_METRICS)}")
+        if self.format is not None and self.format not in FILE_FORMATS:
+            raise LtsftError(f"--format {self.format}: use one of {', '.join(FILE_FORMATS)}")
+
+    def encoding(self) -> Encoding:
+        return Encoding(self.max_seq_length, self.stride, self.max_query_length)
+
+
+@dataclass
+class EvalConfig(EvalOptions):
+    """An evaluation: what to evaluate and how. The keys of an `ltsft eval` config file (flags override them) and of
+    a pipeline's `evaluation` section (which sets base, task_sft, task and lang_sft itself)."""
+
+    base: str | None = None  # base model directory written by save_pretrained, with its tokenizer
+    task_sft: str | None = None  # the task SFT, with its dense task head
+    task: str | None = None  # default: the task the SFT was trained for, else told by its head parameters
+    lang_sft: dict[str, str] = field(default_factory=dict)  # target language -> its language SFT
+    data: dict[str, str] = field(default_factory=dict)  # target language -> evaluation file
+    out: str | None = None  # directory for results.json and results.md
+
+
+def load_eval_config(path) -> EvalConfig:
+    """An eval config file, through the same typed reader as train and pipeline configs."""
+    return from_dict(EvalConfig, read_mapping(path, "eval config"), where=f"eval config {path}")
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -57,68 +89,48 @@ def require_same_base(sft: SparseFineTuning, model: torch.nn.Module, flag: str, 
 
 def head_names(model: torch.nn.Module) -> set[str]:
     """Parameters outside the shared body: what a task SFT must carry for this model."""
-    prefix = model.base_model_prefix
-    return {name for name, _ in model.named_parameters() if not name.startswith(prefix + ".")}
+    prefix = body_prefix(model)
+    return {name for name, _ in model.named_parameters() if not name.startswith(prefix)}
 
 
 def infer_task(sft: SparseFineTuning, base_dir) -> str:
     """The task the SFT was trained for (recorded in its training config), else the task whose head (built on the
     meta device, so nothing is allocated) has exactly the SFT's head names."""
-    from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
+    evaluated = task_names(evaluated=True)
     recorded = sft.metadata.training_config.get("task")
-    if recorded in TASKS:
+    if recorded in evaluated:
         return recorded
 
     config = AutoConfig.from_pretrained(base_dir)
-    autos = {"qa": AutoModelForQuestionAnswering, "nli": AutoModelForSequenceClassification}
     matches = []
-    for task, auto in autos.items():
+    # Without a recorded task there are no recorded label names either: only tasks that need none are candidates.
+    for name in [n for n in evaluated if not get_task(n).labelled or get_task(n).fixed_labels]:
         with torch.device("meta"):
-            skeleton = auto.from_config(config)
+            skeleton = get_task(name).auto_class().from_config(config)
         if sft.heads and set(sft.heads) == head_names(skeleton):
-            matches.append(task)
+            matches.append(name)
     if len(matches) != 1:
         raise LtsftError(f"--task-sft: cannot tell the task from its heads {sorted(sft.heads) or '(none)'}; "
-                         f"pass --task {' or --task '.join(TASKS)}")
+                         f"pass --task {' or --task '.join(matches or evaluated)}")
     return matches[0]
-
-
-def _nli_format(path: Path) -> str:
-    if path.suffix == ".jsonl":
-        return "multinli-jsonl"
-    if path.suffix == ".tsv":
-        with open(path, encoding="utf-8-sig") as f:
-            header = f.readline().rstrip("\r\n").split("\t")
-        if "sentence1" in header:
-            return "xnli-tsv"
-        if "premise" in header:
-            return "americasnli-tsv"
-    raise LtsftError(f"--data {path}: cannot tell the NLI format from the name and header; pass --format "
-                     f"({', '.join(FORMATS[1:])})")
 
 
 def read_eval_data(task: str, language: str, path, data_format: str | None = None, limit: int | None = None):
     """The labelled examples of one target language, with the reader the format (or the file) calls for."""
+    spec = get_task(task, "--task", evaluated=True)
     path = Path(path)
     if not path.is_file():
         raise LtsftError(f"--data {language}={path}: file not found; check the path")
-    if task == "qa":
-        if data_format not in (None, "squad"):
-            raise LtsftError(f"--format {data_format} is an NLI format; QA data is SQuAD-format JSON (--format squad)")
-        examples = qa.read_squad_json(path, language)
-    elif task in TOKEN_TASKS:
-        if data_format not in (None, "conll"):
-            raise LtsftError(f"--format {data_format}: {task} data is CoNLL (CoNLL-U or word ... tag columns)")
-        examples = tokens.read_conll(path, language)
-    else:
-        data_format = data_format or _nli_format(path)
-        readers = {"xnli-tsv": lambda: nli.read_xnli_tsv(path, [language]),
-                   "americasnli-tsv": lambda: nli.read_americasnli_tsv(path, [language]),
-                   "multinli-jsonl": lambda: nli.read_multinli_jsonl(path, language)}
-        if data_format not in readers:
-            raise LtsftError(f"--format {data_format} is not an NLI format; use one of {', '.join(readers)}")
-        examples = readers[data_format]().by_language[language]
+    problem = format_problem(spec, data_format) if data_format else None
+    if problem:
+        raise LtsftError(f"--format {data_format} is {problem}")
+    data_format = data_format or spec.sniff(path)
+    if data_format is None:
+        raise LtsftError(f"--data {path}: cannot tell the {task} format from the name and header; pass --format "
+                         f"({', '.join(f for f in spec.formats if f != 'hf')})")
+    examples = spec.read(SourceConfig(language=language, train_file=str(path)), data_format)
     return examples[:limit] if limit else examples
 
 
@@ -144,12 +156,12 @@ class _Runner:
         return range(self.rank * self.batch_size, n, self.world * self.batch_size)
 
     @torch.inference_mode()
-    def outputs(self, inputs: dict[str, torch.Tensor], fields: tuple[str, ...]) -> list[torch.Tensor] | None:
+    def outputs(self, inputs: dict[str, torch.Tensor], task: Task) -> list[torch.Tensor] | None:
         n = len(inputs["input_ids"])
         mine = {}
         for start in self.my_batches(n):
-            out = self.model(**{name: t[start:start + self.batch_size] for name, t in inputs.items()})
-            mine[start] = [getattr(out, f).float() for f in fields]
+            mine[start] = task.forward(self.model, {name: t[start:start + self.batch_size]
+                                                    for name, t in inputs.items()})
             self.progress.update()
         parts = [mine]
         if self.world > 1:
@@ -160,54 +172,7 @@ class _Runner:
         if self.rank != 0:
             return None
         merged = {start: out for part in parts for start, out in part.items()}
-        return [torch.cat([merged[s][i] for s in sorted(merged)]) for i in range(len(fields))]
-
-
-@dataclass
-class _Encoded:
-    """One language's data, encoded once and scored under every setting."""
-
-    examples: list
-    inputs: dict[str, torch.Tensor]
-    features: qa.QAFeatures | tokens.TokenFeatures | None = None  # QA, NER/POS
-    labels: torch.Tensor | list[str] | None = None  # NLI: label ids; NER/POS: the label names
-    task: str = ""
-
-    @property
-    def rows(self) -> int:  # model inputs: QA windows or NLI pairs
-        return len(self.inputs["input_ids"])
-
-    def score(self, outputs: list[torch.Tensor], language: str, qa_metric: str) -> dict:
-        if self.features is None:
-            return {"accuracy": 100.0 * accuracy(outputs[0], self.labels), "examples": len(self.examples)}
-        if isinstance(self.features, tokens.TokenFeatures):
-            predicted = tokens.predicted_tags(self.features, outputs[0], self.labels)
-            gold = [s.tags for s in self.examples]
-            scores = entity_f1(gold, predicted) if self.task == "ner" else {"accuracy": token_accuracy(gold,
-                                                                                                       predicted)}
-            return {**scores, "examples": len(self.examples),
-                    "words_lost_to_truncation": self.features.truncated_words}
-        predictions = qa.predict_answers(self.features, self.examples, *outputs)
-        scores = qa_scores(qa.gold_answers(self.examples), predictions, language if qa_metric == "mlqa" else None)
-        return {"exact_match": scores["exact_match"], "f1": scores["f1"], "examples": scores["total"],
-                "lost_to_truncation": len(self.features.report.lost)}
-
-
-def _encode(task: str, tokenizer, examples: list, options: EvalOptions, labels: list[str] | None) -> _Encoded:
-    if task in TOKEN_TASKS:
-        features = tokens.encode_tokens(tokenizer, examples, options.max_seq_length, labels)
-        return _Encoded(examples, _model_inputs(tokenizer, features.examples.tensors), features=features,
-                        labels=labels, task=task)
-    if task == "qa":
-        features = qa.encode_qa(tokenizer, examples, options.max_seq_length, options.stride, options.max_query_length)
-        tensors = features.examples.tensors
-        return _Encoded(examples, _model_inputs(tokenizer, tensors), features=features)
-    tensors = nli.encode_nli(tokenizer, examples, options.max_seq_length).tensors
-    return _Encoded(examples, _model_inputs(tokenizer, tensors), labels=tensors["labels"])
-
-
-def _model_inputs(tokenizer, tensors: dict) -> dict[str, torch.Tensor]:
-    return {name: tensors[name] for name in tokenizer.model_input_names if name in tensors}
+        return [torch.cat([merged[s][i] for s in sorted(merged)]) for i in range(len(task.output_fields))]
 
 
 def load_sft_flag(location: str, flag: str, kind: str | None = None) -> SparseFineTuning:
@@ -229,7 +194,7 @@ class _Inputs:
     task_sft: SparseFineTuning
     lang_sfts: dict[str, SparseFineTuning]
     examples: dict[str, list]
-    labels: list[str] | None = None  # NER/POS: the tag names, in the head's output order
+    labels: list[str] | None = None  # the label names, in the head's output order
 
 
 def _load_inputs(base_dir, task_sft: str, data: dict[str, str], lang_sfts: dict[str, str], task: str | None,
@@ -243,29 +208,19 @@ def _load_inputs(base_dir, task_sft: str, data: dict[str, str], lang_sfts: dict[
     if not (Path(base_dir) / "config.json").is_file():
         raise LtsftError(f"--base {base_dir}: no config.json there; pass a directory written by save_pretrained "
                          "(model and tokenizer)")
+    options.check()
     sft = load_sft_flag(task_sft, "--task-sft", "task")
     task = task or infer_task(sft, base_dir)
-    if task not in TASKS:
-        raise LtsftError(f"--task {task}: not an evaluation task; use one of {', '.join(TASKS)}")
-    if options.qa_metric not in QA_METRICS:
-        raise LtsftError(f"--qa-metric {options.qa_metric}: use one of {', '.join(QA_METRICS)}")
-    outside_mlqa = sorted(set(data) - set(MLQA_LANGUAGES))
-    if task == "qa" and options.qa_metric == "mlqa" and outside_mlqa:
-        raise LtsftError(f"--qa-metric mlqa has no rules for {outside_mlqa} (MLQA covers {list(MLQA_LANGUAGES)}); "
-                         "use --qa-metric squad, XQuAD's official metric")
+    spec = get_task(task, "--task", evaluated=True)
+    spec.check_eval(options, list(data))
     languages = {}
     for lang, path in lang_sfts.items():
         languages[lang] = load_sft_flag(path, f"--lang-sft {lang}", "language")
         if languages[lang].metadata.languages and lang not in languages[lang].metadata.languages:
             raise LtsftError(f"--lang-sft {lang}={path}: that SFT is for {languages[lang].metadata.languages}, "
                              f"not {lang}; check the language code")
-    labels = None
-    if task in TOKEN_TASKS:
-        labels = (sft.metadata.training_config.get("data") or {}).get("labels")
-        if not labels:
-            raise LtsftError(f"--task-sft {task_sft}: no tag names in its training config (data.labels); retrain it "
-                             "with this version of ltsft, which records them")
-    examples = {lang: read_eval_data(task, lang, path, options.data_format, options.limit)
+    labels = spec.head_labels(sft.metadata.training_config, f"--task-sft {task_sft}")
+    examples = {lang: read_eval_data(task, lang, path, options.format, options.limit)
                 for lang, path in data.items()}
     return _Inputs(task, sft, languages, examples, labels)
 
@@ -303,14 +258,14 @@ def evaluate(base_dir, task_sft: str, data: dict[str, str], lang_sfts: dict[str,
     options, lang_sfts = options or EvalOptions(), lang_sfts or {}
     inputs = _load_inputs(base_dir, task_sft, data, lang_sfts, task, options)
     model, tokenizer = _load_model(base_dir, inputs, task_sft, lang_sfts)
-    encoded = {lang: _encode(inputs.task, tokenizer, exs, options, inputs.labels)
-               for lang, exs in inputs.examples.items()}
+    task = get_task(inputs.task)
+    encoded = {lang: task.encode(tokenizer, records, options.encoding(), inputs.labels)
+               for lang, records in inputs.examples.items()}
 
     runs = [(lang, TASK_ONLY) for lang in encoded] + [(lang, COMPOSED) for lang in inputs.lang_sfts]
     runner = _Runner(model, options.batch_size)
     runner.progress = tqdm(total=sum(len(runner.my_batches(encoded[lang].rows)) for lang, _ in runs),
                            desc="evaluating", unit="batch", disable=runner.rank != 0 or not show_progress)
-    fields = ("start_logits", "end_logits") if inputs.task == "qa" else ("logits",)
     scores: dict[str, dict] = {lang: {} for lang in encoded}
     try:
         inputs.task_sft.apply(model)
@@ -323,12 +278,12 @@ def evaluate(base_dir, task_sft: str, data: dict[str, str], lang_sfts: dict[str,
                 inputs.lang_sfts[lang].apply(model, skip_missing_heads=True)  # its MLM head has no place here
             try:
                 runner.progress.set_postfix_str(f"{lang} {SETTING_TITLES[setting]}")
-                outputs = runner.outputs(encoded[lang].inputs, fields)
+                outputs = runner.outputs(encoded[lang].examples.tensors, task)
             finally:
                 if setting == COMPOSED:
                     inputs.lang_sfts[lang].revert(model)
             if outputs is not None:
-                scores[lang][setting] = encoded[lang].score(outputs, lang, options.qa_metric)
+                scores[lang][setting] = task.score(encoded[lang], outputs, lang, options)
     finally:
         inputs.task_sft.revert(model)
         runner.progress.close()
@@ -336,25 +291,25 @@ def evaluate(base_dir, task_sft: str, data: dict[str, str], lang_sfts: dict[str,
         return None
     return {
         "task": inputs.task,
-        "metric": {"qa": options.qa_metric, "ner": "entity f1"}.get(inputs.task, "accuracy"),
+        "metric": task.metric_title(options),
         "base": str(base_dir),
         "task_sft": str(task_sft),
         "lang_sfts": dict(lang_sfts),
         "data": {lang: str(path) for lang, path in data.items()},
-        "options": asdict(options),
+        "options": {f.name: getattr(options, f.name) for f in fields(EvalOptions)},
         "languages": {lang: {s: scores[lang][s] for s in (COMPOSED, TASK_ONLY) if s in scores[lang]}
                       for lang in encoded},
-        "average": _averages(inputs.task, scores),
+        "average": _averages(task.metrics, scores),
     }
 
 
-def _averages(task: str, scores: dict[str, dict]) -> dict:
+def _averages(metrics: tuple[str, ...], scores: dict[str, dict]) -> dict:
     """Per setting, the mean of each metric over the languages evaluated in that setting."""
     averages = {}
     for setting in (COMPOSED, TASK_ONLY):
         rows = [by_setting[setting] for by_setting in scores.values() if setting in by_setting]
         if rows:
-            averages[setting] = {m: sum(r[m] for r in rows) / len(rows) for m in METRICS[task]}
+            averages[setting] = {m: sum(r[m] for r in rows) / len(rows) for m in metrics}
             averages[setting]["languages"] = len(rows)
     return averages
 
@@ -364,7 +319,7 @@ def _averages(task: str, scores: dict[str, dict]) -> dict:
 
 def markdown_table(results: dict) -> str:
     """Rows: languages and their average; columns: each setting's metrics (– where a setting was not run)."""
-    metrics = METRICS[results["task"]]
+    metrics = get_task(results["task"]).metrics
     settings = [s for s in (COMPOSED, TASK_ONLY) if s in results["average"]]
     header = ["language", "n"] + [f"{SETTING_TITLES[s]} {METRIC_TITLES[m]}" for s in settings for m in metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

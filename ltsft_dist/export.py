@@ -12,8 +12,8 @@ import torch
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.evaluation import head_names, load_sft_flag, require_same_base
 from ltsft_dist.sft import compose
+from ltsft_dist.tasks import get_task
 
-EXPORT_TASKS = ("qa", "nli", "ner", "pos", "mlm")
 PROVENANCE = "ltsft_export.json"
 
 
@@ -26,8 +26,7 @@ def export_merged(base_dir, sft_locations: list[str], task: str, out, overwrite:
     from ltsft_dist.models import load_task_model
 
     out = Path(out)
-    if task not in EXPORT_TASKS:
-        raise LtsftError(f"--task {task}: use one of {', '.join(EXPORT_TASKS)}")
+    spec = get_task(task, "--task")
     if not sft_locations:
         raise LtsftError("no SFT to merge: pass --sft DIR (repeatable)")
     if out.exists() and not overwrite:
@@ -35,12 +34,8 @@ def export_merged(base_dir, sft_locations: list[str], task: str, out, overwrite:
     if not (Path(base_dir) / "config.json").is_file():
         raise LtsftError(f"--base {base_dir}: no config.json there; pass a directory written by save_pretrained")
     sfts = [load_sft_flag(location, "--sft") for location in sft_locations]
-    labels = None
-    if task in ("ner", "pos"):  # the tag names, recorded in the task SFT's training config
-        labels = next((s.metadata.training_config.get("data", {}).get("labels") for s in sfts
-                       if s.metadata.kind == "task"), None)
-        if not labels:
-            raise LtsftError(f"--task {task}: no --sft is a task SFT recording its tag names (data.labels)")
+    task_sft = next((s for s in sfts if s.metadata.kind == "task"), None)  # it records the label names
+    labels = spec.head_labels(task_sft.metadata.training_config if task_sft else {}, f"--task {task}: the task SFT")
     model = load_task_model(base_dir, task, len(labels) if labels else None)
     if labels:
         model.config.id2label = dict(enumerate(labels))
@@ -49,7 +44,7 @@ def export_merged(base_dir, sft_locations: list[str], task: str, out, overwrite:
         require_same_base(sft, model, f"--sft {location}", base_dir)
     composed, overlap = compose(*sfts)
     skipped = composed.apply(model, skip_missing_heads=True)  # e.g. a language SFT's MLM head in a task model
-    if task != "mlm":
+    if spec.kind == "task":  # a task SFT carries its head; a language task's head is the base's
         missing = sorted(head_names(model) - set(composed.heads))
         if missing:
             raise LtsftError(f"no --sft carries the {task} head ({missing[0]!r} is missing; skipped as foreign to "

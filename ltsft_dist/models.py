@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import torch
-from transformers import (AutoModelForMaskedLM, AutoModelForQuestionAnswering, AutoModelForSequenceClassification,
-                          AutoModelForTokenClassification, BertConfig, XLMRobertaConfig)
+from transformers import BertConfig, XLMRobertaConfig
 
 from ltsft_dist.config import ModelConfig
 from ltsft_dist.errors import LtsftError
+from ltsft_dist.tasks import get_task
 
 TINY_CONFIGS = {"bert": BertConfig, "xlm-roberta": XLMRobertaConfig}
-AUTO_CLASSES = {"mlm": AutoModelForMaskedLM, "classification": AutoModelForSequenceClassification,
-                "nli": AutoModelForSequenceClassification, "qa": AutoModelForQuestionAnswering,
-                "ner": AutoModelForTokenClassification, "pos": AutoModelForTokenClassification}
 
 
 def build_model(cfg: ModelConfig, task: str, num_labels: int | None = None, vocab_size: int | None = None,
                 seed: int = 0) -> torch.nn.Module:
     """The task's model class over the base; a task head missing from a base checkpoint starts from the
     seeded initialisation (the same on every rank)."""
-    auto = AUTO_CLASSES[task]
+    spec = get_task(task)
+    auto = spec.auto_class()
     extra = {"num_labels": num_labels} if num_labels else {}
     if cfg.tiny is not None:
         if cfg.architecture not in TINY_CONFIGS:
@@ -42,8 +40,7 @@ def build_model(cfg: ModelConfig, task: str, num_labels: int | None = None, voca
                              "a local directory, or set HF_HUB_OFFLINE=1 with the model in the cache.") from None
         finally:
             hf_logging.set_verbosity(verbosity)
-    if task == "mlm":
-        untie_output_embeddings(model)
+    spec.prepare_model(model)
     return model
 
 
@@ -77,12 +74,12 @@ def save_tiny_base(directory, cfg: ModelConfig, texts: list[str], seed: int = 0)
 
 
 def load_task_model(base_dir: str, task: str, num_labels: int | None = None) -> torch.nn.Module:
-    """The base model (a `save_pretrained` directory) with the head of `task` (qa | nli | ner | pos | mlm) on it, for
-    evaluation and export. Weights the checkpoint lacks (a fresh task head) are initialised under a fixed seed
-    without touching the caller's random state; an SFT's dense heads then overwrite them."""
-    from ltsft_dist.tasks.nli import LABELS
-
+    """The base model (a `save_pretrained` directory) with the head of `task` on it (`num_labels` outputs, by
+    default as many as the task's fixed labels), for evaluation and export. Weights the checkpoint lacks (a fresh
+    task head) are initialised under a fixed seed without touching the caller's random state; an SFT's dense
+    heads then overwrite them."""
+    fixed = get_task(task).fixed_labels
     with torch.random.fork_rng(devices=[]):
         model = build_model(ModelConfig(name_or_path=base_dir), task,
-                            num_labels=len(LABELS) if task == "nli" else num_labels, seed=0)
+                            num_labels=num_labels or (len(fixed) if fixed else None), seed=0)
     return model.eval()

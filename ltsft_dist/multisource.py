@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ltsft_dist.data import Examples
+from ltsft_dist.data import Examples, bert_mask
 from ltsft_dist.errors import LtsftError
 
 if TYPE_CHECKING:
@@ -202,23 +202,14 @@ class MultiSourceOrder:
         return batch
 
     def _mlm_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """BERT masking (80% [MASK], 10% random, 10% kept) of the step's global batch, seeded by (seed, language,
+        """BERT masking (`data.bert_mask`) of the step's global batch, seeded by (seed, language,
         batch number): the same on every rank and for every world size."""
         if self._mlm_cache is not None and self._mlm_cache[0] == step:
             return self._mlm_cache[1]
         lang, c = self.position(step)
         _, rows = self.global_batch(step)
-        spec = self.sources[lang].mlm
         ids = self.sources[lang].tensors["input_ids"][rows]
-        g = _generator(self.seed, "mlm", lang, c)
-        special = torch.isin(ids, torch.tensor(spec.special_ids))
-        chosen = (torch.rand(ids.shape, generator=g) < spec.probability) & ~special
-        action = torch.rand(ids.shape, generator=g)
-        random_ids = torch.randint(len(spec.special_ids), max(spec.vocab_size, len(spec.special_ids) + 1),
-                                   ids.shape, generator=g)
-        inputs = torch.where(chosen & (action < 0.8), torch.full_like(ids, spec.mask_token_id), ids)
-        inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, inputs)
-        labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+        inputs, labels = bert_mask(ids, self.sources[lang].mlm, _generator(self.seed, "mlm", lang, c))
         self._mlm_cache = (step, (inputs, labels))
         return inputs, labels
 

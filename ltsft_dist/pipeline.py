@@ -16,6 +16,8 @@ from pathlib import Path
 
 from ltsft_dist.config import SourceConfig, TrainConfig, from_dict, read_mapping, to_dict
 from ltsft_dist.errors import LtsftError
+from ltsft_dist.evaluation import EvalConfig
+from ltsft_dist.tasks import get_task
 
 DONE = "DONE"  # written last into a stage directory: the stage finished
 
@@ -33,17 +35,6 @@ class BaseConfig:
 
 
 @dataclass
-class EvalConfig:
-    """Zero-shot evaluation of the task SFT on the target languages, with and without their language SFTs."""
-
-    data: dict[str, str] = field(default_factory=dict)  # target language -> evaluation file
-    max_seq_length: int = 128
-    stride: int = 32  # qa: context tokens shared by consecutive windows
-    batch_size: int = 32
-    limit: int | None = None  # evaluate the first N examples per language only (quick runs)
-
-
-@dataclass
 class PipelineConfig:
     output_dir: str = "runs/pipeline"
     ranks: int = 2  # local ranks per stage when `ltsft pipeline` is not itself under a launcher
@@ -51,7 +42,7 @@ class PipelineConfig:
     languages: dict[str, SourceConfig] = field(default_factory=dict)  # language -> its text (language SFT data)
     language_sft: dict = field(default_factory=dict)  # `ltsft train` keys shared by every language SFT
     task_sft: dict = field(default_factory=dict)  # `ltsft train` keys of the task SFT (task, data.sources, ...)
-    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)  # zero-shot, with and without the language SFTs
 
 
 @dataclass
@@ -95,8 +86,12 @@ def _check(config: PipelineConfig, where: str) -> None:
         raise LtsftError(f"{where}: task_sft.data.sources: list the task's source languages and their files")
     if not config.evaluation.data:
         raise LtsftError(f"{where}: evaluation.data: map each target language to its evaluation file")
-    if config.task_sft.get("task") not in ("nli", "qa"):
-        raise LtsftError(f"{where}: task_sft.task: the pipeline evaluates nli or qa task SFTs; set one of them")
+    get_task(config.task_sft.get("task"), f"{where}: task_sft.task", evaluated=True)
+    ev = config.evaluation
+    for key in ("base", "task_sft", "task", "lang_sft", "out", "max_query_length"):
+        if getattr(ev, key) != getattr(EvalConfig(), key):
+            raise LtsftError(f"{where}: evaluation.{key} is set by the pipeline (from its stages); remove it")
+    ev.check()
     if config.ranks < 1:
         raise LtsftError(f"{where}: ranks: must be at least 1")
     for name in ("language_sft", "task_sft"):
@@ -185,7 +180,8 @@ def plan(config: PipelineConfig) -> list[Stage]:
     args = {"base": base_dir, "task_sft": str(task.directory / "sft"), "task": data.get("task", "classification"),
             "lang_sfts": {lang: d for lang, d in targets.items() if d}, "data": ev.data,
             "max_seq_length": ev.max_seq_length, "stride": ev.stride, "batch_size": ev.batch_size,
-            "limit": ev.limit, "max_query_length": _train_config(data, "task_sft").data.max_query_length}
+            "limit": ev.limit, "max_query_length": _train_config(data, "task_sft").data.max_query_length,
+            "qa_metric": ev.qa_metric, "format": ev.format}
     needs = ["task", *(f"lang:{lang}" for lang, d in targets.items() if d)]
     evaluation = Stage("eval", root / f"eval-{_digest(args, task.directory.name, *map(Path, ev.data.values()))}",
                        needs, args)
@@ -197,13 +193,16 @@ def eval_argv(stage: Stage) -> list[str]:
     a = stage.config
     argv = ["eval", "--base", a["base"], "--task-sft", a["task_sft"], "--task", a["task"],
             "--out", str(stage.directory), "--max-seq-length", str(a["max_seq_length"]), "--stride", str(a["stride"]),
-            "--batch-size", str(a["batch_size"]), "--max-query-length", str(a["max_query_length"])]
+            "--batch-size", str(a["batch_size"]), "--max-query-length", str(a["max_query_length"]),
+            "--qa-metric", a["qa_metric"]]
     for lang, path in a["lang_sfts"].items():
         argv += ["--lang-sft", f"{lang}={path}"]
     for lang, path in a["data"].items():
         argv += ["--data", f"{lang}={path}"]
     if a["limit"]:
         argv += ["--limit", str(a["limit"])]
+    if a["format"]:
+        argv += ["--format", a["format"]]
     return argv
 
 

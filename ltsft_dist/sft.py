@@ -24,7 +24,7 @@ import safetensors.torch
 import torch
 
 from ltsft_dist.errors import LtsftError
-from ltsft_dist.naming import module_type_and_layer
+from ltsft_dist.naming import body_prefix, module_type_and_layer
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "sft_config.json"
@@ -68,18 +68,10 @@ def base_fingerprint(model: torch.nn.Module) -> str:
 
 
 def _body_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    prefix = getattr(model, "base_model_prefix", "")
-    params = dict(model.named_parameters())
-    body = {n[len(prefix) + 1 :]: p for n, p in params.items() if prefix and n.startswith(prefix + ".")}
-    if not body:  # the model is the body itself (e.g. BertModel) or a plain nn.Module
-        body = params
+    prefix = body_prefix(model)
+    body = {n[len(prefix) :]: p for n, p in model.named_parameters() if n.startswith(prefix)}
     # Under ZeRO-3 p.shape is the empty local placeholder; ds_shape is the real one.
     return {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in body.items() if not n.startswith("pooler.")}
-
-
-def _is_body(name: str, model: torch.nn.Module) -> bool:
-    prefix = getattr(model, "base_model_prefix", "")
-    return not prefix or name.startswith(prefix + ".")
 
 
 class _Saved(NamedTuple):
@@ -233,13 +225,13 @@ class SparseFineTuning:
 
     def _check_fits(self, params: dict, model: torch.nn.Module, skip_missing_heads: bool) -> list[str]:
         expected = {**self.shapes, **{name: tuple(t.shape) for name, t in self.heads.items()}}
-        skipped = []
+        body, skipped = body_prefix(model), []
         for name, shape in expected.items():
             param = params.get(name)
-            if param is None and skip_missing_heads and not _is_body(name, model):
+            if param is None and skip_missing_heads and not name.startswith(body):
                 skipped.append(name)
             elif param is None:
-                hint = "" if _is_body(name, model) else "; pass skip_missing_heads=True to apply without it"
+                hint = "" if name.startswith(body) else "; pass skip_missing_heads=True to apply without it"
                 raise LtsftError(f"the model has no parameter {name!r} (SFT shape {shape}){hint}")
             elif tuple(param.shape) != shape:
                 raise LtsftError(f"shape mismatch for {name!r}: SFT {shape}, model {tuple(param.shape)}")

@@ -27,17 +27,13 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 
 from ltsft_dist.errors import LtsftError
+from ltsft_dist.naming import body_prefix
 from ltsft_dist.sft import SparseFineTuning, base_fingerprint
 from ltsft_dist.shards import param_shape, working_spans
 
 logger = logging.getLogger(__name__)
 
 CHUNK = 8192  # positions per gather/scatter pair when applying (keeps the touched cache lines warm)
-
-
-def _is_body(name: str, model: torch.nn.Module) -> bool:
-    prefix = getattr(model, "base_model_prefix", "")
-    return not prefix or name.startswith(prefix + ".")
 
 
 def check_language_sfts(model: torch.nn.Module, sfts: Mapping[str, SparseFineTuning],
@@ -53,7 +49,7 @@ def check_language_sfts(model: torch.nn.Module, sfts: Mapping[str, SparseFineTun
                          f"{', '.join(map(repr, sorted(sfts))) or 'none'}); give one per source language, or "
                          "train task-adapter-only (TA-only) without a language swap")
     fingerprint = base_fingerprint(model) if fingerprint is None else fingerprint
-    params = dict(model.named_parameters())
+    params, body = dict(model.named_parameters()), body_prefix(model)
     plan = {}
     for language, sft in sfts.items():
         if not isinstance(sft, SparseFineTuning):
@@ -67,7 +63,7 @@ def check_language_sfts(model: torch.nn.Module, sfts: Mapping[str, SparseFineTun
         for name in sft.diffs:
             p = params.get(name)
             if p is None:
-                if _is_body(name, model):
+                if name.startswith(body):
                     raise LtsftError(f"language SFT {language!r} changes {name!r}, which this model does not have "
                                      "(an SFT of another architecture?)")
                 continue  # e.g. the MLM head of a language SFT: not part of a task model

@@ -21,7 +21,7 @@ from ltsft_dist.cli import build_parser
 from ltsft_dist.data import train_wordpiece
 from ltsft_dist.demo_text import sentences
 from ltsft_dist.errors import LtsftError
-from ltsft_dist.evaluation import EvalOptions, evaluate, read_eval_data
+from ltsft_dist.evaluation import EvalConfig, EvalOptions, evaluate, load_eval_config, read_eval_data
 from ltsft_dist.sft import SFTMetadata, SparseFineTuning, base_fingerprint, compose
 from ltsft_dist.tasks import nli, qa
 from ltsft_dist.tasks.metrics import accuracy, qa_scores
@@ -208,7 +208,7 @@ def test_an_eval_config_file_gives_the_same_scores_and_flags_override_it(world, 
     assert results["languages"] == one_rank_qa[0]["languages"]
     assert not (tmp_path / "ignored").exists()
     (tmp_path / "bad.yaml").write_text("base: x\nbatch: 4\n")
-    with pytest.raises(LtsftError, match="unknown key 'batch'; the keys are base, task_sft"):
+    with pytest.raises(LtsftError, match="unknown key 'batch'; valid keys here: base, batch_size"):
         cli("eval", tmp_path / "bad.yaml")
     with pytest.raises(LtsftError, match="missing --task-sft: give it on the command line or as task_sft:"):
         cli("eval", "--base", world["base"], "--data", f"de={world['squad-de']}", "--out", tmp_path)
@@ -408,3 +408,25 @@ def test_real_xquad_end_to_end_through_the_cli(tmp_path):
     table = (tmp_path / "out" / "results.md").read_text()
     assert table in done.stdout  # also printed
     assert [row.split("|")[1].strip() for row in table.splitlines()[4:8]] == ["en", "de", "es", "**average**"]
+
+
+def test_one_typed_eval_config_for_ltsft_eval_and_the_pipeline(tmp_path):
+    """`ltsft eval`'s config file and a pipeline's `evaluation` section are one class with one set of defaults,
+    read by the typed loader of training configs; the pipeline refuses the keys its stages set."""
+    import yaml
+
+    from ltsft_dist.commands.demo import write_demo
+    from ltsft_dist.pipeline import load_pipeline
+
+    (tmp_path / "eval.yaml").write_text("batch_size: four\n")
+    with pytest.raises(LtsftError, match=r"eval.yaml: batch_size: expected int, got 'four'"):
+        load_eval_config(tmp_path / "eval.yaml")
+    path = write_demo(tmp_path / "demo")
+    evaluation = load_pipeline(path).evaluation
+    assert type(evaluation) is EvalConfig and evaluation.max_seq_length == 40  # as the demo config sets it
+    assert evaluation.stride == EvalConfig().stride == EvalOptions().stride == 128  # unset: the one default
+    data = yaml.safe_load(path.read_text())
+    data["evaluation"]["task_sft"] = "elsewhere"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(LtsftError, match="evaluation.task_sft is set by the pipeline"):
+        load_pipeline(path)

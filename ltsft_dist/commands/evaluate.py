@@ -9,8 +9,9 @@ from ltsft_dist.errors import LtsftError
 
 
 def register(subparsers) -> None:
-    from ltsft_dist.evaluation import FORMATS, QA_METRICS, TASKS, EvalOptions
-    from ltsft_dist.export import EXPORT_TASKS
+    from ltsft_dist.evaluation import FILE_FORMATS, EvalOptions
+    from ltsft_dist.tasks import task_names
+    from ltsft_dist.tasks.qa import QA_METRICS
 
     defaults = EvalOptions()
     ev = subparsers.add_parser(
@@ -26,15 +27,15 @@ def register(subparsers) -> None:
     ev.add_argument("--base", metavar="DIR", help="base model directory written by save_pretrained, with its "
                                                    "tokenizer (required)")
     ev.add_argument("--task-sft", metavar="DIR", help="the task SFT, with its dense task head (required)")
-    ev.add_argument("--task", choices=TASKS, help="qa, nli, ner or pos (default: the task the SFT was trained for, "
-                                                  "else told by its head parameters)")
+    ev.add_argument("--task", choices=task_names(evaluated=True),
+                    help="the task (default: the task the SFT was trained for, else told by its head parameters)")
     ev.add_argument("--lang-sft", action="append", default=[], metavar="LANG=DIR",
                     help="language SFT of target language LANG (repeatable); its MLM head is not used")
     ev.add_argument("--data", action="append", default=[], metavar="LANG=PATH",
                     help="evaluation file of target language LANG (repeatable, at least one). QA: SQuAD-format "
                          "JSON (e.g. xquad.de.json); NLI: XNLI TSV, AmericasNLI TSV or MultiNLI-style JSONL; NER/POS: "
                          "CoNLL (CoNLL-U, or word ... tag columns as CoNLL-2003/WikiANN)")
-    ev.add_argument("--format", dest="format", choices=FORMATS,
+    ev.add_argument("--format", dest="format", choices=FILE_FORMATS,
                     help="reader for every --data file (default: from the extension, and the header for TSV)")
     ev.add_argument("--max-seq-length", type=int, metavar="N",
                     help=f"tokens per model input (QA window or NLI pair; default {defaults.max_seq_length})")
@@ -63,9 +64,9 @@ def register(subparsers) -> None:
                     help="base model directory written by save_pretrained, with its tokenizer")
     ex.add_argument("--sft", dest="sfts", action="append", required=True, metavar="DIR",
                     help="SFT to merge (repeatable), e.g. a task SFT and a language SFT")
-    ex.add_argument("--task", choices=EXPORT_TASKS, required=True,
-                    help="model head to save: qa (QuestionAnswering), nli (SequenceClassification, 3 labels) or "
-                         "mlm (MaskedLM, output embeddings untied as in language SFT training)")
+    ex.add_argument("--task", choices=task_names(), required=True,
+                    help="the task whose model head to save, e.g. qa (QuestionAnswering), nli (SequenceClassification, "
+                         "3 labels) or mlm (MaskedLM, output embeddings untied as in language SFT training)")
     ex.add_argument("-o", "--output", required=True, metavar="OUT",
                     help="directory to create (written under a temporary name, then renamed)")
     ex.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -85,55 +86,28 @@ def parse_pairs(values: list[str], flag: str) -> dict[str, str]:
     return pairs
 
 
-CONFIG_KEYS = ("base", "task_sft", "task", "lang_sft", "data", "format", "max_seq_length", "stride",
-               "max_query_length", "batch_size", "limit", "qa_metric", "out")
-NUMBERS = ("max_seq_length", "stride", "max_query_length", "batch_size", "limit")
-
-
-def read_eval_config(path: str) -> dict:
-    """An eval config file: the flags' values under their names."""
-    from ltsft_dist.config import read_mapping
-
-    config = read_mapping(path, "eval config")
-    unknown = sorted(set(config) - set(CONFIG_KEYS))
-    if unknown:
-        raise LtsftError(f"eval config {path}: unknown key {unknown[0]!r}; the keys are {', '.join(CONFIG_KEYS)}")
-    for key in ("lang_sft", "data"):
-        if not isinstance(config.get(key, {}), dict):
-            raise LtsftError(f"eval config {path}: {key} must map each language to a path, e.g. {key}: {{de: ...}}")
-        config[key] = {str(lang): str(value) for lang, value in config.get(key, {}).items()}
-    for key in NUMBERS:
-        if key in config and (not isinstance(config[key], int) or isinstance(config[key], bool)):
-            raise LtsftError(f"eval config {path}: {key} must be an integer, got {config[key]!r}")
-    return config
-
-
 def eval_command(args: argparse.Namespace) -> int:
-    from ltsft_dist.evaluation import EvalOptions, evaluate, markdown_table, write_results
+    from ltsft_dist.evaluation import EvalConfig, evaluate, load_eval_config, markdown_table, write_results
 
-    config = read_eval_config(args.config) if args.config else {}
-    value = {key: getattr(args, key) if getattr(args, key) is not None else config.get(key)
-             for key in CONFIG_KEYS if key not in ("lang_sft", "data")}
-    data = {**config.get("data", {}), **parse_pairs(args.data, "--data")}
-    lang_sfts = {**config.get("lang_sft", {}), **parse_pairs(args.lang_sft, "--lang-sft")}
+    config = load_eval_config(args.config) if args.config else EvalConfig()
+    for key in ("base", "task_sft", "task", "format", "max_seq_length", "stride", "max_query_length", "batch_size",
+                "limit", "qa_metric", "out"):
+        if getattr(args, key) is not None:
+            setattr(config, key, getattr(args, key))
+    config.data = {**config.data, **parse_pairs(args.data, "--data")}
+    config.lang_sft = {**config.lang_sft, **parse_pairs(args.lang_sft, "--lang-sft")}
     for key in ("base", "task_sft", "out"):
-        if not value[key]:
+        if not getattr(config, key):
             flag = "--" + key.replace("_", "-")
             raise LtsftError(f"missing {flag}: give it on the command line or as {key}: in the eval config")
-    numbers = {key: value[key] for key in NUMBERS if value[key] is not None}
-    for key, number in numbers.items():
-        if number < 0 or (number == 0 and key != "stride"):
-            raise LtsftError(f"--{key.replace('_', '-')} must be {'>= 0' if key == 'stride' else 'positive'}, "
-                             f"got {number}")
-    options = EvalOptions(**numbers, qa_metric=value["qa_metric"] or EvalOptions.qa_metric,
-                          data_format=value["format"])
+    config.check()
     _join_launched_group()
-    results = evaluate(value["base"], value["task_sft"], data, lang_sfts, value["task"], options,
+    results = evaluate(config.base, config.task_sft, config.data, config.lang_sft, config.task, config,
                        show_progress=not args.no_progress)
     if results is not None:
-        write_results(results, value["out"])
+        write_results(results, config.out)
         print(markdown_table(results))
-        print(f"wrote {value['out']}/results.json and results.md", file=sys.stderr)
+        print(f"wrote {config.out}/results.json and results.md", file=sys.stderr)
     return 0
 
 

@@ -1,7 +1,12 @@
-"""Task data and evaluation: language-SFT text (mlm), NLI (nli), extractive QA (qa), token classification
-(ner, pos: tokens) and their metrics.
+"""The tasks: one module each (mlm, classification, nli, qa, ner), registered by name in `tasks.base`.
 
-Each reader turns one official file format into plain records; each encoder turns records into
-`ltsft_dist.data.Examples` the trainer can feed to a Hugging Face model. Every user-fixable problem
-raises `LtsftError` naming the file, the line or record id, and the fix.
+Each reader turns one official file format into plain records; each task's `encode` turns records into
+`tasks.base.Encoded` the trainer feeds to a Hugging Face model and the evaluation scores. Every user-fixable
+problem raises `LtsftError` naming the file, the line or record id, and the fix. Importing this package
+registers every task; a new task is one new module here, imported below.
 """
+
+from ltsft_dist.tasks import classification, mlm, ner, nli, qa  # noqa: F401  (each registers itself)
+from ltsft_dist.tasks.base import FORMAT_NAMES, Encoded, Encoding, Task, format_problem, get_task, task_names
+
+__all__ = ["FORMAT_NAMES", "Encoded", "Encoding", "Task", "format_problem", "get_task", "task_names"]

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from ltsft_dist.data import Examples, MLMSpec
+from ltsft_dist.data import Examples, MLMSpec, bert_mask
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.tasks._io import load_hf_dataset, read_text
+from ltsft_dist.tasks.base import Encoded, Encoding, Format, Task, register_task
 
 
 def read_text_lines(path: str | Path) -> list[str]:
@@ -75,14 +76,14 @@ def _rows(tokenizer, bodies: list[list[int]], max_len: int) -> dict[str, torch.T
 
 
 @dataclass
-class Encoded:
+class EncodedText:
     examples: Examples
     truncated: int = 0  # lines cut to max_len (line-by-line mode)
     empty: int = 0  # lines with no tokens, left out
 
 
 def encode_text(tokenizer, lines: list[str], max_len: int, packed: bool = False,
-                probability: float = 0.15) -> Encoded:
+                probability: float = 0.15) -> EncodedText:
     """Fixed-length MLM rows: one per line (truncated), or `packed`: the lines' tokens concatenated in order
     and cut into blocks, each framed by the special tokens (the last block padded)."""
     room = max_len - sum(map(len, _special_frame(tokenizer)))
@@ -99,7 +100,7 @@ def encode_text(tokenizer, lines: list[str], max_len: int, packed: bool = False,
     else:
         bodies, truncated = [t[:room] for t in tokens], sum(1 for t in tokens if len(t) > room)
     spec = MLMSpec(tokenizer.mask_token_id, tuple(tokenizer.all_special_ids), len(tokenizer), probability)
-    return Encoded(Examples(_rows(tokenizer, bodies, max_len), mlm=spec), truncated, empty)
+    return EncodedText(Examples(_rows(tokenizer, bodies, max_len), mlm=spec), truncated, empty)
 
 
 def fixed_masks(examples: Examples, seed: int = 0) -> Examples:
@@ -109,19 +110,8 @@ def fixed_masks(examples: Examples, seed: int = 0) -> Examples:
     spec = examples.mlm
     if spec is None:
         raise LtsftError("fixed_masks needs MLM examples (from encode_text)")
-    g = torch.Generator().manual_seed(seed)
-    ids = examples.tensors["input_ids"]
-    maskable = ~torch.isin(ids, torch.tensor(spec.special_ids))
-    chosen = (torch.rand(ids.shape, generator=g) < spec.probability) & maskable
-    fallback = torch.rand(ids.shape, generator=g).masked_fill(~maskable, -1).argmax(1)
-    needs = ~chosen.any(1) & maskable.any(1)
-    chosen[needs, fallback[needs]] = True
-    action = torch.rand(ids.shape, generator=g)
-    random_ids = torch.randint(len(spec.special_ids), max(spec.vocab_size, len(spec.special_ids) + 1), ids.shape,
-                               generator=g)
-    inputs = torch.where(chosen & (action < 0.8), torch.full_like(ids, spec.mask_token_id), ids)
-    inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, inputs)
-    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+    inputs, labels = bert_mask(examples.tensors["input_ids"], spec, torch.Generator().manual_seed(seed),
+                               at_least_one=True)
     return Examples({**examples.tensors, "input_ids": inputs, "labels": labels})
 
 
@@ -148,3 +138,33 @@ def build_mlm_data(tokenizer, lines: list[str], max_len: int, packed: bool = Fal
               "eval_rows": len(held.examples), "truncated": train.truncated + held.truncated,
               "empty": train.empty + held.empty}
     return MLMData(train.examples, fixed_masks(held.examples, seed), report)
+
+
+@register_task
+class MaskedLM(Task):
+    """Masked language modelling of one language's text: what a language SFT learns."""
+
+    name = "mlm"
+    kind = "language"
+    model_class = "AutoModelForMaskedLM"
+    formats = {
+        "text": Format(lambda s: read_text_lines(s.train_file), suffixes=(".txt",)),
+        "hf": Format(lambda s: load_hf_lines(s.hf_dataset, s.hf_config, s.split, s.column)),
+    }
+
+    def prepare_model(self, model) -> None:
+        from ltsft_dist.models import untie_output_embeddings
+
+        untie_output_embeddings(model)
+
+    def texts(self, records: list[str]) -> list[str]:
+        return records
+
+    def encode(self, tokenizer, records: list[str], encoding: Encoding, labels=None) -> Encoded:
+        encoded = encode_text(tokenizer, records, encoding.max_seq_length, encoding.packed, encoding.mlm_probability)
+        return Encoded(encoded.examples, records,
+                           report={"rows": len(encoded.examples), "truncated": encoded.truncated,
+                                   "empty": encoded.empty})
+
+    def held_out(self, encoded: Encoded, seed: int) -> Encoded:
+        return Encoded(fixed_masks(encoded.examples, seed), encoded.records, report=encoded.report)

@@ -18,6 +18,8 @@ import torch
 from ltsft_dist.data import Examples
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.tasks._io import load_hf_dataset, read_jsonl, read_tsv, require_keys
+from ltsft_dist.tasks.base import Encoded, Encoding, Format, Task, register_task
+from ltsft_dist.tasks.metrics import accuracy
 
 log = logging.getLogger(__name__)
 
@@ -180,3 +182,46 @@ def encode_nli(tokenizer, records: list[NLIRecord], max_len: int) -> Examples:
 
 def encode_by_language(tokenizer, nli_set: NLISet, max_len: int) -> dict[str, Examples]:
     return {lang: encode_nli(tokenizer, records, max_len) for lang, records in nli_set.by_language.items()}
+
+
+def _of_language(nli_set: NLISet, language: str, where: str) -> list[NLIRecord]:
+    if language not in nli_set.by_language:
+        found = ", ".join(nli_set.by_language) or "none"
+        raise LtsftError(f"{where}: no records for language {language!r} (languages found: {found})")
+    return nli_set.by_language[language]
+
+
+def _read_hf(source) -> list[NLIRecord]:
+    dataset, where = load_hf_dataset(source.hf_dataset, source.hf_config, source.split)
+    return _of_language(records_from_dataset(dataset, source.language, where), source.language, where)
+
+
+@register_task
+class NLI(Task):
+    """Premise/hypothesis pairs into entailment, neutral, contradiction; scored by accuracy."""
+
+    name = "nli"
+    model_class = "AutoModelForSequenceClassification"
+    formats = {
+        "xnli-tsv": Format(lambda s: _of_language(read_xnli_tsv(s.train_file, [s.language]), s.language,
+                                                  s.train_file), suffixes=(".tsv",), header="sentence1"),
+        "americasnli-tsv": Format(lambda s: _of_language(read_americasnli_tsv(s.train_file, [s.language]),
+                                                         s.language, s.train_file), suffixes=(".tsv",),
+                                  header="premise"),
+        "multinli-jsonl": Format(lambda s: _of_language(read_multinli_jsonl(s.train_file, s.language or "en"),
+                                                        s.language or "en", s.train_file), suffixes=(".jsonl",)),
+        "hf": Format(_read_hf),
+    }
+    labelled = True
+    fixed_labels = LABELS
+    metrics = ("accuracy",)
+
+    def texts(self, records: list[NLIRecord]) -> list[str]:
+        return [t for r in records for t in (r.premise, r.hypothesis)]
+
+    def encode(self, tokenizer, records: list[NLIRecord], encoding: Encoding, labels=None) -> Encoded:
+        return Encoded(encode_nli(tokenizer, records, encoding.max_seq_length), records)
+
+    def score(self, encoded: Encoded, outputs: list[torch.Tensor], language: str, options) -> dict:
+        return {"accuracy": 100.0 * accuracy(outputs[0], encoded.examples.tensors["labels"]),
+                "examples": len(encoded.records)}

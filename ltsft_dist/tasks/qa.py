@@ -20,8 +20,12 @@ import torch
 from ltsft_dist.data import Examples
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.tasks._io import load_hf_dataset, read_json, require_keys
+from ltsft_dist.tasks.base import Encoded, Encoding, Format, Task, register_task
+from ltsft_dist.tasks.metrics import MLQA_LANGUAGES, qa_scores
 
 log = logging.getLogger(__name__)
+
+QA_METRICS = ("squad", "mlqa")  # squad: the SQuAD v1.1 script, XQuAD's official one; mlqa: MLQA's per language
 
 
 @dataclass
@@ -270,3 +274,40 @@ def predict_answers(features: QAFeatures, examples: list[QAExample], start_logit
         if n not in best or float(scores.max()) > best[n][0]:
             best[n] = (float(scores.max()), examples[n].context[offsets[s][0]:offsets[e][1]])
     return {ex.id: best[n][1] if n in best else "" for n, ex in enumerate(examples)}
+
+
+@register_task
+class QA(Task):
+    """Extractive QA: answer spans in windows of the context; scored by the official exact match and F1."""
+
+    name = "qa"
+    model_class = "AutoModelForQuestionAnswering"
+    formats = {
+        "squad": Format(lambda s: read_squad_json(s.train_file, s.language or None), suffixes=(".json",)),
+        "hf": Format(lambda s: load_squad_hf(s.hf_dataset, s.language, s.hf_config, s.split)),
+    }
+    metrics = ("exact_match", "f1")
+    output_fields = ("start_logits", "end_logits")
+
+    def texts(self, records: list[QAExample]) -> list[str]:
+        return list(dict.fromkeys(r.context for r in records)) + [r.question for r in records]
+
+    def encode(self, tokenizer, records: list[QAExample], encoding: Encoding, labels=None) -> Encoded:
+        features = encode_qa(tokenizer, records, encoding.max_seq_length, encoding.stride, encoding.max_query_length)
+        return Encoded(features.examples, records, features, {"windows": str(features.report)})
+
+    def score(self, encoded: Encoded, outputs: list[torch.Tensor], language: str, options) -> dict:
+        predictions = predict_answers(encoded.features, encoded.records, *outputs)
+        scores = qa_scores(gold_answers(encoded.records), predictions,
+                           language if options.qa_metric == "mlqa" else None)
+        return {"exact_match": scores["exact_match"], "f1": scores["f1"], "examples": scores["total"],
+                "lost_to_truncation": len(encoded.features.report.lost)}
+
+    def metric_title(self, options) -> str:
+        return options.qa_metric
+
+    def check_eval(self, options, languages: list[str]) -> None:
+        outside_mlqa = sorted(set(languages) - set(MLQA_LANGUAGES))
+        if options.qa_metric == "mlqa" and outside_mlqa:
+            raise LtsftError(f"--qa-metric mlqa has no rules for {outside_mlqa} (MLQA covers {list(MLQA_LANGUAGES)}); "
+                             "use --qa-metric squad, XQuAD's official metric")

@@ -18,6 +18,7 @@ import torch
 from ltsft_dist.data import Examples
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.tasks._io import load_hf_dataset, read_text
+from ltsft_dist.tasks.base import Encoded, Encoding, Format, Task
 
 
 @dataclass
@@ -132,3 +133,32 @@ def predicted_tags(features: TokenFeatures, logits: torch.Tensor, labels: list[s
     """Per sentence, the tag of each kept word (its first subword's argmax)."""
     best = logits.argmax(-1)
     return [[labels[int(best[row, p])] for p in first] for row, first in enumerate(features.first_subword)]
+
+
+class TokenTagging(Task):
+    """A tag per word (NER, POS), predicted on its first subword; `ner` and `pos` register their own."""
+
+    model_class = "AutoModelForTokenClassification"
+    formats = {
+        "conll": Format(lambda s: read_conll(s.train_file, s.language), suffixes=(".conll", ".conllu", ".txt")),
+        "hf": Format(lambda s: load_hf_sentences(s.hf_dataset, s.language, s.hf_config, s.split)),
+    }
+    labelled = True
+
+    def texts(self, records: list[TaggedSentence]) -> list[str]:
+        return [" ".join(r.words) for r in records]
+
+    def record_labels(self, records: list[TaggedSentence]) -> set[str]:
+        return {t for r in records for t in r.tags}
+
+    def encode(self, tokenizer, records: list[TaggedSentence], encoding: Encoding, labels: list[str]) -> Encoded:
+        features = encode_tokens(tokenizer, records, encoding.max_seq_length, labels)
+        return Encoded(features.examples, records, features, {"words_truncated": features.truncated_words}, labels)
+
+    def score(self, encoded: Encoded, outputs: list[torch.Tensor], language: str, options) -> dict:
+        predicted = predicted_tags(encoded.features, outputs[0], encoded.labels)
+        return {**self.tag_scores([s.tags for s in encoded.records], predicted), "examples": len(encoded.records),
+                "words_lost_to_truncation": encoded.features.truncated_words}
+
+    def tag_scores(self, gold: list[list[str]], predicted: list[list[str]]) -> dict:
+        raise NotImplementedError
