@@ -34,8 +34,11 @@ def _files(tmp_path: Path) -> dict[str, Path]:
     jsonl.write_text("".join(f'{{"text": "{line}", "label": "{"ab"[i % 2]}"}}\n' for i, line in enumerate(LINES)))
     conll = tmp_path / "ner.conll"
     conll.write_text("Anna B-PER\nwohnt O\nin O\nBerlin B-LOC\n\nDer O\nFluss O\nflie\u00dft O\n")
+    conllu = tmp_path / "pos.conllu"
+    conllu.write_text("1\tAnna\t_\tPROPN\t_\t_\t2\tnsubj\t_\t_\n2\tschl\u00e4ft\t_\tVERB\t_\t_\t0\troot\t_\t_\n\n"
+                      "1\tWir\t_\tPRON\t_\t_\t2\tnsubj\t_\t_\n2\tgehen\t_\tVERB\t_\t_\t0\troot\t_\t_\n")
     return {"mlm": text, "classification": jsonl, "nli": FIXTURES / "xnli.dev.tsv", "qa": FIXTURES / "squad_tiny.json",
-            "ner": conll}
+            "ner": conll, "pos": conllu}
 
 
 def _overrides(task: type[Task], *names: str) -> list[str]:
@@ -43,8 +46,8 @@ def _overrides(task: type[Task], *names: str) -> list[str]:
 
 
 def test_the_six_tasks_are_registered_with_what_the_interface_requires():
-    assert sorted(task_names()) == ["classification", "mlm", "ner", "nli", "qa"]
-    assert sorted(task_names(evaluated=True)) == ["ner", "nli", "qa"]
+    assert sorted(task_names()) == ["classification", "mlm", "ner", "nli", "pos", "qa"]
+    assert sorted(task_names(evaluated=True)) == ["ner", "nli", "pos", "qa"]
     assert task_names(kind="language") == ["mlm"]
     for name in task_names():
         task = get_task(name)
@@ -61,7 +64,7 @@ def test_the_six_tasks_are_registered_with_what_the_interface_requires():
             assert task.output_fields
 
 
-@pytest.mark.parametrize("name", ["mlm", "classification", "nli", "qa", "ner"])
+@pytest.mark.parametrize("name", ["mlm", "classification", "nli", "qa", "ner", "pos"])
 def test_every_task_reads_encodes_and_scores_through_the_interface(name, tmp_path):
     task, path = get_task(name), _files(tmp_path)[name]
     fmt = task.sniff(path)
