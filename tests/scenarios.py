@@ -10,6 +10,8 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from ltsft_dist.config import PhaseConfig, TrainConfig
 from ltsft_dist.data import Examples
+from ltsft_dist.engine import ds_config_for
+from ltsft_dist.hooks import StepHook
 
 TINY = dict(vocab_size=61, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=30,
             max_position_embeddings=20, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -67,16 +69,7 @@ def task_config(stage_file: str = "zero2.json", **overrides) -> TrainConfig:
     for key, value in overrides.items():
         setattr(cfg, key, value)
     cfg.validate()
-    return cfg
-
-
-def ds_config_for(cfg: TrainConfig, world_size: int) -> dict:
-    from ltsft_dist.engine import load_ds_config
-
-    per_step = cfg.micro_batch_size * world_size
-    return load_ds_config(cfg.deepspeed_path(), micro_batch_size=cfg.micro_batch_size,
-                          accumulation=cfg.batch_size // per_step, world_size=world_size,
-                          max_grad_norm=cfg.max_grad_norm)
+    return cfg.complete()
 
 
 def working_weight_drift(model, theta0: dict[str, torch.Tensor], diffs: dict | None, roles: dict[str, str]) -> int:
@@ -122,7 +115,7 @@ def run_cases(cases: list[tuple[str, TrainConfig, Examples, int]], world_size: i
     return results
 
 
-class StopAt:
+class StopAt(StepHook):
     """A step hook that asks one rank only to stop at a given (phase, step): the others must follow."""
 
     def __init__(self, recipe, stop_step: int, in_phase2: bool, rank: int):
@@ -132,9 +125,6 @@ class StopAt:
         in_phase2 = self.recipe.selected is not None
         if step == self.stop_step and in_phase2 == self.in_phase2 and self.recipe.rank == self.rank:
             self.recipe.request_stop()
-
-    def before_optimizer_step(self, step: int) -> None:
-        pass
 
 
 def run_interrupted(cfg: TrainConfig, examples: Examples, world_size: int, stops: list[tuple[int, bool]]) -> dict:

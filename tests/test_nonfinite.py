@@ -17,12 +17,14 @@ import torch
 from distributed import run_ranks
 from scenarios import classification_examples, ds_config_for, task_config, tiny_model
 
+from ltsft_dist.hooks import StepHook
+
 WORLD = 2
 NAN_STEP = 2  # phase-2 step index (the message counts from 1: "phase2 step 3")
 NAN_RANK = 1
 
 
-class NaNAt:
+class NaNAt(StepHook):
     """Step hook: rank `NAN_RANK`'s loss is NaN at phase-2 step `NAN_STEP` (and so are its gradients); records
     this rank's fp32 masters before every phase-2 step."""
 

@@ -35,6 +35,7 @@ from oracle import oracle_ltsft
 from scenarios import classification_examples, ds_config_for, task_config, tiny_model, working_weight_drift
 from ltsft_dist.config import PhaseConfig
 from ltsft_dist.errors import LtsftError
+from ltsft_dist.hooks import StepHook
 from ltsft_dist.multisource import MultiSourceOrder, build_multisource
 from ltsft_dist.sft import SFTMetadata, SparseFineTuning, base_fingerprint
 from ltsft_dist.swap import LanguageSwap
@@ -131,7 +132,7 @@ class _Checks:
         return bad
 
 
-class _Pre:
+class _Pre(StepHook):
     def __init__(self, c):
         self.c = c
 
@@ -146,7 +147,7 @@ class _Pre:
         pass
 
 
-class _Post:
+class _Post(StepHook):
     def __init__(self, c):
         self.c = c
 

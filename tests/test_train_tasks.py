@@ -15,7 +15,7 @@ from conftest import require_shared_data
 from test_sft import random_sft
 
 from ltsft_dist import launch_env
-from ltsft_dist.config import ModelConfig, load_config
+from ltsft_dist.config import PACKAGE_DS_CONFIGS, ModelConfig, load_config
 from ltsft_dist.demo_text import sentences
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.heldout import HeldOut
@@ -238,24 +238,22 @@ def test_held_out_loss_does_not_depend_on_the_world_size():
 
 
 def test_relative_paths_are_taken_from_the_config_folder(tmp_path, monkeypatch):
-    import argparse
-
-    from ltsft_dist.commands import train as train_module
-
     folder = tmp_path / "configs"
     (folder / "lang_de").mkdir(parents=True)
-    for name in ("en.txt", "de.tsv"):
+    for name in ("en.txt", "de.tsv", "ds.json"):
         (folder / name).write_text("x\n")
-    seen = []
-    monkeypatch.setattr(train_module, "run_training", lambda config, base_dir: seen.append(config) or 0)
-    single = {"kind": "language", "model": {"tiny": TINY}, "density": 0.1, "data": {"train_file": "en.txt"}}
+    single = {"kind": "language", "model": {"tiny": TINY}, "density": 0.1, "data": {"train_file": "en.txt"},
+              "deepspeed": "ds.json"}
     multi = base_config(tmp_path / "o", task="nli", model={"tiny": TINY}, language_sfts={"de": "lang_de"},
                         data={"sources": [{"language": "de", "train_file": "de.tsv"},
                                           {"language": "en", "train_file": "elsewhere.tsv"}]})
     monkeypatch.chdir(tmp_path)  # not the config's folder
+    seen = []
     for config in (single, multi):
         (folder / "run.yaml").write_text(yaml.safe_dump(config))
-        train_module.train_command(argparse.Namespace(config=str(folder / "run.yaml"), overrides=[]))
+        seen.append(load_config(folder / "run.yaml"))
     assert seen[0].data.train_file == str(folder / "en.txt")
+    assert seen[0].deepspeed_path() == folder / "ds.json"
+    assert seen[1].deepspeed_path() == PACKAGE_DS_CONFIGS / "zero2.json"  # a name: the packaged config
     assert [s.train_file for s in seen[1].data.sources] == [str(folder / "de.tsv"), "elsewhere.tsv"]  # kept as given
     assert seen[1].language_sfts == {"de": str(folder / "lang_de")}

@@ -109,6 +109,7 @@ def read_eval_config(path: str) -> dict:
 
 
 def eval_command(args: argparse.Namespace) -> int:
+    from ltsft_dist.engine import join_launched_group
     from ltsft_dist.evaluation import EvalOptions, evaluate, markdown_table, write_results
 
     config = read_eval_config(args.config) if args.config else {}
@@ -127,7 +128,7 @@ def eval_command(args: argparse.Namespace) -> int:
                              f"got {number}")
     options = EvalOptions(**numbers, qa_metric=value["qa_metric"] or EvalOptions.qa_metric,
                           data_format=value["format"])
-    _join_launched_group()
+    join_launched_group()
     results = evaluate(value["base"], value["task_sft"], data, lang_sfts, value["task"], options,
                        show_progress=not args.no_progress)
     if results is not None:
@@ -135,24 +136,6 @@ def eval_command(args: argparse.Namespace) -> int:
         print(markdown_table(results))
         print(f"wrote {value['out']}/results.json and results.md", file=sys.stderr)
     return 0
-
-
-def _join_launched_group() -> None:
-    """Join the process group when a launcher started several ranks; a lone process evaluates by itself, without
-    DeepSpeed's start-up (and can run inside another program, e.g. a test)."""
-    import torch.distributed as dist
-
-    from ltsft_dist.engine import init_distributed
-    from ltsft_dist.launch_env import discover
-
-    if dist.is_initialized():
-        return
-    try:
-        alone = discover(use_mpi4py=False).world_size == 1
-    except LtsftError:  # e.g. an MPI launcher whose ranks only mpi4py can tell: let init_distributed find out
-        alone = False
-    if not alone:
-        init_distributed()
 
 
 def export_command(args: argparse.Namespace) -> int:
