@@ -79,6 +79,7 @@ def test_cli_reports_config_errors_without_traceback(tmp_path):
     assert "ltsft train: error:" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_train_single_rank_end_to_end(tmp_path):
     """`ltsft train` alone is a 1-rank run: it writes an SFT with exactly K entries, results and TensorBoard logs."""
     from ltsft_dist.demo_text import sentences
@@ -143,6 +144,7 @@ def test_validate_leaves_the_config_as_it_was():
     assert (full.task, full.selection) == ("classification", "all") and full.model is not config.model
 
 
+@pytest.mark.slow
 def test_train_as_a_library_call(tmp_path):
     """`ltsft_dist.train(config)` from a program of one's own: returns the SFT and the stats, leaves the caller's
     config as it was."""

@@ -85,13 +85,17 @@ CASES = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
-def nonfinite() -> list[dict]:
+def launch_nonfinite() -> list[dict]:
     return run_ranks(nonfinite_cases, WORLD, CASES)
 
 
+@pytest.fixture(scope="session")
+def nonfinite(launches):
+    return functools.partial(launches, launch_nonfinite)
+
+
 @pytest.mark.parametrize("case", [c[0] for c in CASES if c[0].startswith("skip")])
-def test_skip_leaves_every_rank_unchanged_by_the_step(case):
+def test_skip_leaves_every_rank_unchanged_by_the_step(case, nonfinite):
     for rank, got in enumerate(nonfinite()):
         got = got[case]
         assert got["skipped_step_kept_masters"], f"rank {rank}: a master weight changed in the skipped step"
@@ -102,7 +106,7 @@ def test_skip_leaves_every_rank_unchanged_by_the_step(case):
     assert nonfinite()[0][case]["nnz"] == nonfinite()[0][case]["k"] > 0
 
 
-def test_stop_names_the_rank_phase_step_and_that_there_is_no_checkpoint():
+def test_stop_names_the_rank_phase_step_and_that_there_is_no_checkpoint(nonfinite):
     for got in nonfinite():
         message = got["stop"]["error"]
         assert f"non-finite loss (NaN or inf) on rank {NAN_RANK} in phase2 step {NAN_STEP + 1}" in message
@@ -110,7 +114,7 @@ def test_stop_names_the_rank_phase_step_and_that_there_is_no_checkpoint():
         assert "on_nonfinite_loss: skip" in message
 
 
-def test_stop_names_the_last_complete_checkpoint():
+def test_stop_names_the_last_complete_checkpoint(nonfinite):
     for got in nonfinite():
         message = got["stop-after-checkpoint"]["error"]
         assert f"phase2 step {NAN_STEP + 1}" in message

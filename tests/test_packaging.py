@@ -15,6 +15,7 @@ import yaml
 
 from ltsft_dist.launch_env import free_port
 
+pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -35,7 +36,6 @@ def test_the_wheel_carries_the_configs(wheel):
     assert not any(n.startswith(("tests/", "bench/", "ds_configs/")) for n in names)
 
 
-@pytest.mark.slow
 def test_installed_wheel_trains_from_another_directory(wheel, tmp_path):
     """A fresh venv gets the wheel only (--no-deps); its dependencies (torch, DeepSpeed, ...) come from this
     environment's site-packages through a .pth line, so nothing is downloaded and no other torch build appears."""

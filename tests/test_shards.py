@@ -13,6 +13,7 @@ import torch
 from distributed import run_ranks
 from scenarios import classification_examples, task_config, tiny_classifier
 
+pytestmark = [pytest.mark.slow, pytest.mark.multirank]
 WORLD = 2
 
 # (stage, internal): what shards.py does with it. Each probe raises AssertionError describing what it found.
@@ -112,8 +113,9 @@ def _probe(stage: int, name: str, engine, model) -> None:
                 g = m.get_lp_grad_fragment(p._index_in_param_group)
                 _expect(g.numel() == m.lp_fragment_address.numel, "fragment size differs from lp_fragment_address")
     elif name == "optimizer.update_lp_params":  # masters -> working weights
-        for flat in opt.single_partition_of_fp32_groups:
-            flat.add_(1.0)
+        with torch.no_grad():
+            for flat in opt.single_partition_of_fp32_groups:
+                flat.add_(1.0)
         opt.update_lp_params()
         for g, n, p in _grouped(opt, params):
             m = getattr(p, "_hp_mapping", None)
@@ -162,7 +164,8 @@ def _probe(stage: int, name: str, engine, model) -> None:
                 _expect(opt.averaged_gradients[s][k].numel() >= min(p.partition_numel(), p.ds_numel),
                         "averaged_gradients[s][k] is smaller than the parameter's partition")
     elif name == "optimizer._partition_all_parameters/_reassign_or_swap_out_partitioned_parameters":
-        _masters(stage, opt)[0].add_(1.0)
+        with torch.no_grad():
+            _masters(stage, opt)[0].add_(1.0)
         from ltsft_dist.shards import Shards
 
         Shards(engine, model).sync_working_weights()

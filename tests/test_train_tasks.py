@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import require_shared_data
-from test_sft import random_sft
+from sfts import random_sft
 
 from ltsft_dist import launch_env
 from ltsft_dist.config import PACKAGE_DS_CONFIGS, ModelConfig, load_config
@@ -80,6 +80,7 @@ def held_out_loss_of(run_config: Path, sft_dir: Path, tokenizer_dir: Path, base_
     return HeldOut(data.held_out, 4, 0, 1).loss(model)["all"]
 
 
+@pytest.mark.slow
 def test_nli_task_sft_from_an_xnli_tsv_keeps_the_best_phi_by_held_out_loss(tmp_path):
     out = tmp_path / "out"
     config = base_config(out, task="nli", languages=["de"],
@@ -133,6 +134,8 @@ def xquad_base(tmp_path_factory):
     return d, files, sfts
 
 
+@pytest.mark.slow
+@pytest.mark.multirank
 def test_multisource_qa_on_xquad_swaps_language_sfts_on_two_ranks(xquad_base, tmp_path):
     d, files, sfts = xquad_base
     out = tmp_path / "out"
