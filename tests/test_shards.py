@@ -80,12 +80,9 @@ def _probe(stage: int, name: str, engine, model) -> None:
     elif name == "optimizer.optimizer":
         _expect(isinstance(opt.optimizer, torch.optim.AdamW), f"found {type(opt.optimizer).__name__}")
     elif name == "optimizer.single_partition_of_fp32_groups":
-        flats = opt.single_partition_of_fp32_groups
-        _expect(all(t.dtype == torch.float32 and t.dim() == 1 for t in flats), "not flat fp32 tensors")
-        _expect(len(flats) == len(opt.bit16_groups), "not one per bit16 group")
+        _one_flat_fp32_master_per_group(opt.single_partition_of_fp32_groups, opt.bit16_groups)
     elif name == "optimizer.bit16_groups":
-        held = {id(p) for group in opt.bit16_groups for p in group}
-        _expect(held == {id(p) for p in params.values()}, "groups do not hold exactly the model parameters")
+        _groups_hold_the_model(opt.bit16_groups, params)
     elif name == "param._hp_mapping":  # my fp32 range of each parameter: the ranks' ranges tile it exactly
         mine = []
         for g, n, p in _grouped(opt, params):
@@ -139,12 +136,9 @@ def _probe(stage: int, name: str, engine, model) -> None:
         _expect(keys <= {id(t) for t in _masters(stage, opt)}, "state is not keyed by the fp32 master flats")
         _expect(all(torch.is_tensor(s.get("exp_avg")) for s in opt.optimizer.state.values()), "no exp_avg tensors")
     elif name == "optimizer.fp32_partitioned_groups_flat":
-        flats = opt.fp32_partitioned_groups_flat
-        _expect(all(t.dtype == torch.float32 and t.dim() == 1 for t in flats), "not flat fp32 tensors")
-        _expect(len(flats) == len(opt.fp16_groups), "not one per fp16 (sub-)group")
+        _one_flat_fp32_master_per_group(opt.fp32_partitioned_groups_flat, opt.fp16_groups)
     elif name == "optimizer.fp16_groups":
-        held = {id(p) for group in opt.fp16_groups for p in group}
-        _expect(held == {id(p) for p in params.values()}, "groups do not hold exactly the model parameters")
+        _groups_hold_the_model(opt.fp16_groups, params)
     elif name == "optimizer.grad_position":  # (group, offset, numel) of my partition of each parameter
         for s, group in enumerate(opt.fp16_groups):
             for p in group:
@@ -199,6 +193,16 @@ def _probe(stage: int, name: str, engine, model) -> None:
         _expect({"AVAILABLE", "NOT_AVAILABLE", "INFLIGHT"} <= set(ZeroParamStatus.__members__), "members changed")
     else:
         raise AssertionError(f"no probe for {name}")
+
+
+def _one_flat_fp32_master_per_group(flats: list, groups: list) -> None:
+    _expect(all(t.dtype == torch.float32 and t.dim() == 1 for t in flats), "not flat fp32 tensors")
+    _expect(len(flats) == len(groups), "not one per parameter (sub-)group")
+
+
+def _groups_hold_the_model(groups: list, params: dict) -> None:
+    held = {id(p) for group in groups for p in group}
+    _expect(held == {id(p) for p in params.values()}, "groups do not hold exactly the model parameters")
 
 
 def _grouped(opt, params: dict):
