@@ -12,9 +12,14 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ltsft_dist.config import TrainConfig
 from ltsft_dist.errors import LtsftError
+
+if TYPE_CHECKING:
+    from ltsft_dist.recipe import RunStats
+    from ltsft_dist.sft import SparseFineTuning
 
 EXIT_REQUEUE = 42  # exit status of a run stopped on request: "checkpointed, run me again" (slurm/ requeues on it)
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # SLURM's warning before preemption or the time limit
@@ -24,8 +29,8 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # SLURM's warning before preemp
 class TrainResult:
     output_dir: Path
     rank: int  # this process's rank (a run prints and saves on rank 0)
-    stats: object  # `ltsft_dist.recipe.RunStats` (every rank)
-    sft: object = None  # the `SparseFineTuning`, on rank 0 (saved to output_dir/sft); None on other ranks
+    stats: RunStats  # (every rank)
+    sft: SparseFineTuning | None = None  # on rank 0 (saved to output_dir/sft); None on the other ranks
     preempted: Path | None = None  # the checkpoint written when stopped on request: the same call resumes it
 
     @property
