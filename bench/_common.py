@@ -103,9 +103,10 @@ def build_bert(seed: int = 0, num_labels: int = 2, config: dict = BERT):
 
 
 def ds_config(stage: int, micro_batch_size: int, world_size: int, max_grad_norm: float = 1.0) -> dict:
+    from ltsft_dist.config import PACKAGE_DS_CONFIGS
     from ltsft_dist.engine import load_ds_config
 
-    return load_ds_config(REPO / "ds_configs" / f"zero{stage}.json", micro_batch_size=micro_batch_size,
+    return load_ds_config(PACKAGE_DS_CONFIGS / f"zero{stage}.json", micro_batch_size=micro_batch_size,
                           accumulation=1, world_size=world_size, max_grad_norm=max_grad_norm)
 
 

@@ -6,6 +6,7 @@ Errors name the file, the key path and the fix, e.g.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import types
@@ -19,86 +20,124 @@ from ltsft_dist.eligibility import EligibilityConfig
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.multisource import SamplingConfig
 
-PACKAGE_DS_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
+PACKAGE_DS_CONFIGS = Path(__file__).resolve().parent / "ds_configs"
+
+
+def _help(text: str) -> dict:
+    """A field's help text, as peft declares it: `ltsft train --help-config` and the docs list it."""
+    return {"help": text}
 
 
 @dataclass
 class PhaseConfig:
-    steps: int = 100  # optimizer steps in this phase
-    lr: float = 5e-5  # peak learning rate; linear warm-up, then linear decay to 0 (as in the paper)
-    warmup_steps: int = 0
-    l1: float = 0.0  # λ of the L1 pull toward θ⁰ (the paper uses 0.1 for language SFTs)
+    steps: int = field(default=100, metadata=_help("optimizer steps in this phase"))
+    lr: float = field(default=5e-5, metadata=_help("peak learning rate; linear warm-up, then linear decay to 0 "
+                                                   "(as in the paper)"))
+    warmup_steps: int = field(default=0, metadata=_help("steps of linear warm-up from 0 to lr"))
+    l1: float = field(default=0.0, metadata=_help("λ of the L1 pull toward θ⁰ (the paper uses 0.1 for language "
+                                                  "SFTs)"))
 
 
 @dataclass
 class ModelConfig:
-    name_or_path: str | None = None  # a hub id or a local transformers directory
-    tiny: dict | None = None  # or: build a randomly initialised model from these config values (offline tests, demo)
-    architecture: str = "bert"  # for `tiny`: bert | xlm-roberta
-    tokenizer: str | None = None  # tokenizer directory; defaults to name_or_path
+    name_or_path: str | None = field(default=None, metadata=_help("a hub id or a local transformers directory"))
+    tiny: dict | None = field(default=None, metadata=_help(
+        "or: build a randomly initialised model from these config values (offline tests, demo)"))
+    architecture: str = field(default="bert", metadata=_help("for `tiny`: bert | xlm-roberta"))
+    tokenizer: str | None = field(default=None, metadata=_help("tokenizer directory; defaults to name_or_path"))
 
 
 @dataclass
 class SourceConfig:
     """One source language's training data: a file, or a HF dataset (hf_dataset + hf_config + split)."""
 
-    language: str = ""
-    train_file: str | None = None
-    format: str = "auto"  # auto (by task, extension and header) | text | jsonl | squad | xnli-tsv | multinli-jsonl |
-    #                       americasnli-tsv | conll (ner/pos: CoNLL-U or word ... tag columns) | hf
-    hf_dataset: str | None = None  # e.g. facebook/xnli, squad, wikitext
-    hf_config: str | None = None  # e.g. the language's config name
-    split: str = "train"
-    column: str = "text"  # mlm from a HF dataset: the text column
+    language: str = field(default="", metadata=_help("language code of this source"))
+    train_file: str | None = field(default=None, metadata=_help(
+        "training file; a relative path is taken from the config's folder where it exists there"))
+    format: str = field(default="auto", metadata=_help(
+        "auto (by task, extension and header) | text | jsonl | squad | xnli-tsv | multinli-jsonl | americasnli-tsv | "
+        "conll (ner/pos: CoNLL-U or word ... tag columns) | hf"))
+    hf_dataset: str | None = field(default=None, metadata=_help("or: a HF dataset, e.g. facebook/xnli, squad, "
+                                                                "wikitext"))
+    hf_config: str | None = field(default=None, metadata=_help("the HF dataset's config name, e.g. the language's"))
+    split: str = field(default="train", metadata=_help("the HF dataset's split"))
+    column: str = field(default="text", metadata=_help("mlm from a HF dataset: the text column"))
 
 
 @dataclass
 class DataConfig:
-    train_file: str = ""  # single source: mlm: one text per line; classification: JSON lines with text,
-    #                       [text_pair,] label; nli: an XNLI/AmericasNLI TSV or MultiNLI JSONL; qa: SQuAD JSON
-    format: str = "auto"  # how to read train_file (see SourceConfig.format)
-    sources: list[SourceConfig] = field(default_factory=list)  # multi-source: one entry per source language
-    max_seq_length: int = 64
-    mlm_probability: float = 0.15
-    packed: bool = False  # mlm: concatenate lines and cut into max_seq_length blocks (else one line per row)
-    doc_stride: int = 32  # qa: context tokens shared by consecutive windows of a long context
-    max_query_length: int = 24  # qa: question tokens kept
-    labels: list[str] | None = None  # classification/ner/pos label names, in id order; default: sorted labels seen
-    eval_fraction: float = 0.0  # held out from training for the eval loss (the paper: 5% for language SFTs)
-    eval_every: int = 0  # phase-2 steps between evaluations; the best φ by eval loss is kept (0: phase end only)
+    train_file: str = field(default="", metadata=_help(
+        "single source: mlm: one text per line; classification: JSON lines with text, [text_pair,] label; nli: an "
+        "XNLI/AmericasNLI TSV or MultiNLI JSONL; qa: SQuAD JSON (relative: from the config's folder where it "
+        "exists there)"))
+    format: str = field(default="auto", metadata=_help("how to read train_file (see data.sources[].format)"))
+    sources: list[SourceConfig] = field(default_factory=list, metadata=_help(
+        "multi-source: one entry per source language (instead of train_file)"))
+    max_seq_length: int = field(default=64, metadata=_help("tokens per model input"))
+    mlm_probability: float = field(default=0.15, metadata=_help("mlm: fraction of tokens masked"))
+    packed: bool = field(default=False, metadata=_help(
+        "mlm: concatenate lines and cut into max_seq_length blocks (else one line per row)"))
+    doc_stride: int = field(default=32, metadata=_help("qa: context tokens shared by consecutive windows of a "
+                                                       "long context"))
+    max_query_length: int = field(default=24, metadata=_help("qa: question tokens kept"))
+    labels: list[str] | None = field(default=None, metadata=_help(
+        "classification/ner/pos label names, in id order; default: sorted labels seen"))
+    eval_fraction: float = field(default=0.0, metadata=_help(
+        "held out from training for the eval loss (the paper: 5% for language SFTs)"))
+    eval_every: int = field(default=0, metadata=_help(
+        "phase-2 steps between evaluations; the best φ by eval loss is kept (0: phase end only)"))
 
 
 @dataclass
 class TrainConfig:
-    kind: str = "language"  # language | task | bitfit
-    task: str | None = None  # mlm | classification | nli | qa | ner | pos (default: mlm for language SFTs, else
-    #                          classification)
-    languages: list[str] = field(default_factory=list)  # language code(s), recorded in the SFT
-    output_dir: str = "runs/ltsft"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    k: int | None = None  # number of parameters to select ...
-    density: float | None = None  # ... or a fraction of the eligible parameters
-    selection: str = "magnitude"  # magnitude (LT-SFT) | random (RAND-SFT) | all (BitFit: no phase 1)
-    rounds: int = 1  # iterative selection: rounds of phase1 -> select K/rounds more -> phase2
-    phase1: PhaseConfig = field(default_factory=PhaseConfig)
-    phase2: PhaseConfig = field(default_factory=PhaseConfig)
-    batch_size: int = 8  # global batch per optimizer step (all ranks, all accumulation steps)
-    micro_batch_size: int = 8  # per rank per forward pass
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # clipping of the (masked) global gradient norm; 0 disables it
-    seed: int = 42
-    deepspeed: str = "zero2.json"  # DeepSpeed config: a path, or a file name in the repo's ds_configs/
-    eligibility: EligibilityConfig = field(default_factory=EligibilityConfig)
-    log_every: int = 10
-    checkpoint_every: int = 0  # steps between periodic checkpoints (0: only when stopped by SIGUSR1/SIGTERM)
-    resume: bool = True  # continue from the latest complete checkpoint in output_dir/checkpoints
-    language_sfts: dict[str, str] = field(default_factory=dict)  # task SFTs: source language -> its language
-    #   SFT directory, active for every step that trains on that language (multi-source per-step swap)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # multi-source: language per step
-    on_nonfinite_loss: str = "stop"  # stop: fail naming the step and the last checkpoint | skip: skip such steps
+    kind: str = field(default="language", metadata=_help("language | task | bitfit"))
+    task: str | None = field(default=None, metadata=_help(
+        "mlm | classification | nli | qa | ner | pos (default: mlm for language SFTs, else classification)"))
+    languages: list[str] = field(default_factory=list, metadata=_help("language code(s), recorded in the SFT"))
+    output_dir: str = field(default="runs/ltsft", metadata=_help(
+        "where the SFT, checkpoints, tokenizer and logs go"))
+    model: ModelConfig = field(default_factory=ModelConfig, metadata=_help("the base model θ⁰"))
+    data: DataConfig = field(default_factory=DataConfig, metadata=_help("the training data"))
+    k: int | None = field(default=None, metadata=_help("number of parameters to select ..."))
+    density: float | None = field(default=None, metadata=_help("... or a fraction of the eligible parameters"))
+    selection: str = field(default="magnitude", metadata=_help(
+        "magnitude (LT-SFT) | random (RAND-SFT) | all (BitFit: no phase 1; kind bitfit implies it)"))
+    rounds: int = field(default=1, metadata=_help(
+        "iterative selection: rounds of phase1 -> select K/rounds more -> phase2"))
+    phase1: PhaseConfig = field(default_factory=PhaseConfig, metadata=_help("full fine-tuning"))
+    phase2: PhaseConfig = field(default_factory=PhaseConfig, metadata=_help("masked fine-tuning from θ⁰"))
+    batch_size: int = field(default=8, metadata=_help(
+        "global batch per optimizer step (all ranks, all accumulation steps)"))
+    micro_batch_size: int = field(default=8, metadata=_help("per rank per forward pass"))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay (not on biases and LayerNorms)"))
+    max_grad_norm: float = field(default=1.0, metadata=_help(
+        "clipping of the (masked) global gradient norm; 0 disables it"))
+    seed: int = field(default=42, metadata=_help("seed of the data order, masking and random selection"))
+    deepspeed: str = field(default="zero2.json", metadata=_help(
+        "DeepSpeed config: a path (relative: from the config's folder where it exists there), or a file name in "
+        "the package's ds_configs/ (zero0-3.json, zero1-3_bf16.json)"))
+    eligibility: EligibilityConfig = field(default_factory=EligibilityConfig, metadata=_help(
+        "which parameters may change (default: by kind)"))
+    log_every: int = field(default=10, metadata=_help("steps between log lines and TensorBoard scalars"))
+    checkpoint_every: int = field(default=0, metadata=_help(
+        "steps between periodic checkpoints (0: only when stopped by SIGUSR1/SIGTERM)"))
+    resume: bool = field(default=True, metadata=_help(
+        "continue from the latest complete checkpoint in output_dir/checkpoints"))
+    language_sfts: dict[str, str] = field(default_factory=dict, metadata=_help(
+        "task SFTs: source language -> its language SFT directory, active for every step that trains on that "
+        "language (multi-source per-step swap)"))
+    sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata=_help(
+        "multi-source: which language each step trains on"))
+    on_nonfinite_loss: str = field(default="stop", metadata=_help(
+        "stop: fail naming the step and the last checkpoint | skip: skip such steps"))
+
+    def complete(self) -> TrainConfig:
+        """A copy with the keys that default from others filled in: task from kind, selection `all` for BitFit."""
+        task = self.task or ("mlm" if self.kind == "language" else "classification")
+        return dataclasses.replace(copy.deepcopy(self), task=task, selection="all" if self.kind == "bitfit" else self.selection)
 
     def validate(self, where: str = "config") -> None:
+        """Raise `LtsftError` naming the key and the fix; checks `complete()`'s values and changes nothing."""
         from ltsft_dist.tasks import format_problem, get_task, task_names
 
         def bad(key: str, msg: str):
@@ -108,9 +147,8 @@ class TrainConfig:
             bad("kind", f"{self.kind!r} is not one of language, task, bitfit")
         if self.selection not in ("magnitude", "random", "all"):
             bad("selection", f"{self.selection!r} is not one of magnitude, random, all")
-        if self.kind == "bitfit" and self.selection != "all":
-            self.selection = "all"
-        if self.selection != "all" and (self.k is None) == (self.density is None):
+        full = self.complete()
+        if full.selection != "all" and (self.k is None) == (self.density is None):
             bad("k", "give exactly one of k (a count) or density (a fraction of the eligible parameters)")
         if self.k is not None and self.k <= 0:
             bad("k", f"must be positive, got {self.k}")
@@ -128,11 +166,9 @@ class TrainConfig:
             bad("batch_size", "batch_size and micro_batch_size must be positive")
         if (self.model.name_or_path is None) == (self.model.tiny is None):
             bad("model", "give exactly one of model.name_or_path or model.tiny")
-        if self.task is None:
-            self.task = "mlm" if self.kind == "language" else "classification"
-        task = get_task(self.task, f"{where}: task")
+        task = get_task(full.task, f"{where}: task")
         if (self.kind == "language") != (task.kind == "language"):
-            bad("task", f"language SFTs train task {' or '.join(task_names(kind='language'))}, and task {self.task} "
+            bad("task", f"language SFTs train task {' or '.join(task_names(kind='language'))}, and task {full.task} "
                         f"trains a {task.kind} SFT: set kind: {task.kind}")
         if self.language_sfts and self.kind == "language":
             bad("language_sfts", "language SFTs are activated while training task SFTs only: remove them")
@@ -174,16 +210,41 @@ class TrainConfig:
             raise LtsftError(f"k={k} exceeds the {n_eligible} eligible parameters: lower k or widen eligibility")
         return k
 
-    def deepspeed_path(self, base_dir: Path | None = None) -> Path:
-        candidates = [Path(self.deepspeed)]
-        if base_dir is not None:
-            candidates.append(base_dir / self.deepspeed)
-        candidates.append(PACKAGE_DS_CONFIGS / self.deepspeed)
+    def deepspeed_path(self) -> Path:
+        """`deepspeed` as a path, else a file of that name shipped in the package's ds_configs/."""
+        candidates = [Path(self.deepspeed), PACKAGE_DS_CONFIGS / self.deepspeed]
         for c in candidates:
             if c.is_file():
                 return c
         raise LtsftError(f"deepspeed: config {self.deepspeed!r} not found (looked in: "
                          f"{', '.join(str(c) for c in candidates)})")
+
+
+def beside(path: str | None, base_dir: Path) -> str | None:
+    """The one rule for a relative input path in a config file: taken from the file's folder where it exists
+    there, else kept as given (relative to the working directory, or a name looked up elsewhere, e.g. a
+    packaged DeepSpeed config or a hub id)."""
+    if not path or Path(path).is_absolute() or not (base_dir / path).exists():
+        return path
+    return str(base_dir / path)
+
+
+def resolve_train_paths(data: dict, base_dir: Path) -> dict:
+    """A copy of a training config mapping with its input paths resolved by `beside`."""
+    data = copy.deepcopy(data)
+    section = data.get("data")
+    if isinstance(section, dict):
+        if isinstance(section.get("train_file"), str):
+            section["train_file"] = beside(section["train_file"], base_dir)
+        for source in section.get("sources") or []:
+            if isinstance(source, dict) and isinstance(source.get("train_file"), str):
+                source["train_file"] = beside(source["train_file"], base_dir)
+    if isinstance(data.get("language_sfts"), dict):
+        data["language_sfts"] = {lang: beside(p, base_dir) if isinstance(p, str) else p
+                                 for lang, p in data["language_sfts"].items()}
+    if isinstance(data.get("deepspeed"), str):
+        data["deepspeed"] = beside(data["deepspeed"], base_dir)
+    return data
 
 
 def _convert(value, tp, key: str, where: str):
@@ -250,7 +311,8 @@ def read_mapping(path: str | Path, what: str = "config file") -> dict:
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
-    """Load a YAML/JSON config; `overrides` are `key.path=value` strings (value parsed as YAML)."""
+    """Load, complete and validate a YAML/JSON training config; `overrides` are `key.path=value` strings (value
+    parsed as YAML). Relative input paths follow `beside`."""
     path = Path(path)
     data = read_mapping(path)
     for item in overrides:
@@ -262,12 +324,31 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = yaml.safe_load(value)
-    config = from_dict(TrainConfig, data, where=str(path))
+    config = from_dict(TrainConfig, resolve_train_paths(data, path.resolve().parent), where=str(path))
     config.validate(str(path))
     if not (config.data.train_file or config.data.sources):  # (the recipe as a library takes examples directly)
         raise LtsftError(f"{path}: data: give exactly one of data.train_file (one source) or data.sources (a list, "
                          "one per language)")
-    return config
+    return config.complete()
+
+
+def config_help(cls, prefix: str = "") -> str:
+    """Every key of a config dataclass, nested ones as dotted paths, with its type, default and help."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key, tp = prefix + f.name, hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"{key}:  {f.metadata.get('help', '')}")
+            lines.append(config_help(tp, key + "."))
+            continue
+        inner = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        type_name = tp.__name__ if typing.get_origin(tp) is None else str(tp).replace("typing.", "")
+        lines.append(f"{key} ({type_name}, default {default!r}):  {f.metadata.get('help', '')}")
+        if inner is not None and dataclasses.is_dataclass(inner):
+            lines.append(config_help(inner, key + "[]."))
+    return "\n".join(lines)
 
 
 def to_dict(config) -> dict:

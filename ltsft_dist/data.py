@@ -89,19 +89,24 @@ def train_wordpiece(lines: list[str], vocab_size: int):
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
 
 
+def accumulation_steps(batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    """Micro-batches per rank per optimizer step: the global batch must split evenly over ranks and micro-batches."""
+    if batch_size <= 0 or micro_batch_size <= 0 or batch_size % (micro_batch_size * world_size):
+        raise LtsftError(f"batch_size={batch_size} must be a positive multiple of micro_batch_size × ranks = "
+                         f"{micro_batch_size} × {world_size}")
+    return batch_size // (micro_batch_size * world_size)
+
+
 class StepOrder:
     """Which examples rank `rank` feeds at (step, micro-step): a seeded permutation per epoch, drop-last."""
 
     def __init__(self, examples: Examples, batch_size: int, micro_batch_size: int, rank: int, world_size: int,
                  seed: int):
-        if batch_size % (micro_batch_size * world_size):
-            raise LtsftError(f"batch_size={batch_size} must be a multiple of micro_batch_size × ranks = "
-                             f"{micro_batch_size} × {world_size}")
+        self.accumulation = accumulation_steps(batch_size, micro_batch_size, world_size)
         if len(examples) < batch_size:
             raise LtsftError(f"only {len(examples)} examples for a global batch of {batch_size}: lower batch_size")
         self.examples, self.batch, self.micro = examples, batch_size, micro_batch_size
         self.rank, self.world, self.seed = rank, world_size, seed
-        self.accumulation = batch_size // (micro_batch_size * world_size)
         self.steps_per_epoch = len(examples) // batch_size
         self._epoch, self._perm, self._mlm = None, None, None
 

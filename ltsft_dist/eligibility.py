@@ -26,9 +26,10 @@ class EligibilityConfig:
     """Regular expressions matched with `re.search` against `model.named_parameters()` names.
     Leave a list unset (null) for the default of the SFT kind."""
 
-    include: list[str] | None = None
-    exclude: list[str] | None = None
-    head: list[str] | None = None
+    include: list[str] | None = field(default=None, metadata={"help": "parameters eligible for the sparse mask"})
+    exclude: list[str] | None = field(default=None, metadata={"help": "never changed, even if included"})
+    head: list[str] | None = field(default=None, metadata={"help": "trained densely and stored densely (task "
+                                                                   "heads)"})
 
 
 def _outside_body(model) -> str:

@@ -17,9 +17,13 @@ NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "layernorm.weight")
 
 def init_distributed() -> None:
     """Join the process group described by whichever launcher started us (deepspeed/torchrun, srun, mpiexec;
-    none is a world of 1), with a bounded timeout so a missing rank fails the job instead of hanging it."""
-
+    none is a world of 1), with a bounded timeout so a missing rank fails the job instead of hanging it.
+    Does nothing in a process that has joined one already."""
     import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
 
     from ltsft_dist.launch_env import discover, dist_timeout
     from ltsft_dist.shards import disable_shm_allreduce
@@ -73,6 +77,32 @@ def leave_cleanly(status: int = 0) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
+
+
+def join_launched_group() -> None:
+    """Join the process group when a launcher started several ranks; a lone process runs by itself, without
+    DeepSpeed's start-up (and can run inside another program, e.g. a test or the pipeline)."""
+    import torch.distributed as dist
+
+    from ltsft_dist.launch_env import discover
+
+    if dist.is_initialized():
+        return
+    try:
+        alone = discover(use_mpi4py=False).world_size == 1
+    except LtsftError:  # e.g. an MPI launcher whose ranks only mpi4py can tell: let init_distributed find out
+        alone = False
+    if not alone:
+        init_distributed()
+
+
+def ds_config_for(config, world_size: int) -> dict:
+    """The DeepSpeed config of a `TrainConfig`: its file, with the config's batch sizes and clipping."""
+    from ltsft_dist.data import accumulation_steps
+
+    return load_ds_config(config.deepspeed_path(), micro_batch_size=config.micro_batch_size,
+                          accumulation=accumulation_steps(config.batch_size, config.micro_batch_size, world_size),
+                          world_size=world_size, max_grad_norm=config.max_grad_norm)
 
 
 def load_ds_config(path: Path, *, micro_batch_size: int, accumulation: int, world_size: int,

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ltsft_dist.data import Examples, bert_mask
+from ltsft_dist.data import Examples, accumulation_steps, bert_mask
 from ltsft_dist.errors import LtsftError
 
 if TYPE_CHECKING:
@@ -53,10 +53,11 @@ def _generator(*parts) -> torch.Generator:
 class SamplingConfig:
     """How source languages are drawn per optimizer step (see the module docstring)."""
 
-    policy: str = "proportional"  # proportional | uniform | temperature
-    temperature: float = 1.0  # for policy "temperature": p ∝ size^(1/T)
-    upsample: dict[str, float] = field(default_factory=dict)  # language -> factor (default 1)
-    cap: int | dict[str, int] | None = None  # max examples per language (one number for all, or per language)
+    policy: str = field(default="proportional", metadata={"help": "proportional | uniform | temperature"})
+    temperature: float = field(default=1.0, metadata={"help": 'for policy "temperature": p ∝ size^(1/T)'})
+    upsample: dict[str, float] = field(default_factory=dict, metadata={"help": "language -> factor (default 1)"})
+    cap: int | dict[str, int] | None = field(default=None, metadata={
+        "help": "max examples per language (one number for all, or per language)"})
 
 
 class MultiSourceOrder:
@@ -73,9 +74,7 @@ class MultiSourceOrder:
             raise LtsftError(f"sampling temperature must be positive, got {temperature}")
         if not 0 <= rank < world_size:
             raise LtsftError(f"rank {rank} is outside a world of {world_size}")
-        if batch_size <= 0 or micro_batch_size <= 0 or batch_size % (micro_batch_size * world_size):
-            raise LtsftError(f"batch_size={batch_size} must be a positive multiple of micro_batch_size × ranks = "
-                             f"{micro_batch_size} × {world_size}")
+        self.accumulation = accumulation_steps(batch_size, micro_batch_size, world_size)
         self.languages = sorted(sources)  # independent of the dict's order
         self.sources = {lang: sources[lang] for lang in self.languages}
         self._check_sources()
@@ -86,7 +85,6 @@ class MultiSourceOrder:
             if unknown:
                 raise LtsftError(f"{what}: {unknown[0]!r} is not a source language ({', '.join(self.languages)})")
         self.batch, self.micro, self.rank, self.world, self.seed = batch_size, micro_batch_size, rank, world_size, seed
-        self.accumulation = batch_size // (micro_batch_size * world_size)
         self.pools, self.sizes = {}, {}
         for lang in self.languages:
             n = len(self.sources[lang])

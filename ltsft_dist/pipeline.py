@@ -1,6 +1,8 @@
 """The paper's whole recipe from one config: base → language SFTs → multi-source task SFT → zero-shot evaluation.
 
-Each stage is an ordinary `ltsft train` / `ltsft eval` run whose config the pipeline writes. A stage's directory
+Each stage is an ordinary training run (`ltsft_dist.train`) or evaluation (`ltsft_dist.evaluation.evaluate`)
+whose config the pipeline writes: `run_stage_here` runs it in this process (on the ranks of the launcher that
+started it), `stage_argv` is the `ltsft` command line that runs it on freshly launched ranks. A stage's directory
 is named by a hash of everything it depends on (its config, the bytes of its input files, the hashes of the
 stages it uses), so re-running skips finished stages, a changed input re-runs exactly the stages downstream of
 it, and an interrupted stage resumes from its own checkpoints (same inputs, same directory).
@@ -14,7 +16,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ltsft_dist.config import SourceConfig, TrainConfig, from_dict, read_mapping, to_dict
+import yaml
+
+from ltsft_dist.config import SourceConfig, TrainConfig, beside, from_dict, read_mapping, resolve_train_paths, to_dict
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.evaluation import EvalConfig
 from ltsft_dist.tasks import get_task
@@ -26,23 +30,30 @@ DONE = "DONE"  # written last into a stage directory: the stage finished
 class BaseConfig:
     """The base model θ⁰: a hub id/directory, or a tiny model built here (offline demo, tests)."""
 
-    name_or_path: str | None = None
-    tiny: dict | None = None  # config values of a tiny model; its tokenizer is trained on the languages' text
-    architecture: str = "bert"
-    pretrain_steps: int = 0  # tiny only: dense MLM steps on all languages' text, a stand-in for a pretrained base
-    pretrain_lr: float = 1e-3
-    seed: int = 0
+    name_or_path: str | None = field(default=None, metadata={"help": "a hub id or a local transformers directory"})
+    tiny: dict | None = field(default=None, metadata={
+        "help": "or: config values of a tiny model; its tokenizer is trained on the languages' text"})
+    architecture: str = field(default="bert", metadata={"help": "for `tiny`: bert | xlm-roberta"})
+    pretrain_steps: int = field(default=0, metadata={
+        "help": "tiny only: dense MLM steps on all languages' text, a stand-in for a pretrained base"})
+    pretrain_lr: float = field(default=1e-3, metadata={"help": "tiny only: learning rate of pretrain_steps"})
+    seed: int = field(default=0, metadata={"help": "tiny only: seed of its initialisation and pretraining"})
 
 
 @dataclass
 class PipelineConfig:
-    output_dir: str = "runs/pipeline"
-    ranks: int = 2  # local ranks per stage when `ltsft pipeline` is not itself under a launcher
-    base: BaseConfig = field(default_factory=BaseConfig)
-    languages: dict[str, SourceConfig] = field(default_factory=dict)  # language -> its text (language SFT data)
-    language_sft: dict = field(default_factory=dict)  # `ltsft train` keys shared by every language SFT
-    task_sft: dict = field(default_factory=dict)  # `ltsft train` keys of the task SFT (task, data.sources, ...)
-    evaluation: EvalConfig = field(default_factory=EvalConfig)  # zero-shot, with and without the language SFTs
+    output_dir: str = field(default="runs/pipeline", metadata={
+        "help": "where the stages' directories go (relative: from the config's folder)"})
+    ranks: int = field(default=2, metadata={
+        "help": "local ranks per stage when `ltsft pipeline` is not itself under a launcher"})
+    base: BaseConfig = field(default_factory=BaseConfig, metadata={"help": "the base model θ⁰"})
+    languages: dict[str, SourceConfig] = field(default_factory=dict, metadata={
+        "help": "language -> its text (language SFT data), as a data.sources[] entry of `ltsft train`"})
+    language_sft: dict = field(default_factory=dict, metadata={
+        "help": "`ltsft train` keys shared by every language SFT (see ltsft train --help-config)"})
+    task_sft: dict = field(default_factory=dict, metadata={
+        "help": "`ltsft train` keys of the task SFT (task, data.sources, ...)"})
+    evaluation: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "the zero-shot evaluation"})
 
 
 @dataclass
@@ -64,13 +75,10 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     base_dir = path.resolve().parent
     for language, source in config.languages.items():
         source.language = language
-        if source.train_file and not Path(source.train_file).is_absolute():
-            source.train_file = str(base_dir / source.train_file)
-    for source in config.task_sft.get("data", {}).get("sources", []):
-        if source.get("train_file") and not Path(source["train_file"]).is_absolute():
-            source["train_file"] = str(base_dir / source["train_file"])
-    config.evaluation.data = {lang: p if Path(p).is_absolute() else str(base_dir / p)
-                              for lang, p in config.evaluation.data.items()}
+        source.train_file = beside(source.train_file, base_dir)
+    config.language_sft = resolve_train_paths(config.language_sft, base_dir)
+    config.task_sft = resolve_train_paths(config.task_sft, base_dir)
+    config.evaluation.data = {lang: beside(p, base_dir) for lang, p in config.evaluation.data.items()}
     if not Path(config.output_dir).is_absolute():
         config.output_dir = str(base_dir / config.output_dir)
     _check(config, str(path))
@@ -106,7 +114,7 @@ def _check(config: PipelineConfig, where: str) -> None:
 def _train_config(data: dict, where: str) -> TrainConfig:
     config = from_dict(TrainConfig, copy.deepcopy(data), where=where)
     config.validate(where)
-    return config
+    return config.complete()
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -189,8 +197,16 @@ def plan(config: PipelineConfig) -> list[Stage]:
     return stages
 
 
-def eval_argv(stage: Stage) -> list[str]:
+def stage_argv(stage: Stage) -> list[str]:
+    """The `ltsft` arguments that run a train or eval stage on launched ranks (a train stage's config is written
+    to its directory)."""
     a = stage.config
+    if stage.name != "eval":
+        path = stage.directory / "config.yaml"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(a, sort_keys=False))
+        tmp.replace(path)
+        return ["train", str(path)]
     argv = ["eval", "--base", a["base"], "--task-sft", a["task_sft"], "--task", a["task"],
             "--out", str(stage.directory), "--max-seq-length", str(a["max_seq_length"]), "--stride", str(a["stride"]),
             "--batch-size", str(a["batch_size"]), "--max-query-length", str(a["max_query_length"]),
@@ -204,6 +220,37 @@ def eval_argv(stage: Stage) -> list[str]:
     if a["format"]:
         argv += ["--format", a["format"]]
     return argv
+
+
+def run_stage_here(config: PipelineConfig, stage: Stage, rank: int) -> int:
+    """Run one stage in this process, on the ranks of the launcher that started it (if any); returns the exit
+    status its `ltsft` command would have (`ltsft_dist.training.EXIT_REQUEUE` when stopped on request)."""
+    if stage.name == "base":
+        if rank == 0:
+            build_base(config, stage)
+        return 0
+    if stage.name == "eval":
+        return _evaluate_stage(stage)
+    from ltsft_dist.training import EXIT_REQUEUE, train
+
+    stage_argv(stage)  # the stage's config, written beside its outputs as a record
+    result = train(_train_config(stage.config, f"stage {stage.name}"))
+    return EXIT_REQUEUE if result.preempted is not None else 0
+
+
+def _evaluate_stage(stage: Stage) -> int:
+    from ltsft_dist.engine import join_launched_group
+    from ltsft_dist.evaluation import EvalOptions, evaluate, markdown_table, write_results
+
+    a = stage.config
+    join_launched_group()
+    options = EvalOptions(max_seq_length=a["max_seq_length"], stride=a["stride"], batch_size=a["batch_size"],
+                          max_query_length=a["max_query_length"], limit=a["limit"])
+    results = evaluate(a["base"], a["task_sft"], a["data"], a["lang_sfts"], a["task"], options)
+    if results is not None:
+        write_results(results, stage.directory)
+        print(markdown_table(results))
+    return 0
 
 
 def mark_done(stage: Stage) -> None:
@@ -252,4 +299,3 @@ def build_base(config: PipelineConfig, stage: Stage) -> None:
             optimizer.step()
             optimizer.zero_grad()
         model.save_pretrained(str(model_dir))
-    mark_done(stage)

@@ -28,12 +28,12 @@ from ltsft_dist.data import Examples, StepOrder
 from ltsft_dist.engine import build_engine
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.heldout import HeldOut
+from ltsft_dist.hooks import StepHook
 from ltsft_dist.masking import GradientMask, L1Pull
 from ltsft_dist.monitor import Monitor, density_scalars, mask_overlap, peak_memory_mb, selected_per_parameter
 from ltsft_dist.shards import Shards
 from ltsft_dist.sft import SFTMetadata, SparseFineTuning, base_fingerprint
 from ltsft_dist.snapshot import Snapshot
-from ltsft_dist.swap import LanguageSwap
 from ltsft_dist.topk import random_scores, select_topk
 
 FLOAT_MAX = torch.finfo(torch.float32).max
@@ -75,17 +75,17 @@ class _Mark(NamedTuple):
     """Where the last log line was: rates and per-step times are over the steps since then."""
     time: float
     tokens: int
-    swap_seconds: float
+    hook_seconds: dict  # per hook timer: seconds spent so far
     step: int
 
 
 class LTSFTRecipe:
     def __init__(self, model: torch.nn.Module, examples: Examples, config: TrainConfig, ds_config: dict,
                  base_model: str = "", log_dir: Path | None = None, show_progress: bool = True, order=None,
-                 step_hooks=(), held_out: HeldOut | None = None):
+                 step_hooks: list[StepHook] = (), held_out: HeldOut | None = None):
         """`order` replaces the default `StepOrder` (e.g. one language per step for multi-source training);
-        each of `step_hooks` gets `before_step(step)` before the step's first forward pass and
-        `before_optimizer_step(step)` after its last backward pass (e.g. a per-step language delta swap).
+        `step_hooks` (`ltsft_dist.hooks.StepHook`) run around every optimizer step (e.g. a per-step language
+        delta swap).
         Rank 0 writes TensorBoard scalars to `log_dir` (if given) and, with `show_progress`, log lines.
         With `held_out`, phase 2 is evaluated every `data.eval_every` steps and at its end, and φ is taken from
         the evaluation with the lowest loss."""
@@ -295,7 +295,7 @@ class LTSFTRecipe:
                 step_loss += loss.item() / self.order.accumulation
         finally:  # an error mid-step must not leave a language delta in the working weights
             for hook in self.step_hooks:
-                getattr(hook, "restore", lambda: None)()
+                hook.restore()
         return step_loss
 
     def _agree(self, step: int, finite: bool) -> bool:
@@ -361,8 +361,7 @@ class LTSFTRecipe:
         names = [n for n in self.shapes if self.eligibility.roles[n] == "sparse"]
         sfts = {}
         for hook in self.step_hooks:
-            if isinstance(hook, LanguageSwap):
-                sfts.update(hook.sfts)
+            sfts.update(hook.sfts)
         counts = self.shards.all_reduce(torch.cat([selected_per_parameter(self.sparse, masks, names),
                                                    mask_overlap(self.sparse, masks, sfts)]))
         per_param = {n: int(c) for n, c in zip(names, counts[:len(names)])}
@@ -414,8 +413,11 @@ class LTSFTRecipe:
     # --- reporting -----------------------------------------------------------------------------
 
     def _mark(self, step: int) -> _Mark:
-        swap = sum(sum(h.seconds.values()) for h in self.step_hooks if isinstance(h, LanguageSwap))
-        return _Mark(time.perf_counter(), self.tokens_seen, swap, step)
+        spent = {}
+        for h in self.step_hooks:
+            if h.timer:
+                spent[h.timer] = spent.get(h.timer, 0.0) + h.seconds_spent()
+        return _Mark(time.perf_counter(), self.tokens_seen, spent, step)
 
     def _log(self, phase: str, step: int, loss: float, lr: float, l1: L1Pull, bar, since: _Mark) -> _Mark:
         """Collective (every rank calls it). Loss and tokens are summed over ranks; times, swap time and peak
@@ -433,8 +435,8 @@ class LTSFTRecipe:
                   "train/phase": 2.0 if phase.startswith("phase2") else 1.0,
                   "train/tokens_per_s": float(totals[1]) / seconds, "train/step_seconds": seconds / steps,
                   "train/peak_memory_mb": peak_memory_mb(), "train/skipped_steps": self.stats.skipped_steps}
-        if any(isinstance(h, LanguageSwap) for h in self.step_hooks):
-            values["train/swap_seconds"] = (now.swap_seconds - since.swap_seconds) / steps
+        for timer, seconds in now.hook_seconds.items():
+            values[f"train/{timer}_seconds"] = (seconds - since.hook_seconds[timer]) / steps
         norm = self.engine.get_global_grad_norm()
         if norm is not None:
             values["train/grad_norm"] = float(norm)

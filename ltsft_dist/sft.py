@@ -1,7 +1,8 @@
 """The SFT artifact: a sparse difference per body parameter plus dense head tensors.
 
 ``apply`` keeps the exact values it overwrites, so ``revert`` restores a model bit-identically; the reference
-code subtracts instead, which drifts over the many apply/revert pairs of multi-source training (DESIGN.md §2).
+code subtracts instead, which is not bit-exact and drifts over the many apply/revert pairs of multi-source training
+(the per-step swap of `ltsft_dist.swap` restores saved values for the same reason).
 """
 
 from __future__ import annotations
@@ -70,8 +71,9 @@ def base_fingerprint(model: torch.nn.Module) -> str:
 def _body_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     prefix = body_prefix(model)
     body = {n[len(prefix) :]: p for n, p in model.named_parameters() if n.startswith(prefix)}
-    # Under ZeRO-3 p.shape is the empty local placeholder; ds_shape is the real one.
-    return {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in body.items() if not n.startswith("pooler.")}
+    from ltsft_dist.shards import param_shape  # (the real shape also under ZeRO-3)
+
+    return {n: param_shape(p) for n, p in body.items() if not n.startswith("pooler.")}
 
 
 class _Saved(NamedTuple):

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 
 from ltsft_dist.errors import LtsftError
+from ltsft_dist.hooks import StepHook
 from ltsft_dist.naming import body_prefix
 from ltsft_dist.sft import SparseFineTuning, base_fingerprint
 from ltsft_dist.shards import param_shape, working_spans
@@ -79,7 +80,7 @@ def check_language_sfts(model: torch.nn.Module, sfts: Mapping[str, SparseFineTun
     return plan
 
 
-class LanguageSwap:
+class LanguageSwap(StepHook):
     """A recipe step hook adding the step's language SFT φ_L to the working weights for the forward and backward
     passes and restoring them exactly before the optimizer step:
 
@@ -91,6 +92,8 @@ class LanguageSwap:
     it before the engine is built: the checks (see `check_language_sfts`) then run before training starts, and
     the fingerprint is that of the model as given. The working-weight plan is built at the first step, once
     DeepSpeed has laid the weights out. `seconds` accumulates the time spent applying and restoring."""
+
+    timer = "swap"
 
     def __init__(self, model: torch.nn.Module, sfts: Mapping[str, SparseFineTuning],
                  language_at: Callable[[int], str] | object, *, languages: Iterable[str] | None = None,
@@ -148,6 +151,9 @@ class LanguageSwap:
         self.seconds["apply"] += time.perf_counter() - start
 
     @torch.no_grad()
+    def seconds_spent(self) -> float:
+        return sum(self.seconds.values())
+
     def before_optimizer_step(self, step: int) -> None:
         self.restore()
 

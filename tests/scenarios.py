@@ -10,6 +10,9 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from ltsft_dist.config import PhaseConfig, TrainConfig
 from ltsft_dist.data import Examples
+from ltsft_dist.engine import ds_config_for
+from ltsft_dist.hooks import StepHook
+from ltsft_dist.sft import SFTMetadata, SparseFineTuning, base_fingerprint
 
 TINY = dict(vocab_size=61, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=30,
             max_position_embeddings=20, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -67,16 +70,7 @@ def task_config(stage_file: str = "zero2.json", **overrides) -> TrainConfig:
     for key, value in overrides.items():
         setattr(cfg, key, value)
     cfg.validate()
-    return cfg
-
-
-def ds_config_for(cfg: TrainConfig, world_size: int) -> dict:
-    from ltsft_dist.engine import load_ds_config
-
-    per_step = cfg.micro_batch_size * world_size
-    return load_ds_config(cfg.deepspeed_path(), micro_batch_size=cfg.micro_batch_size,
-                          accumulation=cfg.batch_size // per_step, world_size=world_size,
-                          max_grad_norm=cfg.max_grad_norm)
+    return cfg.complete()
 
 
 def working_weight_drift(model, theta0: dict[str, torch.Tensor], diffs: dict | None, roles: dict[str, str]) -> int:
@@ -122,7 +116,7 @@ def run_cases(cases: list[tuple[str, TrainConfig, Examples, int]], world_size: i
     return results
 
 
-class StopAt:
+class StopAt(StepHook):
     """A step hook that asks one rank only to stop at a given (phase, step): the others must follow."""
 
     def __init__(self, recipe, stop_step: int, in_phase2: bool, rank: int):
@@ -132,9 +126,6 @@ class StopAt:
         in_phase2 = self.recipe.selected is not None
         if step == self.stop_step and in_phase2 == self.in_phase2 and self.recipe.rank == self.rank:
             self.recipe.request_stop()
-
-    def before_optimizer_step(self, step: int) -> None:
-        pass
 
 
 def run_interrupted(cfg: TrainConfig, examples: Examples, world_size: int, stops: list[tuple[int, bool]]) -> dict:
@@ -156,3 +147,35 @@ def run_interrupted(cfg: TrainConfig, examples: Examples, world_size: int, stops
             stopped_at.append(stop.path.name)
             continue
         return {"diffs": sft.diffs, "heads": sft.heads, "stopped_at": stopped_at} if sft is not None else None
+
+
+LANGUAGES = ("de", "en", "sw")  # the source languages of the multi-source swap scenarios
+
+
+def language_sfts(density: float = 0.25, scale: float = 0.1) -> dict[str, SparseFineTuning]:
+    """Random language SFTs of the tiny masked LM (its fingerprint, its parameter names: the cls.* head ones are
+    absent from the classifier and must be skipped). Overlaps on purpose: "en" reuses half of "de"'s positions,
+    "sw" a quarter of each; every SFT also carries the masked-LM decoder as a dense head (ignored by the swap)."""
+    model = tiny_model("language")
+    meta = dict(kind="language", base_model="tiny-mlm", base_fingerprint=base_fingerprint(model), k=0,
+                density=density, training_config={})
+    g = torch.Generator().manual_seed(7)
+    picks: dict[str, dict[str, torch.Tensor]] = {lang: {} for lang in LANGUAGES}
+    shapes = {}
+    for name, p in model.named_parameters():
+        if name == "cls.predictions.decoder.weight":
+            continue
+        n = p.numel()
+        shapes[name] = tuple(p.shape)
+        de = torch.randperm(n, generator=g)[:max(1, int(density * n))]
+        en = torch.cat([de[:len(de) // 2], torch.randperm(n, generator=g)[:len(de) // 2]])
+        sw = torch.cat([de[:len(de) // 4], en[-len(en) // 4:], torch.randperm(n, generator=g)[:len(de) // 2]])
+        for lang, idx in zip(LANGUAGES, (de, en, sw)):
+            picks[lang][name] = torch.unique(idx)  # sorted, no duplicates
+    head = {"cls.predictions.decoder.weight": model.cls.predictions.decoder.weight.detach().clone()}
+    out = {}
+    for lang in LANGUAGES:
+        diffs = {name: (idx, torch.randn(len(idx), generator=g) * scale) for name, idx in picks[lang].items()}
+        out[lang] = SparseFineTuning(diffs, {n: shapes[n] for n in diffs}, head,
+                                     SFTMetadata(languages=[lang], **meta))
+    return out

@@ -6,7 +6,7 @@ import argparse
 import json
 
 import pytest
-from test_sft import assert_same_sft, random_sft, small_sft, tiny_mlm
+from sfts import assert_same_sft, random_sft, small_sft, tiny_mlm
 
 from ltsft_dist.commands import artifact
 from ltsft_dist.composable_format import SFT_FILE_NAME, load_composable_sft, save_composable_sft

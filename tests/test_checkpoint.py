@@ -18,21 +18,29 @@ def _resume_runs(configs: dict, world_size: int) -> dict:
             for name, cfg in configs.items()}
 
 
-@functools.lru_cache(maxsize=None)
-def resumed():
+def launch_resumed():
     # Configs are made here, once: every rank must see the same output_dir (a shared file system).
     configs = {f"z{s}": task_config(f"zero{s}.json", checkpoint_every=4) for s in (2, 3)}
     return run_ranks(_resume_runs, 2, configs, 2)[0]
 
 
-@functools.lru_cache(maxsize=None)
-def uninterrupted():
+@pytest.fixture(scope="session")
+def resumed(launches):
+    return functools.partial(launches, launch_resumed)
+
+
+def launch_uninterrupted():
     cases = [(f"z{s}", task_config(f"zero{s}.json"), classification_examples(), 1) for s in (2, 3)]
     return run_ranks(run_cases, 2, cases, 2)[0]
 
 
+@pytest.fixture(scope="session")
+def uninterrupted(launches):
+    return functools.partial(launches, launch_uninterrupted)
+
+
 @pytest.mark.parametrize("stage", [2, 3])
-def test_resume_is_bit_identical(stage):
+def test_resume_is_bit_identical(stage, resumed, uninterrupted):
     got, _ = resumed()[f"z{stage}"]
     assert got["stopped_at"] == ["round1-phase1-step0000003", "round1-phase2-step0000004"]
     want = uninterrupted()[f"z{stage}"]
@@ -56,14 +64,14 @@ def _resume_elsewhere(output_dir: str) -> str:
     return "no error"
 
 
-def test_resume_at_another_world_size_fails_clearly():
+def test_resume_at_another_world_size_fails_clearly(resumed):
     _, output_dir = resumed()["z2"]
     message = run_ranks(_resume_elsewhere, 1, output_dir)[0]
     assert "written by 2 ranks with ZeRO stage 2, but this job has 1 ranks" in message
     assert "Resume with 2 ranks" in message
 
 
-def test_checkpoints_are_complete_and_pruned():
+def test_checkpoints_are_complete_and_pruned(resumed):
     from pathlib import Path
 
     _, output_dir = resumed()["z3"]

@@ -79,6 +79,7 @@ def test_cli_reports_config_errors_without_traceback(tmp_path):
     assert "ltsft train: error:" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_train_single_rank_end_to_end(tmp_path):
     """`ltsft train` alone is a 1-rank run: it writes an SFT with exactly K entries, results and TensorBoard logs."""
     from ltsft_dist.demo_text import sentences
@@ -104,3 +105,65 @@ def test_train_single_rank_end_to_end(tmp_path):
     assert sft.metadata.kind == "language" and sft.metadata.languages == ["en"]
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert (out / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_every_config_key_has_help(capsys):
+    import dataclasses
+    import typing
+
+    from ltsft_dist.config import TrainConfig
+    from ltsft_dist.pipeline import PipelineConfig
+
+    def keys(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
+            yield prefix + f.name
+            inner = (typing.get_args(hints[f.name]) or [None])[0] if typing.get_origin(hints[f.name]) is list else None
+            for nested, dotted in ((hints[f.name], "."), (inner, "[].")):
+                if dataclasses.is_dataclass(nested):
+                    yield from keys(nested, prefix + f.name + dotted)
+
+    for command, cls in (("train", TrainConfig), ("pipeline", PipelineConfig)):
+        assert main([command, "--help-config"]) == 0
+        listed = capsys.readouterr().out
+        for key in keys(cls):
+            assert f"\n{key} (" in "\n" + listed or f"\n{key}:" in "\n" + listed, key
+    assert main(["train", "--help-config"]) == 0
+    assert "\nphase1.lr (float, default 5e-05):  peak learning rate" in capsys.readouterr().out
+
+
+def test_validate_leaves_the_config_as_it_was():
+    from ltsft_dist.config import TrainConfig
+
+    config = TrainConfig(kind="bitfit")
+    config.model.tiny = {}
+    config.validate()
+    assert config.task is None and config.selection == "magnitude"  # unchanged
+    full = config.complete()
+    assert (full.task, full.selection) == ("classification", "all") and full.model is not config.model
+
+
+@pytest.mark.slow
+def test_train_as_a_library_call(tmp_path):
+    """`ltsft_dist.train(config)` from a program of one's own: returns the SFT and the stats, leaves the caller's
+    config as it was."""
+    from ltsft_dist.demo_text import sentences
+
+    (tmp_path / "en.txt").write_text("\n".join(sentences("en", 32)))
+    program = f"""
+import ltsft_dist
+from ltsft_dist.config import DataConfig, ModelConfig, PhaseConfig, TrainConfig
+config = TrainConfig(kind="language", output_dir={str(tmp_path / 'out')!r}, density=0.02, batch_size=8,
+                     micro_batch_size=8, phase1=PhaseConfig(steps=2), phase2=PhaseConfig(steps=2),
+                     model=ModelConfig(tiny=dict(vocab_size=200, hidden_size=16, num_hidden_layers=1,
+                                                 num_attention_heads=2, intermediate_size=32)),
+                     data=DataConfig(train_file={str(tmp_path / 'en.txt')!r}))
+result = ltsft_dist.train(config, show_progress=False)
+assert config.task is None and config.data.labels is None and config.languages == []  # the caller's, unchanged
+print("RESULT", result.rank, result.sft.nnz == result.stats.k, result.sft_dir.is_dir(), result.preempted)
+"""
+    env = dict(os.environ, MASTER_PORT="29632", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "RESULT 0 True True None" in result.stdout

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_sft import assert_same_sft, bits, metadata, random_sft, small_sft, tiny_mlm
+from sfts import assert_same_sft, bits, metadata, random_sft, small_sft, tiny_mlm
 
 from ltsft_dist.composable_format import METADATA_KEY, SFT_FILE_NAME, load_composable_sft, save_composable_sft
 from ltsft_dist.errors import LtsftError

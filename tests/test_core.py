@@ -43,10 +43,14 @@ def _cases():
 CASES = {name: (cfg, ex, acc) for name, cfg, ex, acc in _cases()}
 
 
-@functools.lru_cache(maxsize=None)
-def distributed(world_size: int) -> dict:
+def launch_distributed(world_size: int) -> dict:
     cases = [(n, c, e, a) for n, (c, e, a) in CASES.items()]
     return run_ranks(run_cases, world_size, cases, world_size)[0]
+
+
+@pytest.fixture(scope="session")
+def distributed(launches):
+    return functools.partial(launches, launch_distributed)
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,7 +65,7 @@ def _mask_indices(mask: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 @pytest.mark.parametrize("case", [n for n in CASES if not n.startswith("random")])
-def test_matches_oracle(case, world_size):
+def test_matches_oracle(case, world_size, distributed):
     got = distributed(world_size)[case]
     mask, phi, heads = oracle(case)
     stats = got["stats"]
@@ -86,14 +90,14 @@ def test_l1_case_depends_on_l1():
     assert max(float((phi_l1[n] - phi_plain[n]).abs().max()) for n in phi_l1) > 1e-5
 
 
-def test_ties_case_really_has_ties():
+def test_ties_case_really_has_ties(distributed):
     stats = distributed(2)["ties-z2"]["stats"]
     assert stats["threshold"] == 0.0
     assert stats["ties_at_threshold"] > stats["ties_taken"] > 0
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
-def test_masks_identical_across_world_sizes_and_stages(world_size):
+def test_masks_identical_across_world_sizes_and_stages(world_size, distributed):
     reference = distributed(1)["random-z0"]["diffs"]
     for stage in STAGES:
         got = distributed(world_size)[f"random-z{stage}"]
@@ -103,7 +107,7 @@ def test_masks_identical_across_world_sizes_and_stages(world_size):
         assert sum(len(i) for i, _ in got["diffs"].values()) == got["stats"]["k"]
 
 
-def test_theta0_is_sharded():
+def test_theta0_is_sharded(distributed):
     """θ⁰ bytes per rank: a full copy at ZeRO 0, about 1/W of it under ZeRO 1-3."""
     full = distributed(1)["base-z0"]["stats"]["theta0_bytes_per_rank"]
     for stage in (1, 2, 3):
@@ -123,12 +127,16 @@ def _variants():
     return cases
 
 
-@functools.lru_cache(maxsize=None)
-def variants() -> dict:
+def launch_variants() -> dict:
     return run_ranks(run_cases, 2, _variants(), 2)[0]
 
 
-def test_iterative_rounds_are_exact_and_stage_independent():
+@pytest.fixture(scope="session")
+def variants(launches):
+    return functools.partial(launches, launch_variants)
+
+
+def test_iterative_rounds_are_exact_and_stage_independent(variants):
     reference = variants()["rounds-z0"]
     assert sum(len(i) for i, _ in reference["diffs"].values()) == reference["stats"]["k"]
     for stage in (2, 3):
@@ -141,7 +149,7 @@ def test_iterative_rounds_are_exact_and_stage_independent():
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_bf16_keeps_frozen_positions_bit_identical(stage):
+def test_bf16_keeps_frozen_positions_bit_identical(stage, variants):
     got = variants()[f"bf16-z{stage}"]
     assert got["stats"]["frozen_drift"] == 0  # fp32 masters
     assert got["working_drift"] == 0  # bf16 working weights
@@ -150,7 +158,7 @@ def test_bf16_keeps_frozen_positions_bit_identical(stage):
     assert moved > 0.5 * got["stats"]["k"]
 
 
-def test_bitfit_trains_all_biases_and_nothing_else():
+def test_bitfit_trains_all_biases_and_nothing_else(variants):
     got = variants()["bitfit-z2"]
     model = tiny_model("bitfit")
     biases = {n: p.numel() for n, p in model.named_parameters()
@@ -162,7 +170,7 @@ def test_bitfit_trains_all_biases_and_nothing_else():
     assert got["working_drift"] == 0
 
 
-def test_language_sft_freezes_layernorm_and_output_embeddings():
+def test_language_sft_freezes_layernorm_and_output_embeddings(distributed):
     got = distributed(2)["language-z2"]
     assert not any("LayerNorm" in n or n == "cls.predictions.decoder.weight" for n in got["diffs"])
     assert "bert.embeddings.word_embeddings.weight" in got["diffs"]

@@ -285,6 +285,8 @@ def _two_rank_eval(argv: list[str]) -> list[tuple[int, int]]:
     return shares
 
 
+@pytest.mark.slow
+@pytest.mark.multirank
 def test_two_ranks_give_the_same_numbers_as_one(world, one_rank_qa, tmp_path):
     rank0, rank1 = run_ranks(_two_rank_eval, 2, qa_argv(world, tmp_path))
     # (the first call sizes the progress bar) every setting's batches of 4 windows were split between the ranks
@@ -385,6 +387,7 @@ def test_bad_input_is_refused_with_the_flag_and_the_fix(world, tmp_path):
 # ---------------------------------------------------------------------------------------------- (e) XQuAD
 
 
+@pytest.mark.slow
 def test_real_xquad_end_to_end_through_the_cli(tmp_path):
     root = require_shared_data() / "xquad"
     files = {lang: root / f"xquad.{lang}.json" for lang in ("en", "de", "es")}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = [pytest.mark.slow, pytest.mark.multirank]
 REPO = Path(__file__).resolve().parents[1]
 
 FAIL_ON_RANK_1 = textwrap.dedent("""
@@ -41,7 +42,7 @@ def test_a_failing_rank_ends_the_whole_job_at_once(tmp_path, launcher):
     timeout (set to 300 s here); the job ends within seconds with the failing rank's error on stderr. (Under
     mpiexec, rank 1 used to hang in mpi4py's exit-time MPI_Finalize, which waits for rank 0.)"""
     from slurm_cluster import write_tiny_run
-    from test_launch_env import mpiexec_available
+    from conftest import mpiexec_available
 
     if launcher == "mpirun.sh" and not mpiexec_available():
         pytest.skip(f"no mpiexec in {sys.prefix}/bin or on PATH: pip install mpich")

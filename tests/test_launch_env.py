@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import IN_CI
+from conftest import IN_CI, mpiexec_available
 from slurm_cluster import write_tiny_run
 
 from ltsft_dist import launch_env
@@ -213,6 +212,8 @@ def clean_env(**extra: str) -> dict:
     return env
 
 
+@pytest.mark.slow
+@pytest.mark.multirank
 def test_a_missing_rank_fails_fast_with_a_clear_error(tmp_path):
     config = write_tiny_run(tmp_path)
     start = time.monotonic()
@@ -235,6 +236,8 @@ def deepspeed_run(tmp_path_factory):
     return config, d / "out", res
 
 
+@pytest.mark.slow
+@pytest.mark.multirank
 def test_local_sh_trains_on_two_deepspeed_ranks(deepspeed_run):
     _, out, res = deepspeed_run
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -242,10 +245,8 @@ def test_local_sh_trains_on_two_deepspeed_ranks(deepspeed_run):
     assert SparseFineTuning.from_pretrained(out / "sft").nnz > 0
 
 
-def mpiexec_available() -> bool:
-    return Path(sys.prefix, "bin", "mpiexec").exists() or shutil.which("mpiexec") or shutil.which("mpirun")
-
-
+@pytest.mark.slow
+@pytest.mark.multirank
 def test_mpirun_sh_trains_the_same_sft_as_the_deepspeed_launcher(deepspeed_run, tmp_path):
     if not mpiexec_available():
         reason = f"no mpiexec in {sys.prefix}/bin or on PATH: pip install mpich"

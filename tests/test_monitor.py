@@ -14,8 +14,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from distributed import run_ranks
-from scenarios import classification_examples, ds_config_for, task_config, tiny_model
-from test_swap import language_sfts
+from scenarios import classification_examples, ds_config_for, language_sfts, task_config, tiny_model
 from ltsft_dist.naming import module_type_and_layer
 from ltsft_dist.recipe import linear_lr
 
@@ -44,8 +43,7 @@ def monitored_run(log_dir: str, config) -> dict | None:
             "shapes": recipe.shapes}
 
 
-@functools.lru_cache(maxsize=None)
-def run() -> tuple[dict, EventAccumulator]:
+def launch_run() -> tuple[dict, EventAccumulator]:
     log_dir = tempfile.mkdtemp(prefix="ltsft-tb-")
     result = run_ranks(monitored_run, WORLD, log_dir, CONFIG)[0]
     events = EventAccumulator(log_dir, size_guidance={"scalars": 0})
@@ -53,16 +51,21 @@ def run() -> tuple[dict, EventAccumulator]:
     return result, events
 
 
+@pytest.fixture(scope="session")
+def run(launches):
+    return functools.partial(launches, launch_run)
+
+
 def series(events: EventAccumulator, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
-def test_only_rank_zero_writes_one_event_file():
+def test_only_rank_zero_writes_one_event_file(run):
     _, events = run()
     assert len(list(Path(events.path).glob("events.out.tfevents.*"))) == 1
 
 
-def test_step_metrics_exist_and_are_sane():
+def test_step_metrics_exist_and_are_sane(run):
     _, events = run()
     tags = set(events.Tags()["scalars"])
     assert {f"train/{m}" for m in ("loss", "lr", "l1", "grad_norm", "phase", "tokens_per_s", "step_seconds",
@@ -85,7 +88,7 @@ def test_step_metrics_exist_and_are_sane():
     assert all(100 < v < 24 * 1024 for _, v in series(events, "train/peak_memory_mb"))
 
 
-def test_selection_metrics_match_the_sft():
+def test_selection_metrics_match_the_sft(run):
     result, events = run()
     k = result["k"]
     assert series(events, "select/k") == [(6, k)] and k == sum(len(i) for i, _ in result["diffs"].values())
@@ -110,7 +113,7 @@ def test_selection_metrics_match_the_sft():
     assert sorted(layers) == ["mask/layer/0", "mask/layer/1"]
 
 
-def test_overlap_with_the_language_sft_is_counted_exactly():
+def test_overlap_with_the_language_sft_is_counted_exactly(run):
     result, events = run()
     expected = 0
     for name, (idx, _) in result["diffs"].items():

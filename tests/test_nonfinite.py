@@ -17,12 +17,14 @@ import torch
 from distributed import run_ranks
 from scenarios import classification_examples, ds_config_for, task_config, tiny_model
 
+from ltsft_dist.hooks import StepHook
+
 WORLD = 2
 NAN_STEP = 2  # phase-2 step index (the message counts from 1: "phase2 step 3")
 NAN_RANK = 1
 
 
-class NaNAt:
+class NaNAt(StepHook):
     """Step hook: rank `NAN_RANK`'s loss is NaN at phase-2 step `NAN_STEP` (and so are its gradients); records
     this rank's fp32 masters before every phase-2 step."""
 
@@ -83,13 +85,17 @@ CASES = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
-def nonfinite() -> list[dict]:
+def launch_nonfinite() -> list[dict]:
     return run_ranks(nonfinite_cases, WORLD, CASES)
 
 
+@pytest.fixture(scope="session")
+def nonfinite(launches):
+    return functools.partial(launches, launch_nonfinite)
+
+
 @pytest.mark.parametrize("case", [c[0] for c in CASES if c[0].startswith("skip")])
-def test_skip_leaves_every_rank_unchanged_by_the_step(case):
+def test_skip_leaves_every_rank_unchanged_by_the_step(case, nonfinite):
     for rank, got in enumerate(nonfinite()):
         got = got[case]
         assert got["skipped_step_kept_masters"], f"rank {rank}: a master weight changed in the skipped step"
@@ -100,7 +106,7 @@ def test_skip_leaves_every_rank_unchanged_by_the_step(case):
     assert nonfinite()[0][case]["nnz"] == nonfinite()[0][case]["k"] > 0
 
 
-def test_stop_names_the_rank_phase_step_and_that_there_is_no_checkpoint():
+def test_stop_names_the_rank_phase_step_and_that_there_is_no_checkpoint(nonfinite):
     for got in nonfinite():
         message = got["stop"]["error"]
         assert f"non-finite loss (NaN or inf) on rank {NAN_RANK} in phase2 step {NAN_STEP + 1}" in message
@@ -108,7 +114,7 @@ def test_stop_names_the_rank_phase_step_and_that_there_is_no_checkpoint():
         assert "on_nonfinite_loss: skip" in message
 
 
-def test_stop_names_the_last_complete_checkpoint():
+def test_stop_names_the_last_complete_checkpoint(nonfinite):
     for got in nonfinite():
         message = got["stop-after-checkpoint"]["error"]
         assert f"phase2 step {NAN_STEP + 1}" in message

@@ -20,6 +20,7 @@ from slurm_cluster import SlurmCluster, unavailable_reason, write_tiny_run
 
 from ltsft_dist.sft import SparseFineTuning
 
+pytestmark = [pytest.mark.slow, pytest.mark.multirank, pytest.mark.slurm]
 REPO = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 150
 
@@ -129,7 +130,7 @@ def test_preemptible_sbatch_forwards_usr1_to_the_ranks_and_requeues(cluster, tmp
 def test_pipeline_chains_base_language_sfts_task_sft_and_evaluation(cluster, tmp_path):
     """slurm/pipeline.sh on a pipeline config: each stage a job after the ones it needs (the task SFT after every
     language SFT, on 2 nodes), ending with the same results table `ltsft pipeline` writes locally."""
-    from test_pipeline import tiny_pipeline
+    from pipelines import tiny_pipeline
 
     from ltsft_dist.pipeline import load_pipeline, plan
 

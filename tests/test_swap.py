@@ -32,14 +32,15 @@ import torch
 
 from distributed import run_ranks
 from oracle import oracle_ltsft
-from scenarios import classification_examples, ds_config_for, task_config, tiny_model, working_weight_drift
+from scenarios import (LANGUAGES, classification_examples, ds_config_for, language_sfts, task_config, tiny_model,
+                       working_weight_drift)
 from ltsft_dist.config import PhaseConfig
 from ltsft_dist.errors import LtsftError
+from ltsft_dist.hooks import StepHook
 from ltsft_dist.multisource import MultiSourceOrder, build_multisource
-from ltsft_dist.sft import SFTMetadata, SparseFineTuning, base_fingerprint
+from ltsft_dist.sft import SparseFineTuning
 from ltsft_dist.swap import LanguageSwap
 
-LANGUAGES = ("de", "en", "sw")
 
 
 # ---------------------------------------------------------------------- data and language SFTs
@@ -48,35 +49,6 @@ LANGUAGES = ("de", "en", "sw")
 def sources() -> dict:
     return {"de": classification_examples(n=36, seed=11), "en": classification_examples(n=60, seed=12),
             "sw": classification_examples(n=48, seed=13)}
-
-
-def language_sfts(density: float = 0.25, scale: float = 0.1) -> dict[str, SparseFineTuning]:
-    """Random language SFTs of the tiny masked LM (its fingerprint, its parameter names: the cls.* head ones are
-    absent from the classifier and must be skipped). Overlaps on purpose: "en" reuses half of "de"'s positions,
-    "sw" a quarter of each; every SFT also carries the masked-LM decoder as a dense head (ignored by the swap)."""
-    model = tiny_model("language")
-    meta = dict(kind="language", base_model="tiny-mlm", base_fingerprint=base_fingerprint(model), k=0,
-                density=density, training_config={})
-    g = torch.Generator().manual_seed(7)
-    picks: dict[str, dict[str, torch.Tensor]] = {lang: {} for lang in LANGUAGES}
-    shapes = {}
-    for name, p in model.named_parameters():
-        if name == "cls.predictions.decoder.weight":
-            continue
-        n = p.numel()
-        shapes[name] = tuple(p.shape)
-        de = torch.randperm(n, generator=g)[:max(1, int(density * n))]
-        en = torch.cat([de[:len(de) // 2], torch.randperm(n, generator=g)[:len(de) // 2]])
-        sw = torch.cat([de[:len(de) // 4], en[-len(en) // 4:], torch.randperm(n, generator=g)[:len(de) // 2]])
-        for lang, idx in zip(LANGUAGES, (de, en, sw)):
-            picks[lang][name] = torch.unique(idx)  # sorted, no duplicates
-    head = {"cls.predictions.decoder.weight": model.cls.predictions.decoder.weight.detach().clone()}
-    out = {}
-    for lang in LANGUAGES:
-        diffs = {name: (idx, torch.randn(len(idx), generator=g) * scale) for name, idx in picks[lang].items()}
-        out[lang] = SparseFineTuning(diffs, {n: shapes[n] for n in diffs}, head,
-                                     SFTMetadata(languages=[lang], **meta))
-    return out
 
 
 def multisource_config(stage_file: str, **overrides):
@@ -131,7 +103,7 @@ class _Checks:
         return bad
 
 
-class _Pre:
+class _Pre(StepHook):
     def __init__(self, c):
         self.c = c
 
@@ -146,7 +118,7 @@ class _Pre:
         pass
 
 
-class _Post:
+class _Post(StepHook):
     def __init__(self, c):
         self.c = c
 
@@ -228,10 +200,14 @@ def run_swap_cases(world_size: int, names) -> dict:
     return results
 
 
-@functools.lru_cache(maxsize=None)
-def distributed(world_size: int = 2) -> dict:
+def launch_distributed(world_size: int = 2) -> dict:
     names = [s[0] for s in _scenarios()] if world_size == 2 else list(W1_SCENARIOS)
     return run_ranks(run_swap_cases, world_size, world_size, names)[0]
+
+
+@pytest.fixture(scope="session")
+def distributed(launches):
+    return functools.partial(launches, launch_distributed)
 
 
 @functools.lru_cache(maxsize=None)
@@ -243,7 +219,7 @@ RUNS = [(2, s[0]) for s in _scenarios()] + [(1, name) for name in W1_SCENARIOS]
 
 
 @pytest.mark.parametrize("world_size,case", RUNS)
-def test_swap_is_exact_at_every_step(world_size, case):
+def test_swap_is_exact_at_every_step(world_size, case, distributed):
     got = distributed(world_size)[case]
     assert got["checks"]["steps"] == 20 == got["swapped_steps"]  # phase 1 + phase 2
     assert got["checks"] == {"between_steps": 0, "applied": 0, "restored": 0, "masters_moved": 0, "steps": 20}
@@ -254,7 +230,7 @@ def test_swap_is_exact_at_every_step(world_size, case):
     assert len(set(got["languages"])) > 1  # the first ten steps really switch languages
 
 
-def test_zero3_scenarios_cover_persistent_and_partitioned_parameters():
+def test_zero3_scenarios_cover_persistent_and_partitioned_parameters(distributed):
     n_params = len(list(tiny_model("task").parameters()))
     assert distributed()["z3"]["persistent_params"] == n_params
     for world_size in (1, 2):
@@ -262,7 +238,7 @@ def test_zero3_scenarios_cover_persistent_and_partitioned_parameters():
 
 
 @pytest.mark.parametrize("world_size,case", [(w, c) for w, c in RUNS if dict((s[0], s[4]) for s in _scenarios())[c]])
-def test_matches_naive_reference(world_size, case):
+def test_matches_naive_reference(world_size, case, distributed):
     got = distributed(world_size)[case]
     mask, phi, heads = reference()
     assert set(got["diffs"]) == {n for n, m in mask.items() if m.any()}
@@ -273,7 +249,7 @@ def test_matches_naive_reference(world_size, case):
         torch.testing.assert_close(got["heads"][name], value, rtol=1e-4, atol=1e-6)
 
 
-def test_language_sfts_overlap_each_other_and_the_task_mask():
+def test_language_sfts_overlap_each_other_and_the_task_mask(distributed):
     sfts = language_sfts()
     task = distributed()["z2-accum"]["diffs"]
     for name, (task_idx, _) in task.items():
@@ -294,7 +270,7 @@ def test_reference_depends_on_the_swap():
     assert max(float((phi[n] - phi_ta_only[n]).abs().max()) for n in phi) > 1e-2
 
 
-def test_bf16_working_weights_are_the_rounded_masters():
+def test_bf16_working_weights_are_the_rounded_masters(distributed):
     got = distributed()["z2-bf16"]
     assert got["checks"]["between_steps"] == 0 and got["final_between"] == 0  # bf16(master) == working
     moved = sum(int((v != 0).sum()) for _, v in got["diffs"].values())

@@ -111,6 +111,7 @@ def ner_file(path: Path, language: str, n: int, seed: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_ner_task_sft_trains_and_evaluates_end_to_end(tmp_path):
     from transformers import AutoTokenizer
 

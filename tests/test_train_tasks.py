@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import require_shared_data
-from test_sft import random_sft
+from sfts import random_sft
 
 from ltsft_dist import launch_env
-from ltsft_dist.config import ModelConfig, load_config
+from ltsft_dist.config import PACKAGE_DS_CONFIGS, ModelConfig, load_config
 from ltsft_dist.demo_text import sentences
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.heldout import HeldOut
@@ -80,6 +80,7 @@ def held_out_loss_of(run_config: Path, sft_dir: Path, tokenizer_dir: Path, base_
     return HeldOut(data.held_out, 4, 0, 1).loss(model)["all"]
 
 
+@pytest.mark.slow
 def test_nli_task_sft_from_an_xnli_tsv_keeps_the_best_phi_by_held_out_loss(tmp_path):
     out = tmp_path / "out"
     config = base_config(out, task="nli", languages=["de"],
@@ -133,6 +134,8 @@ def xquad_base(tmp_path_factory):
     return d, files, sfts
 
 
+@pytest.mark.slow
+@pytest.mark.multirank
 def test_multisource_qa_on_xquad_swaps_language_sfts_on_two_ranks(xquad_base, tmp_path):
     d, files, sfts = xquad_base
     out = tmp_path / "out"
@@ -238,24 +241,22 @@ def test_held_out_loss_does_not_depend_on_the_world_size():
 
 
 def test_relative_paths_are_taken_from_the_config_folder(tmp_path, monkeypatch):
-    import argparse
-
-    from ltsft_dist.commands import train as train_module
-
     folder = tmp_path / "configs"
     (folder / "lang_de").mkdir(parents=True)
-    for name in ("en.txt", "de.tsv"):
+    for name in ("en.txt", "de.tsv", "ds.json"):
         (folder / name).write_text("x\n")
-    seen = []
-    monkeypatch.setattr(train_module, "run_training", lambda config, base_dir: seen.append(config) or 0)
-    single = {"kind": "language", "model": {"tiny": TINY}, "density": 0.1, "data": {"train_file": "en.txt"}}
+    single = {"kind": "language", "model": {"tiny": TINY}, "density": 0.1, "data": {"train_file": "en.txt"},
+              "deepspeed": "ds.json"}
     multi = base_config(tmp_path / "o", task="nli", model={"tiny": TINY}, language_sfts={"de": "lang_de"},
                         data={"sources": [{"language": "de", "train_file": "de.tsv"},
                                           {"language": "en", "train_file": "elsewhere.tsv"}]})
     monkeypatch.chdir(tmp_path)  # not the config's folder
+    seen = []
     for config in (single, multi):
         (folder / "run.yaml").write_text(yaml.safe_dump(config))
-        train_module.train_command(argparse.Namespace(config=str(folder / "run.yaml"), overrides=[]))
+        seen.append(load_config(folder / "run.yaml"))
     assert seen[0].data.train_file == str(folder / "en.txt")
+    assert seen[0].deepspeed_path() == folder / "ds.json"
+    assert seen[1].deepspeed_path() == PACKAGE_DS_CONFIGS / "zero2.json"  # a name: the packaged config
     assert [s.train_file for s in seen[1].data.sources] == [str(folder / "de.tsv"), "elsewhere.tsv"]  # kept as given
     assert seen[1].language_sfts == {"de": str(folder / "lang_de")}

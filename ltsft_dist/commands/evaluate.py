@@ -87,6 +87,7 @@ def parse_pairs(values: list[str], flag: str) -> dict[str, str]:
 
 
 def eval_command(args: argparse.Namespace) -> int:
+    from ltsft_dist.engine import join_launched_group
     from ltsft_dist.evaluation import EvalConfig, evaluate, load_eval_config, markdown_table, write_results
 
     config = load_eval_config(args.config) if args.config else EvalConfig()
@@ -101,7 +102,7 @@ def eval_command(args: argparse.Namespace) -> int:
             flag = "--" + key.replace("_", "-")
             raise LtsftError(f"missing {flag}: give it on the command line or as {key}: in the eval config")
     config.check()
-    _join_launched_group()
+    join_launched_group()
     results = evaluate(config.base, config.task_sft, config.data, config.lang_sft, config.task, config,
                        show_progress=not args.no_progress)
     if results is not None:
@@ -109,24 +110,6 @@ def eval_command(args: argparse.Namespace) -> int:
         print(markdown_table(results))
         print(f"wrote {config.out}/results.json and results.md", file=sys.stderr)
     return 0
-
-
-def _join_launched_group() -> None:
-    """Join the process group when a launcher started several ranks; a lone process evaluates by itself, without
-    DeepSpeed's start-up (and can run inside another program, e.g. a test)."""
-    import torch.distributed as dist
-
-    from ltsft_dist.engine import init_distributed
-    from ltsft_dist.launch_env import discover
-
-    if dist.is_initialized():
-        return
-    try:
-        alone = discover(use_mpi4py=False).world_size == 1
-    except LtsftError:  # e.g. an MPI launcher whose ranks only mpi4py can tell: let init_distributed find out
-        alone = False
-    if not alone:
-        init_distributed()
 
 
 def export_command(args: argparse.Namespace) -> int:

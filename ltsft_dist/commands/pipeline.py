@@ -9,20 +9,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
 from ltsft_dist.errors import LtsftError
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "pipeline", help="run the whole recipe from one config: language SFTs, task SFT, zero-shot evaluation",
-        description="Run every stage of a pipeline config (see ltsft_dist/configs/pipeline_*.yaml) in order. "
+        description="Run every stage of a pipeline config (see ltsft_dist/configs/paper_*.yaml and "
+                    "`ltsft demo`) in order. "
                     "Each stage's directory under output_dir is named by a hash of its inputs: finished stages "
                     "are skipped, an interrupted stage resumes from its checkpoints. Started alone, each stage "
                     "runs on `ranks` local processes (the deepspeed launcher); started by a launcher (srun, "
                     "mpirun, deepspeed) with --stage, that stage runs on the launcher's ranks.")
-    p.add_argument("config", metavar="CONFIG", help="pipeline config (YAML)")
+    p.add_argument("config", nargs="?", metavar="CONFIG", help="pipeline config (YAML); see --help-config")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
     p.add_argument("--dry-run", action="store_true", help="print the stages, their directories and state; run nothing")
     p.add_argument("--stage", metavar="NAME",
                    help="run only this stage (base, lang:<xx>, task or eval), on the ranks of the current launcher "
@@ -36,6 +36,13 @@ def register(subparsers) -> None:
 def pipeline_command(args: argparse.Namespace) -> int:
     from ltsft_dist import pipeline as pl
 
+    if args.help_config:
+        from ltsft_dist.config import config_help
+
+        print(config_help(pl.PipelineConfig))
+        return 0
+    if not args.config:
+        raise SystemExit("ltsft pipeline: give a CONFIG file (or --help-config)")
     config = pl.load_pipeline(args.config)
     if args.ranks:
         config.ranks = args.ranks
@@ -84,25 +91,16 @@ def run_stage(stage, config, by_name: dict, *, in_process: bool, master_port: in
                          "pipeline without --stage)")
     stage.directory.mkdir(parents=True, exist_ok=True)
     print(f"== stage {stage.name}: {stage.directory}", flush=True)
-    if stage.name == "base":
-        if _launch().rank == 0:
-            pl.build_base(config, stage)
-        return 0
-    if stage.name == "eval":
-        argv = pl.eval_argv(stage)
-    else:
-        path = stage.directory / "config.yaml"
-        path.write_text(yaml.safe_dump(stage.config, sort_keys=False))
-        argv = ["train", str(path)]
     if in_process:
-        from ltsft_dist.cli import build_parser
-
-        args = build_parser().parse_args(argv)
-        status = int(args.func(args) or 0)
-        if status == 0 and _launch().rank == 0:
+        rank = _launch().rank
+        status = pl.run_stage_here(config, stage, rank)
+        if status == 0 and rank == 0:
             pl.mark_done(stage)
         return status
-    status = subprocess.call(local_launcher(config.ranks, master_port) + argv)
+    if stage.name == "base":  # (rank 0's work only: no ranks to launch)
+        status = pl.run_stage_here(config, stage, 0)
+    else:
+        status = subprocess.call(local_launcher(config.ranks, master_port) + pl.stage_argv(stage))
     if status == 0:
         pl.mark_done(stage)
     return status

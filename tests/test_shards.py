@@ -1,0 +1,251 @@
+"""The DeepSpeed internals `ltsft_dist/shards.py` relies on, one test per attribute or behaviour and ZeRO stage, so
+that a DeepSpeed upgrade fails here first, with a message naming the internal that changed.
+
+One W=2 launch builds an engine per ZeRO stage on a tiny classifier and probes each internal; the facts are cached
+for the session (a failing launch fails every test with its traceback, once).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distributed import run_ranks
+from scenarios import classification_examples, task_config, tiny_classifier
+
+pytestmark = [pytest.mark.slow, pytest.mark.multirank]
+WORLD = 2
+
+# (stage, internal): what shards.py does with it. Each probe raises AssertionError describing what it found.
+PROBES = {
+    0: ["engine.optimizer.param_groups", "param.grad", "bfloat16_enabled/fp16_enabled"],
+    1: ["optimizer.optimizer", "optimizer.single_partition_of_fp32_groups", "optimizer.bit16_groups",
+        "param._hp_mapping", "_hp_mapping.get_lp_grad_fragment", "optimizer.update_lp_params",
+        "optimizer.optimizer.register_step_post_hook", "optimizer.optimizer.state"],
+    3: ["optimizer.optimizer", "optimizer.fp32_partitioned_groups_flat", "optimizer.fp16_groups",
+        "optimizer.grad_position", "param.partition_numel/ds_numel", "optimizer.averaged_gradients",
+        "optimizer._partition_all_parameters/_reassign_or_swap_out_partitioned_parameters",
+        "optimizer.persistent_parameters", "optimizer.invalidate_secondary_tensor",
+        "optimizer.optimizer.register_step_post_hook", "optimizer.optimizer.state", "param.ds_shape",
+        "param.ds_tensor/ds_status", "param.ds_process_group", "ZeroParamStatus"],
+}
+PROBES[2] = PROBES[1]
+GLOBAL_PROBES = ["deepspeed.ops.__compatible_ops__['deepspeed_shm_comm']"]
+
+
+def _engine(stage: int):
+    import deepspeed
+
+    from ltsft_dist.engine import ds_config_for
+
+    cfg = task_config(f"zero{stage}.json", batch_size=8, micro_batch_size=4)
+    model = tiny_classifier()
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
+                                      config=ds_config_for(cfg, WORLD))
+    return engine, model
+
+
+def _backward(engine) -> None:
+    import torch.distributed as dist
+
+    from ltsft_dist.data import StepOrder
+
+    batch = StepOrder(classification_examples(n=8), 8, 4, dist.get_rank(), WORLD, 0).batch_at(0, 0)
+    engine.backward(engine(**batch).loss)
+
+
+def _expect(condition, found: str) -> None:
+    if not condition:
+        raise AssertionError(found)
+
+
+def _probe(stage: int, name: str, engine, model) -> None:
+    """One internal of one stage; raises AssertionError (or AttributeError, ...) when it is not as shards.py needs."""
+    import torch.distributed as dist
+
+    opt = engine.optimizer
+    params = dict(model.named_parameters())
+    rank = dist.get_rank()
+    if name == "engine.optimizer.param_groups":  # ZeRO 0: the torch optimizer itself; parameters are masters
+        stepped = {id(p) for g in opt.param_groups for p in g["params"]}
+        _expect(stepped == {id(p) for p in params.values()}, "param_groups do not hold exactly the model parameters")
+    elif name == "param.grad":  # ZeRO 0: after backward, the gradient averaged over ranks
+        _backward(engine)
+        p = params["classifier.weight"]
+        gathered = [torch.empty_like(p.grad) for _ in range(WORLD)]
+        dist.all_gather(gathered, p.grad)
+        _expect(torch.equal(gathered[0], gathered[1]), "p.grad differs between ranks after backward")
+    elif name == "bfloat16_enabled/fp16_enabled":
+        _expect(engine.bfloat16_enabled() is False and engine.fp16_enabled() is False, "unexpected precision flags")
+    elif name == "optimizer.optimizer":
+        _expect(isinstance(opt.optimizer, torch.optim.AdamW), f"found {type(opt.optimizer).__name__}")
+    elif name == "optimizer.single_partition_of_fp32_groups":
+        _one_flat_fp32_master_per_group(opt.single_partition_of_fp32_groups, opt.bit16_groups)
+    elif name == "optimizer.bit16_groups":
+        _groups_hold_the_model(opt.bit16_groups, params)
+    elif name == "param._hp_mapping":  # my fp32 range of each parameter: the ranks' ranges tile it exactly
+        mine = []
+        for g, n, p in _grouped(opt, params):
+            m = getattr(p, "_hp_mapping", None)
+            if m is None:
+                continue
+            lp, hp = m.lp_fragment_address, m.hp_fragment_address
+            flat = opt.single_partition_of_fp32_groups[g]
+            _expect(torch.equal(flat[hp.start:hp.start + lp.numel], p.data.view(-1)[lp.start:lp.start + lp.numel]),
+                    f"{n}: master range hp_fragment_address != working range lp_fragment_address")
+            mine.append((n, lp.start, lp.numel))
+        everyone = [None] * WORLD
+        dist.all_gather_object(everyone, mine)
+        covered = {n: 0 for n in params}
+        for ranges in everyone:
+            for n, _, numel in ranges:
+                covered[n] += numel
+        wrong = [n for n, c in covered.items() if c != params[n].numel()]
+        _expect(not wrong, f"ranges do not cover {wrong[:3]} exactly once")
+    elif name == "_hp_mapping.get_lp_grad_fragment":  # the reduced gradient the optimizer will step with
+        _backward(engine)
+        for p in params.values():
+            m = getattr(p, "_hp_mapping", None)
+            if m is not None:
+                g = m.get_lp_grad_fragment(p._index_in_param_group)
+                _expect(g.numel() == m.lp_fragment_address.numel, "fragment size differs from lp_fragment_address")
+    elif name == "optimizer.update_lp_params":  # masters -> working weights
+        with torch.no_grad():
+            for flat in opt.single_partition_of_fp32_groups:
+                flat.add_(1.0)
+        opt.update_lp_params()
+        for g, n, p in _grouped(opt, params):
+            m = getattr(p, "_hp_mapping", None)
+            if m is not None:
+                lp, hp = m.lp_fragment_address, m.hp_fragment_address
+                flat = opt.single_partition_of_fp32_groups[g]
+                _expect(torch.equal(flat[hp.start:hp.start + lp.numel], p.data.view(-1)[lp.start:lp.start + lp.numel]),
+                        f"{n}: working weights not updated from the masters")
+    elif name == "optimizer.optimizer.register_step_post_hook":  # runs after the inner step, before the copy-back
+        seen = []
+        masters = [s.clone() for s in _masters(stage, opt)]
+        opt.optimizer.register_step_post_hook(lambda *_: seen.append([s.clone() for s in _masters(stage, opt)]))
+        _backward(engine)
+        engine.step()
+        _expect(seen, "the post hook did not run during engine.step()")
+        _expect(any(not torch.equal(a, b) for a, b in zip(seen[0], masters)), "masters unchanged when the hook ran")
+    elif name == "optimizer.optimizer.state":  # keyed by the flat masters, AdamW moments as tensors
+        _backward(engine)
+        engine.step()
+        keys = {id(t) for t in opt.optimizer.state}
+        _expect(keys <= {id(t) for t in _masters(stage, opt)}, "state is not keyed by the fp32 master flats")
+        _expect(all(torch.is_tensor(s.get("exp_avg")) for s in opt.optimizer.state.values()), "no exp_avg tensors")
+    elif name == "optimizer.fp32_partitioned_groups_flat":
+        _one_flat_fp32_master_per_group(opt.fp32_partitioned_groups_flat, opt.fp16_groups)
+    elif name == "optimizer.fp16_groups":
+        _groups_hold_the_model(opt.fp16_groups, params)
+    elif name == "optimizer.grad_position":  # (group, offset, numel) of my partition of each parameter
+        for s, group in enumerate(opt.fp16_groups):
+            for p in group:
+                _, offset, _ = opt.grad_position[opt.get_param_id(p)]
+                start = rank * p.partition_numel()
+                real = max(0, min(p.partition_numel(), p.ds_numel - start))
+                master = opt.fp32_partitioned_groups_flat[s][offset:offset + real]
+                _expect(torch.equal(master, p.ds_tensor.data.view(-1)[:real].float()),
+                        "master slice at grad_position differs from the parameter's ds_tensor partition")
+    elif name == "param.partition_numel/ds_numel":  # elements [rank * partition_numel, ...) of the flat parameter
+        for n, p in params.items():
+            _expect(p.partition_numel() * WORLD >= p.ds_numel == p.ds_shape.numel(), f"{n}: sizes do not add up")
+    elif name == "optimizer.averaged_gradients":
+        _backward(engine)  # (one micro-batch per step: the backward pass is the reduction boundary)
+        for s, group in enumerate(opt.fp16_groups):
+            for k, p in enumerate(group):
+                _expect(opt.averaged_gradients[s][k].numel() >= min(p.partition_numel(), p.ds_numel),
+                        "averaged_gradients[s][k] is smaller than the parameter's partition")
+    elif name == "optimizer._partition_all_parameters/_reassign_or_swap_out_partitioned_parameters":
+        with torch.no_grad():
+            _masters(stage, opt)[0].add_(1.0)
+        from ltsft_dist.shards import Shards
+
+        Shards(engine, model).sync_working_weights()
+        for p in opt.fp16_groups[0]:
+            _, offset, _ = opt.grad_position[opt.get_param_id(p)]
+            real = max(0, min(p.partition_numel(), p.ds_numel - rank * p.partition_numel()))
+            _expect(torch.equal(p.ds_tensor.data.view(-1)[:real].float(),
+                                opt.fp32_partitioned_groups_flat[0][offset:offset + real]),
+                    "ds_tensor does not hold the masters after the re-partition sequence")
+    elif name == "optimizer.persistent_parameters":
+        _expect(isinstance(opt.persistent_parameters, list), "not a list")
+        _expect(all(getattr(p, "ds_persist", False) for p in opt.persistent_parameters), "not all ds_persist")
+        if opt.persistent_parameters:
+            _expect(callable(opt.persistent_parameters[0].all_gather), "persistent parameters have no all_gather")
+    elif name == "optimizer.invalidate_secondary_tensor":
+        _expect(callable(opt.invalidate_secondary_tensor), "not callable")
+    elif name == "param.ds_shape":
+        for n, p in params.items():
+            _expect(tuple(p.ds_shape) == tuple(dict(tiny_classifier().named_parameters())[n].shape),
+                    f"{n}: ds_shape is not the real shape")
+    elif name == "param.ds_tensor/ds_status":
+        from ltsft_dist.shards import is_zero3_param
+
+        _expect(all(is_zero3_param(p) for p in params.values()), "parameters lack ds_tensor or ds_status")
+    elif name == "param.ds_process_group":
+        for p in params.values():
+            _expect(dist.get_rank(group=getattr(p, "ds_process_group", None)) == rank, "rank in the group differs")
+    elif name == "ZeroParamStatus":
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        _expect({"AVAILABLE", "NOT_AVAILABLE", "INFLIGHT"} <= set(ZeroParamStatus.__members__), "members changed")
+    else:
+        raise AssertionError(f"no probe for {name}")
+
+
+def _one_flat_fp32_master_per_group(flats: list, groups: list) -> None:
+    _expect(all(t.dtype == torch.float32 and t.dim() == 1 for t in flats), "not flat fp32 tensors")
+    _expect(len(flats) == len(groups), "not one per parameter (sub-)group")
+
+
+def _groups_hold_the_model(groups: list, params: dict) -> None:
+    held = {id(p) for group in groups for p in group}
+    _expect(held == {id(p) for p in params.values()}, "groups do not hold exactly the model parameters")
+
+
+def _grouped(opt, params: dict):
+    """(group index, name, parameter) over ZeRO-1/2's bit16_groups."""
+    names = {id(p): n for n, p in params.items()}
+    return [(g, names[id(p)], p) for g, group in enumerate(opt.bit16_groups) for p in group]
+
+
+def _masters(stage: int, opt) -> list[torch.Tensor]:
+    return list(opt.single_partition_of_fp32_groups if stage in (1, 2) else opt.fp32_partitioned_groups_flat)
+
+
+def probe_all() -> dict:
+    """On every rank: {(stage, internal): None if as expected, else what was found}. A fresh engine per probe
+    (several probes step or write the masters)."""
+    import traceback
+
+    import deepspeed.ops
+
+    found = {}
+    key = GLOBAL_PROBES[0]
+    ops = getattr(deepspeed.ops, "__compatible_ops__", None)
+    found[(None, key)] = None if isinstance(ops, dict) and "deepspeed_shm_comm" in ops else f"found {ops!r}"
+    for stage, names in sorted(PROBES.items()):
+        for name in names:
+            try:
+                engine, model = _engine(stage)
+                _probe(stage, name, engine, model)
+                found[(stage, name)] = None
+            except Exception as err:  # recorded per internal: one change must not hide the others
+                found[(stage, name)] = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}"
+    return found
+
+
+@pytest.fixture(scope="session")
+def facts():
+    return run_ranks(probe_all, WORLD)
+
+
+@pytest.mark.parametrize("stage,internal", [(None, k) for k in GLOBAL_PROBES] +
+                         [(s, n) for s, names in sorted(PROBES.items()) for n in names])
+def test_deepspeed_internal(facts, stage, internal):
+    where = "deepspeed" if stage is None else f"ZeRO-{stage}"
+    problems = [f"rank {r}: {f[(stage, internal)]}" for r, f in enumerate(facts) if f[(stage, internal)]]
+    assert not problems, (f"{where}: the DeepSpeed internal `{internal}` that ltsft_dist/shards.py relies on has "
+                          "changed:\n" + "\n".join(problems))
