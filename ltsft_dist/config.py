@@ -23,112 +23,112 @@ from ltsft_dist.multisource import SamplingConfig
 PACKAGE_DS_CONFIGS = Path(__file__).resolve().parent / "ds_configs"
 
 
-def _help(text: str) -> dict:
+def field_help(text: str) -> dict:
     """A field's help text, as peft declares it: `ltsft train --help-config` and the docs list it."""
     return {"help": text}
 
 
 @dataclass
 class PhaseConfig:
-    steps: int = field(default=100, metadata=_help("optimizer steps in this phase"))
-    lr: float = field(default=5e-5, metadata=_help("peak learning rate; linear warm-up, then linear decay to 0 "
+    steps: int = field(default=100, metadata=field_help("optimizer steps in this phase"))
+    lr: float = field(default=5e-5, metadata=field_help("peak learning rate; linear warm-up, then linear decay to 0 "
                                                    "(as in the paper)"))
-    warmup_steps: int = field(default=0, metadata=_help("steps of linear warm-up from 0 to lr"))
-    l1: float = field(default=0.0, metadata=_help("λ of the L1 pull toward θ⁰ (the paper uses 0.1 for language "
+    warmup_steps: int = field(default=0, metadata=field_help("steps of linear warm-up from 0 to lr"))
+    l1: float = field(default=0.0, metadata=field_help("λ of the L1 pull toward θ⁰ (the paper uses 0.1 for language "
                                                   "SFTs)"))
 
 
 @dataclass
 class ModelConfig:
-    name_or_path: str | None = field(default=None, metadata=_help("a hub id or a local transformers directory"))
-    tiny: dict | None = field(default=None, metadata=_help(
+    name_or_path: str | None = field(default=None, metadata=field_help("a hub id or a local transformers directory"))
+    tiny: dict | None = field(default=None, metadata=field_help(
         "or: build a randomly initialised model from these config values (offline tests, demo)"))
-    architecture: str = field(default="bert", metadata=_help("for `tiny`: bert | xlm-roberta"))
-    tokenizer: str | None = field(default=None, metadata=_help("tokenizer directory; defaults to name_or_path"))
+    architecture: str = field(default="bert", metadata=field_help("for `tiny`: bert | xlm-roberta"))
+    tokenizer: str | None = field(default=None, metadata=field_help("tokenizer directory; defaults to name_or_path"))
 
 
 @dataclass
 class SourceConfig:
     """One source language's training data: a file, or a HF dataset (hf_dataset + hf_config + split)."""
 
-    language: str = field(default="", metadata=_help("language code of this source"))
-    train_file: str | None = field(default=None, metadata=_help(
+    language: str = field(default="", metadata=field_help("language code of this source"))
+    train_file: str | None = field(default=None, metadata=field_help(
         "training file; a relative path is taken from the config's folder where it exists there"))
-    format: str = field(default="auto", metadata=_help(
+    format: str = field(default="auto", metadata=field_help(
         "auto (by task, extension and header) | text | jsonl | squad | xnli-tsv | multinli-jsonl | americasnli-tsv | "
         "conll (ner/pos: CoNLL-U or word ... tag columns) | hf"))
-    hf_dataset: str | None = field(default=None, metadata=_help("or: a HF dataset, e.g. facebook/xnli, squad, "
+    hf_dataset: str | None = field(default=None, metadata=field_help("or: a HF dataset, e.g. facebook/xnli, squad, "
                                                                 "wikitext"))
-    hf_config: str | None = field(default=None, metadata=_help("the HF dataset's config name, e.g. the language's"))
-    split: str = field(default="train", metadata=_help("the HF dataset's split"))
-    column: str = field(default="text", metadata=_help("mlm from a HF dataset: the text column"))
+    hf_config: str | None = field(default=None, metadata=field_help("the HF dataset's config name, e.g. the language's"))
+    split: str = field(default="train", metadata=field_help("the HF dataset's split"))
+    column: str = field(default="text", metadata=field_help("mlm from a HF dataset: the text column"))
 
 
 @dataclass
 class DataConfig:
-    train_file: str = field(default="", metadata=_help(
+    train_file: str = field(default="", metadata=field_help(
         "single source: mlm: one text per line; classification: JSON lines with text, [text_pair,] label; nli: an "
         "XNLI/AmericasNLI TSV or MultiNLI JSONL; qa: SQuAD JSON (relative: from the config's folder where it "
         "exists there)"))
-    format: str = field(default="auto", metadata=_help("how to read train_file (see data.sources[].format)"))
-    sources: list[SourceConfig] = field(default_factory=list, metadata=_help(
+    format: str = field(default="auto", metadata=field_help("how to read train_file (see data.sources[].format)"))
+    sources: list[SourceConfig] = field(default_factory=list, metadata=field_help(
         "multi-source: one entry per source language (instead of train_file)"))
-    max_seq_length: int = field(default=64, metadata=_help("tokens per model input"))
-    mlm_probability: float = field(default=0.15, metadata=_help("mlm: fraction of tokens masked"))
-    packed: bool = field(default=False, metadata=_help(
+    max_seq_length: int = field(default=64, metadata=field_help("tokens per model input"))
+    mlm_probability: float = field(default=0.15, metadata=field_help("mlm: fraction of tokens masked"))
+    packed: bool = field(default=False, metadata=field_help(
         "mlm: concatenate lines and cut into max_seq_length blocks (else one line per row)"))
-    doc_stride: int = field(default=32, metadata=_help("qa: context tokens shared by consecutive windows of a "
+    doc_stride: int = field(default=32, metadata=field_help("qa: context tokens shared by consecutive windows of a "
                                                        "long context"))
-    max_query_length: int = field(default=24, metadata=_help("qa: question tokens kept"))
-    labels: list[str] | None = field(default=None, metadata=_help(
+    max_query_length: int = field(default=24, metadata=field_help("qa: question tokens kept"))
+    labels: list[str] | None = field(default=None, metadata=field_help(
         "classification/ner/pos label names, in id order; default: sorted labels seen"))
-    eval_fraction: float = field(default=0.0, metadata=_help(
+    eval_fraction: float = field(default=0.0, metadata=field_help(
         "held out from training for the eval loss (the paper: 5% for language SFTs)"))
-    eval_every: int = field(default=0, metadata=_help(
+    eval_every: int = field(default=0, metadata=field_help(
         "phase-2 steps between evaluations; the best φ by eval loss is kept (0: phase end only)"))
 
 
 @dataclass
 class TrainConfig:
-    kind: str = field(default="language", metadata=_help("language | task | bitfit"))
-    task: str | None = field(default=None, metadata=_help(
+    kind: str = field(default="language", metadata=field_help("language | task | bitfit"))
+    task: str | None = field(default=None, metadata=field_help(
         "mlm | classification | nli | qa | ner | pos (default: mlm for language SFTs, else classification)"))
-    languages: list[str] = field(default_factory=list, metadata=_help("language code(s), recorded in the SFT"))
-    output_dir: str = field(default="runs/ltsft", metadata=_help(
+    languages: list[str] = field(default_factory=list, metadata=field_help("language code(s), recorded in the SFT"))
+    output_dir: str = field(default="runs/ltsft", metadata=field_help(
         "where the SFT, checkpoints, tokenizer and logs go"))
-    model: ModelConfig = field(default_factory=ModelConfig, metadata=_help("the base model θ⁰"))
-    data: DataConfig = field(default_factory=DataConfig, metadata=_help("the training data"))
-    k: int | None = field(default=None, metadata=_help("number of parameters to select ..."))
-    density: float | None = field(default=None, metadata=_help("... or a fraction of the eligible parameters"))
-    selection: str = field(default="magnitude", metadata=_help(
+    model: ModelConfig = field(default_factory=ModelConfig, metadata=field_help("the base model θ⁰"))
+    data: DataConfig = field(default_factory=DataConfig, metadata=field_help("the training data"))
+    k: int | None = field(default=None, metadata=field_help("number of parameters to select ..."))
+    density: float | None = field(default=None, metadata=field_help("... or a fraction of the eligible parameters"))
+    selection: str = field(default="magnitude", metadata=field_help(
         "magnitude (LT-SFT) | random (RAND-SFT) | all (BitFit: no phase 1; kind bitfit implies it)"))
-    rounds: int = field(default=1, metadata=_help(
+    rounds: int = field(default=1, metadata=field_help(
         "iterative selection: rounds of phase1 -> select K/rounds more -> phase2"))
-    phase1: PhaseConfig = field(default_factory=PhaseConfig, metadata=_help("full fine-tuning"))
-    phase2: PhaseConfig = field(default_factory=PhaseConfig, metadata=_help("masked fine-tuning from θ⁰"))
-    batch_size: int = field(default=8, metadata=_help(
+    phase1: PhaseConfig = field(default_factory=PhaseConfig, metadata=field_help("full fine-tuning"))
+    phase2: PhaseConfig = field(default_factory=PhaseConfig, metadata=field_help("masked fine-tuning from θ⁰"))
+    batch_size: int = field(default=8, metadata=field_help(
         "global batch per optimizer step (all ranks, all accumulation steps)"))
-    micro_batch_size: int = field(default=8, metadata=_help("per rank per forward pass"))
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay (not on biases and LayerNorms)"))
-    max_grad_norm: float = field(default=1.0, metadata=_help(
+    micro_batch_size: int = field(default=8, metadata=field_help("per rank per forward pass"))
+    weight_decay: float = field(default=0.0, metadata=field_help("AdamW weight decay (not on biases and LayerNorms)"))
+    max_grad_norm: float = field(default=1.0, metadata=field_help(
         "clipping of the (masked) global gradient norm; 0 disables it"))
-    seed: int = field(default=42, metadata=_help("seed of the data order, masking and random selection"))
-    deepspeed: str = field(default="zero2.json", metadata=_help(
+    seed: int = field(default=42, metadata=field_help("seed of the data order, masking and random selection"))
+    deepspeed: str = field(default="zero2.json", metadata=field_help(
         "DeepSpeed config: a path (relative: from the config's folder where it exists there), or a file name in "
         "the package's ds_configs/ (zero0-3.json, zero1-3_bf16.json)"))
-    eligibility: EligibilityConfig = field(default_factory=EligibilityConfig, metadata=_help(
+    eligibility: EligibilityConfig = field(default_factory=EligibilityConfig, metadata=field_help(
         "which parameters may change (default: by kind)"))
-    log_every: int = field(default=10, metadata=_help("steps between log lines and TensorBoard scalars"))
-    checkpoint_every: int = field(default=0, metadata=_help(
+    log_every: int = field(default=10, metadata=field_help("steps between log lines and TensorBoard scalars"))
+    checkpoint_every: int = field(default=0, metadata=field_help(
         "steps between periodic checkpoints (0: only when stopped by SIGUSR1/SIGTERM)"))
-    resume: bool = field(default=True, metadata=_help(
+    resume: bool = field(default=True, metadata=field_help(
         "continue from the latest complete checkpoint in output_dir/checkpoints"))
-    language_sfts: dict[str, str] = field(default_factory=dict, metadata=_help(
+    language_sfts: dict[str, str] = field(default_factory=dict, metadata=field_help(
         "task SFTs: source language -> its language SFT directory, active for every step that trains on that "
         "language (multi-source per-step swap)"))
-    sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata=_help(
+    sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata=field_help(
         "multi-source: which language each step trains on"))
-    on_nonfinite_loss: str = field(default="stop", metadata=_help(
+    on_nonfinite_loss: str = field(default="stop", metadata=field_help(
         "stop: fail naming the step and the last checkpoint | skip: skip such steps"))
 
     def complete(self) -> TrainConfig:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ltsft_dist.config import SourceConfig, from_dict, read_mapping
+from ltsft_dist.config import SourceConfig, field_help, from_dict, read_mapping
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.naming import body_prefix
 from ltsft_dist.sft import SparseFineTuning, base_fingerprint, write_atomically
@@ -33,13 +33,16 @@ FILE_FORMATS = tuple(f for f in FORMAT_NAMES if f not in ("auto", "hf"))  # what
 class EvalOptions:
     """How to evaluate; the defaults are XQuAD's official settings (384-token windows, stride 128)."""
 
-    max_seq_length: int = 384  # tokens per model input (QA window, NLI pair, tagged sentence)
-    stride: int = 128  # QA: context tokens shared by consecutive windows
-    max_query_length: int = 64  # QA: questions are cut to this many tokens
-    batch_size: int = 32  # model inputs per forward pass on each rank
-    limit: int | None = None  # first N questions / pairs per language, for quick runs
-    qa_metric: str = "squad"  # squad: XQuAD's official (SQuAD v1.1) script; mlqa: MLQA's per-language one
-    format: str | None = None  # reader of every data file; None: told from the file's extension and header
+    max_seq_length: int = field(default=384, metadata=field_help(
+        "tokens per model input (QA window, NLI pair, tagged sentence)"))
+    stride: int = field(default=128, metadata=field_help("QA: context tokens shared by consecutive windows"))
+    max_query_length: int = field(default=64, metadata=field_help("QA: questions are cut to this many tokens"))
+    batch_size: int = field(default=32, metadata=field_help("model inputs per forward pass on each rank"))
+    limit: int | None = field(default=None, metadata=field_help("first N questions / pairs per language, for quick runs"))
+    qa_metric: str = field(default="squad", metadata=field_help(
+        "squad: XQuAD's official (SQuAD v1.1) script; mlqa: MLQA's per-language one"))
+    format: str | None = field(default=None, metadata=field_help(
+        "reader of every data file; None: told from the file's extension and header"))
 
     def check(self) -> None:
         for key in ("max_seq_length", "stride", "max_query_length", "batch_size", "limit"):
@@ -61,12 +64,14 @@ class EvalConfig(EvalOptions):
     """An evaluation: what to evaluate and how. The keys of an `ltsft eval` config file (flags override them) and of
     a pipeline's `evaluation` section (which sets base, task_sft, task and lang_sft itself)."""
 
-    base: str | None = None  # base model directory written by save_pretrained, with its tokenizer
-    task_sft: str | None = None  # the task SFT, with its dense task head
-    task: str | None = None  # default: the task the SFT was trained for, else told by its head parameters
-    lang_sft: dict[str, str] = field(default_factory=dict)  # target language -> its language SFT
-    data: dict[str, str] = field(default_factory=dict)  # target language -> evaluation file
-    out: str | None = None  # directory for results.json and results.md
+    base: str | None = field(default=None, metadata=field_help(
+        "base model directory written by save_pretrained, with its tokenizer"))
+    task_sft: str | None = field(default=None, metadata=field_help("the task SFT, with its dense task head"))
+    task: str | None = field(default=None, metadata=field_help(
+        "default: the task the SFT was trained for, else told by its head parameters"))
+    lang_sft: dict[str, str] = field(default_factory=dict, metadata=field_help("target language -> its language SFT"))
+    data: dict[str, str] = field(default_factory=dict, metadata=field_help("target language -> evaluation file"))
+    out: str | None = field(default=None, metadata=field_help("directory for results.json and results.md"))
 
 
 def load_eval_config(path) -> EvalConfig:
