@@ -248,8 +248,7 @@ class LTSFTRecipe:
             return Progress()
         progress, state = checkpoint.load(directory, self.engine, self.rank, self.shards.world_size,
                                           self.shards.stage)
-        for mine, saved in zip(self.snapshot.segments, state["theta0"]):
-            mine.copy_(saved)
+        self.snapshot.restore(state["theta0"])
         self.selected, self.best = state["selected"], state.get("best")
         if self.rank == 0 and self.show_progress:
             print(f"resumed from {directory} (round {progress.round}, {progress.phase}, step {progress.step})")
@@ -374,8 +373,8 @@ class LTSFTRecipe:
 
     def frozen_drift(self, mask: GradientMask) -> int:
         """Frozen elements of my shard that are not bit-identical to θ⁰ (summed over ranks)."""
-        local = sum(int(((m != t) & f).sum()) for m, t, f in
-                    zip(self.shards.segments, self.snapshot.segments, mask.frozen))
+        local = sum(int((self.snapshot.changed(f) & mask.frozen[f.segment].narrow(0, f.segment_offset, f.numel))
+                        .sum()) for f in self.shards.fragments)
         return int(self.shards.all_reduce(torch.tensor([local])))
 
     def extract(self, selected: list[torch.Tensor]) -> SparseFineTuning | None:
