@@ -22,6 +22,11 @@ from pathlib import Path
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sinfo", "scancel")
 HOSTS_FILE = Path("/etc/hosts")
 HOSTS_MARK = "# ltsft-test-slurm-cluster"
+# Job credential lifetime. SLURM also holds a requeued job back for this long (plus 1 s): its new launch
+# credential must be newer than the revocation of the old one, in whole seconds, or slurmd refuses the launch
+# ("Job credential revoked") and the job ends FAILED without restarting. The default, 120 s, would make each
+# requeue test wait two minutes; starting the job earlier by hand (StartTime=now) reintroduces that race.
+CRED_EXPIRE_S = 5
 NEVER_RUNS = {"PartitionConfig", "PartitionNodeLimit", "BadConstraints", "DependencyNeverSatisfied",
               "ReqNodeNotAvail", "PartitionTimeLimit", "InvalidAccount", "InvalidQOS"}
 
@@ -182,7 +187,7 @@ SlurmctldPort={ctld_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={self.munge_socket}
+AuthInfo=socket={self.munge_socket},cred_expire={CRED_EXPIRE_S}
 CredType=cred/munge
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none

@@ -117,7 +117,7 @@ def test_preemptible_sbatch_forwards_usr1_to_the_ranks_and_requeues(cluster, tmp
     signalled = time.monotonic()
     assert cluster.run("scancel", "--batch", "--signal=USR1", job).returncode == 0
     while "Restarts=1" not in cluster.run("scontrol", "show", "job", job).stdout:
-        assert time.monotonic() - signalled < 60, read_log(log)
+        assert time.monotonic() - signalled < JOB_TIMEOUT_S, read_log(log)  # bounded, however busy the machine
         time.sleep(0.5)
     cluster.run("scancel", job)
     cluster.wait(job, 60)
@@ -180,11 +180,11 @@ def test_preempted_job_is_requeued_resumes_mid_phase_2_and_trains_the_same_sft(c
     while "Restarts=1" not in cluster.run("scontrol", "show", "job", job).stdout:
         assert time.monotonic() < deadline, read_log(log)
         time.sleep(0.5)
-    # SLURM holds a requeued batch job back for about two minutes (BeginTime): let it start now.
-    assert cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now").returncode == 0
+    # SLURM itself starts the requeued job once the old credential expired (CRED_EXPIRE_S + 1 s here).
     assert cluster.wait(job, JOB_TIMEOUT_S) == {job: "COMPLETED"}, read_log(log)
     text = read_log(log)
     assert "USR1 at" in text and "stopped on request: checkpointed to" in text and "restart 1" in text, text
+    assert "requeueing at" in text and "(step exit 42)" in text, text
     resumed = re.search(r"resumed from \S+ \(round 1, phase2, step (\d+)\)", text)
     assert resumed and 50 <= int(resumed.group(1)) < 400, text
     assert text.count("SFT written") == 1
