@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
-CORE_CASES = ("base-z3", "ties-z3", "language-z3", "l1-accum-z3")
+CORE_CASES = ("ties-z3", "language-z3")  # the two seen failing; any case of tests/test_core.py can be named
 SWAP_CASES = ("z3",)
 WORLD_SIZES = (2, 3, 4)
 REPETITIONS = 30  # of the ZeRO-3 cases under load (the key's target)
-PER_LAUNCH = 5
+PER_LAUNCH = 10
 ONLY_WHEN_NAMED = True  # bench/run runs it only when named in --only (tens of minutes)
 KEYS = ("stress_runs", "stress_failures")
 
