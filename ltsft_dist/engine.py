@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -52,11 +53,30 @@ def init_distributed() -> None:
 
     sys.exit, sys.excepthook = recording_exit, recording_excepthook
     atexit.register(lambda: leave_cleanly() if _outcome["status"] == 0 else None)
+    _peers[:] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(_peers, (socket.gethostname(), os.getpid()))
     if env.rank == 0:
         print(f"ltsft: {env.describe()}", file=sys.stderr, flush=True)
 
 
 _outcome = {"status": "not distributed"}  # "running" once init_distributed has run, then the exit status
+_peers: list = []  # (host, pid) of every rank, so that a rank whose collective failed can say who is gone
+
+
+def gone_peers() -> list[str]:
+    """The ranks on this host whose process has ended (killed, crashed): what a failed collective waited for.
+    Ranks on other hosts cannot be checked from here."""
+    gone = []
+    for rank, (host, pid) in enumerate(_peers):
+        if host != socket.gethostname() or pid == os.getpid():
+            continue
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            state = "gone"
+        if state in ("gone", "Z", "X"):  # no such process, or a zombie its launcher has not reaped yet
+            gone.append(f"rank {rank} (pid {pid})")
+    return gone
 
 
 def leave_cleanly(status: int = 0) -> None:
