@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         if not _rank_label():
             raise
-        print(f"ltsft {args.command}: {_rank_label()}error:\n{traceback.format_exc()}{_gone_peers(args.command)}",
-              file=sys.stderr)
+        print(f"ltsft {args.command}: {_rank_label()}error:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        print(_gone_peers(args.command), end="", file=sys.stderr)
         status = 1
     if "ltsft_dist.engine" in sys.modules:
         from ltsft_dist.engine import leave_cleanly

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import re
 import shutil
 import signal
 import socket
@@ -81,6 +80,7 @@ class SlurmCluster:
         self.env["SLURM_CONF"] = str(self.conf)
         self.procs: dict[str, subprocess.Popen] = {}
         self._hosts_added = False
+        self._mark = f"{HOSTS_MARK} {self.root}"
 
     # ----------------------------------------------------------------------------------------------- lifecycle
     def start(self, timeout: float = 60) -> "SlurmCluster":
@@ -215,11 +215,11 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
 
     def _add_hosts(self) -> None:
+        """Our own line, even if another cluster's (another test run on this machine) names the same nodes: each
+        removes only its own, so one cluster stopping cannot unresolve the nodes of one still running."""
         text = HOSTS_FILE.read_text()
-        if all(re.search(rf"\s{n}(\s|$)", text) for n in self.nodes):
-            return
         with HOSTS_FILE.open("a") as f:  # append in place: /etc/hosts may be a bind mount
-            f.write(("" if text.endswith("\n") else "\n") + f"127.0.0.1 {' '.join(self.nodes)} {HOSTS_MARK}\n")
+            f.write(("" if text.endswith("\n") else "\n") + f"127.0.0.1 {' '.join(self.nodes)} {self._mark}\n")
         self._hosts_added = True
 
     def _remove_hosts(self) -> None:
@@ -227,7 +227,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             return
         lines = HOSTS_FILE.read_text().splitlines(keepends=True)
         with HOSTS_FILE.open("w") as f:
-            f.writelines(line for line in lines if HOSTS_MARK not in line)
+            f.writelines(line for line in lines if not line.rstrip("\n").endswith(self._mark))
         self._hosts_added = False
 
     def _wait_idle(self, timeout: float) -> None:
