@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -175,6 +176,9 @@ class SlurmCluster:
 
     def _write_conf(self) -> None:
         ctld_port, *node_ports = _free_ports(1 + len(self.nodes))
+        # Job ids (and the rendezvous ports srun jobs derive from them) must differ from those of another test
+        # cluster running on this machine at the same time.
+        first_job_id = random.randrange(1000, 1_000_000)
         host = socket.gethostname().split(".")[0]
         r = self.root
         (r / "state").mkdir(exist_ok=True)
@@ -182,6 +186,7 @@ class SlurmCluster:
         ports = f"{node_ports[0]}-{node_ports[-1]}" if len(node_ports) > 1 else str(node_ports[0])
         self.conf.write_text(f"""\
 ClusterName=ltsfttest
+FirstJobId={first_job_id}
 SlurmctldHost={host}
 SlurmctldPort={ctld_port}
 SlurmUser=root
