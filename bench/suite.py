@@ -25,13 +25,14 @@ import bench_adapters  # noqa: E402
 import bench_e2e  # noqa: E402
 import bench_scaling  # noqa: E402
 import bench_step  # noqa: E402
+import bench_stress  # noqa: E402
 import bench_swap  # noqa: E402
 import bench_theta0  # noqa: E402
 import bench_topk  # noqa: E402
 from _common import status  # noqa: E402
 
 # Run order = cheapest first. Each module has KEYS, run(quick) -> {key: result} and lines(results) -> summary.
-MODULES = (bench_theta0, bench_topk, bench_step, bench_swap, bench_e2e, bench_scaling, bench_adapters)
+MODULES = (bench_theta0, bench_topk, bench_step, bench_swap, bench_e2e, bench_scaling, bench_adapters, bench_stress)
 NAMES = {m.__name__.removeprefix("bench_"): m for m in MODULES}  # `--only swap` runs every key of bench_swap
 KEYS = {key: m for m in MODULES for key in m.KEYS}
 
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
     results["errors"] = {}
     for name, module in NAMES.items():
         named = bool(args.only) and (name in args.only or bool(set(module.KEYS) & set(args.only)))
-        if args.only and not named:
+        if (args.only or getattr(module, "ONLY_WHEN_NAMED", False)) and not named:
             continue
         if args.quick and getattr(module, "FULL_RUN_ONLY", False) and not named:
             print(f"[bench] {name}: skipped by --quick (name it in --only to run it)", flush=True)

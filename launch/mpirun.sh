@@ -33,5 +33,26 @@ if [ "$(id -u)" = 0 ] && "$MPIEXEC" --version 2>&1 | grep -q "Open MPI"; then
 fi
 unset RANK WORLD_SIZE LOCAL_RANK LOCAL_SIZE
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# MPICH unlinks its shared-memory segments (/dev/shm/mpich_shm_*) in MPI_Finalize, which a failing or killed
+# rank never reaches: after mpiexec ends, remove the segments created since the start that no process maps any
+# more (megabytes each, and they pile up). So mpiexec runs as a child, and the signals this shell gets (scancel,
+# a batch script's trap) are passed on to it.
+started=$(mktemp)
 # shellcheck disable=SC2086
-exec "$MPIEXEC" "${extra[@]}" -n "$N" ${LTSFT_MPIEXEC_ARGS:-} "$PY" -m ltsft_dist.cli train "$@"
+"$MPIEXEC" "${extra[@]}" -n "$N" ${LTSFT_MPIEXEC_ARGS:-} "$PY" -m ltsft_dist.cli train "$@" &
+launcher=$!
+for sig in TERM HUP USR1 USR2; do
+  # shellcheck disable=SC2064  # the signal name is meant to be expanded now
+  trap "kill -$sig $launcher 2>/dev/null" "$sig"
+done
+set +e
+while true; do  # a trapped signal interrupts `wait`: wait until mpiexec has really ended
+  wait "$launcher"
+  rc=$?
+  kill -0 "$launcher" 2>/dev/null || break
+done
+find /dev/shm -maxdepth 1 -name 'mpich_shm_*' -newer "$started" 2>/dev/null | while read -r segment; do
+  grep -qsF "$segment" /proc/[0-9]*/maps || rm -f "$segment"
+done
+rm -f "$started"
+exit "$rc"

@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         if not _rank_label():
             raise
-        print(f"ltsft {args.command}: {_rank_label()}error:\n{traceback.format_exc()}", file=sys.stderr)
+        print(f"ltsft {args.command}: {_rank_label()}error:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        print(_gone_peers(args.command), end="", file=sys.stderr)
         status = 1
     if "ltsft_dist.engine" in sys.modules:
         from ltsft_dist.engine import leave_cleanly
@@ -50,6 +51,18 @@ def main(argv: list[str] | None = None) -> int:
         # srun --kill-on-bad-exit, mpiexec) ends the other ranks as soon as it sees the non-zero status.
         leave_cleanly(status)
     return status
+
+
+def _gone_peers(command: str) -> str:
+    """After a failed collective: which ranks on this host are no longer running (a killed rank says nothing)."""
+    from ltsft_dist.engine import gone_peers
+
+    gone = gone_peers()
+    if not gone:
+        return ""
+    return (f"ltsft {command}: {', '.join(gone)} ended while this rank was "
+            "waiting for it (killed or crashed: see its output and the launcher's log). Running the same command "
+            "again resumes from the last complete checkpoint\n")
 
 
 def _rank_label() -> str:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import socket
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -56,11 +58,36 @@ def init_distributed() -> None:
 
     sys.exit, sys.excepthook = recording_exit, recording_excepthook
     atexit.register(lambda: leave_cleanly() if _outcome["status"] == 0 else None)
-    if env.rank == 0:
-        print(f"ltsft: {env.describe()}", file=sys.stderr, flush=True)
+    _peers[:] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(_peers, (socket.gethostname(), os.getpid()))
+    if env.rank == 0:  # the pids let a launcher's "PID n ... KILLED" be read as a rank
+        pids = " ".join(f"{rank}={pid}" for rank, (_, pid) in enumerate(_peers))
+        print(f"ltsft: {env.describe()}\nltsft: process ids by rank: {pids}", file=sys.stderr, flush=True)
 
 
 _outcome = {"status": "not distributed"}  # "running" once init_distributed has run, then the exit status
+_peers: list = []  # (host, pid) of every rank, so that a rank whose collective failed can say who is gone
+
+
+def gone_peers(wait_s: float = 2.0) -> list[str]:
+    """The ranks on this host whose process has ended (killed, crashed): what a failed collective waited for.
+    A killed process closes its sockets before it is marked dead, so a peer that saw the connection drop may be
+    here first: wait up to `wait_s` for it. Ranks on other hosts cannot be checked from here."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        gone = []
+        for rank, (host, pid) in enumerate(_peers):
+            if host != socket.gethostname() or pid == os.getpid():
+                continue
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                state = "gone"
+            if state in ("gone", "Z", "X"):  # no such process, or a zombie its launcher has not reaped yet
+                gone.append(f"rank {rank} (pid {pid})")
+        if gone or not _peers or time.monotonic() > deadline:
+            return gone
+        time.sleep(0.02)
 
 
 def leave_cleanly(status: int = 0) -> None:

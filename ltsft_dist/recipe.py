@@ -238,22 +238,29 @@ class LTSFTRecipe:
             return
         path = checkpoint.save(self.checkpoint_root, progress, self.engine, self.rank, self.shards.world_size,
                                self.shards.stage,
-                               {"theta0": self.snapshot.segments, "selected": self.selected, "best": self.best})
+                               {"theta0": self.snapshot.segments, "selected": self.selected, "best": self.best},
+                               self._inputs())
         if self._stop_agreed:
             raise Preempted(path)
 
     def resume(self) -> Progress:
-        directory = checkpoint.latest(self.checkpoint_root) if self.config.resume else None
+        if not self.config.resume:
+            return Progress()
+        directory = checkpoint.resumable(self.checkpoint_root, self.rank, self.shards.world_size)
         if directory is None:
             return Progress()
         progress, state = checkpoint.load(directory, self.engine, self.rank, self.shards.world_size,
-                                          self.shards.stage)
-        for mine, saved in zip(self.snapshot.segments, state["theta0"]):
-            mine.copy_(saved)
+                                          self.shards.stage, self._inputs())
+        self.snapshot.restore(state["theta0"])
         self.selected, self.best = state["selected"], state.get("best")
         if self.rank == 0 and self.show_progress:
             print(f"resumed from {directory} (round {progress.round}, {progress.phase}, step {progress.step})")
         return progress
+
+    def _inputs(self) -> dict[str, str]:
+        """Fingerprints of the inputs a checkpoint must be resumed with: the language SFTs swapped in."""
+        return {key: value for hook in self.step_hooks if isinstance(hook, LanguageSwap)
+                for key, value in hook.fingerprints.items()}
 
     def train_step(self, step: int, mask: GradientMask | None, l1: L1Pull) -> float:
         """One optimizer step; returns this rank's share of the global mean loss."""
@@ -373,8 +380,8 @@ class LTSFTRecipe:
 
     def frozen_drift(self, mask: GradientMask) -> int:
         """Frozen elements of my shard that are not bit-identical to θ⁰ (summed over ranks)."""
-        local = sum(int(((m != t) & f).sum()) for m, t, f in
-                    zip(self.shards.segments, self.snapshot.segments, mask.frozen))
+        local = sum(int((self.snapshot.changed(f) & mask.frozen[f.segment].narrow(0, f.segment_offset, f.numel))
+                        .sum()) for f in self.shards.fragments)
         return int(self.shards.all_reduce(torch.tensor([local])))
 
     def extract(self, selected: list[torch.Tensor]) -> SparseFineTuning | None:

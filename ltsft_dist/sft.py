@@ -114,6 +114,19 @@ class SparseFineTuning:
     def param_nnz(self) -> dict[str, int]:
         return {name: len(indices) for name, (indices, _) in self.diffs.items()}
 
+    def fingerprint(self) -> str:
+        """SHA-256 of the content (diffs, shapes, heads; not the metadata): equal iff the SFT would act the same."""
+        h = hashlib.sha256()
+        for name in sorted(self.diffs):
+            indices, values = self.diffs[name]
+            h.update(f"diff {name} {self.shapes[name]} {len(indices)}\n".encode())
+            h.update(indices.numpy().tobytes())
+            h.update(values.numpy().tobytes())
+        for name in sorted(self.heads):
+            h.update(f"head {name} {tuple(self.heads[name].shape)}\n".encode())
+            h.update(self.heads[name].contiguous().numpy().tobytes())
+        return h.hexdigest()
+
     def __repr__(self) -> str:
         m = self.metadata
         return f"SparseFineTuning(kind={m.kind!r}, languages={m.languages}, nnz={self.nnz}, heads={len(self.heads)})"

@@ -10,6 +10,11 @@ Layouts (DeepSpeed 0.19):
   parameter range to a range of that buffer; reduced gradients sit in `optimizer.averaged_gradients`.
 - ZeRO 3: `optimizer.fp32_partitioned_groups_flat[s]` per sub-group; `optimizer.grad_position` gives each
   parameter's local slice, which holds elements `[rank * p.partition_numel(), ...)` (the tail is padding).
+
+Padding (elements of my segments that belong to no parameter, and the tail of a ZeRO-3 working partition) is
+allocated with `torch.empty`: whatever bytes were there, NaN included. It is zeroed at setup and after a
+checkpoint load, and nothing here or in the callers compares or reduces over it: every such pass goes through
+`fragments`.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ class Shards:
         self.partitioned = self.stage > 0 and self.world_size > 1
         names = {id(p): (i, n) for i, (n, p) in enumerate(model.named_parameters())}
         opt = engine.optimizer
+        self._working_padding = []  # ZeRO-3: (parameter, real elements) of my working partitions ending in padding
         if self.stage == 0:
             if engine.bfloat16_enabled() or engine.fp16_enabled():
                 raise LtsftError(
@@ -82,6 +88,8 @@ class Shards:
         else:
             raise LtsftError(f"unsupported ZeRO stage {self.stage}")
         self._segment_of = {id(t): i for i, t in enumerate(self._stepped_tensors)}
+        self.padding = _uncovered(self.segments, self.fragments)
+        self.zero_padding()
 
     # --- layouts -------------------------------------------------------------------------------
 
@@ -119,6 +127,8 @@ class Shards:
                 _, offset, _ = opt.grad_position[opt.get_param_id(p)]
                 start = self.rank * p.partition_numel()
                 real = max(0, min(p.partition_numel(), p.ds_numel - start))
+                if real < p.partition_numel():
+                    self._working_padding.append((p, real))
                 if real == 0:
                     continue
                 fragments.append(Fragment(name, index, start, real, s, offset))
@@ -130,6 +140,17 @@ class Shards:
     def master(self, f: Fragment) -> torch.Tensor:
         """A writable fp32 view of the fragment's master elements."""
         return self.segments[f.segment].narrow(0, f.segment_offset, f.numel)
+
+    @torch.no_grad()
+    def zero_padding(self, segments: list[torch.Tensor] | None = None) -> None:
+        """Zero the padding of `segments` (a per-segment copy such as θ⁰), or by default of my masters and my
+        ZeRO-3 working partitions. Garbage there is harmless to training (zero gradient, frozen by the mask) but a
+        NaN in it would poison any comparison or reduction that strayed over it, and checkpoints copy it."""
+        for s, offset, numel in self.padding:
+            (self.segments if segments is None else segments)[s].narrow(0, offset, numel).zero_()
+        if segments is None:
+            for p, real in self._working_padding:
+                p.ds_tensor.data.view(-1)[real:].zero_()
 
     def grads(self) -> list[torch.Tensor]:
         """Flat writable views of my reduced gradient per fragment, valid after backward and before `engine.step()`.
@@ -197,6 +218,20 @@ class Shards:
         out = [None] * self.world_size if self.rank == 0 else None
         dist.gather_object(obj, out, dst=0)
         return out
+
+
+def _uncovered(segments: list[torch.Tensor], fragments: list[Fragment]) -> list[tuple[int, int, int]]:
+    """(segment, offset, numel) of every run of segment elements that no fragment holds."""
+    runs = []
+    for s, segment in enumerate(segments):
+        at = 0
+        for offset, numel in sorted((f.segment_offset, f.numel) for f in fragments if f.segment == s):
+            if offset > at:
+                runs.append((s, at, offset - at))
+            at = max(at, offset + numel)
+        if segment.numel() > at:
+            runs.append((s, at, segment.numel() - at))
+    return runs
 
 
 # =====================================================================================================

@@ -19,9 +19,22 @@ class Snapshot:
     def theta0(self, f: Fragment) -> torch.Tensor:
         return self.segments[f.segment].narrow(0, f.segment_offset, f.numel)
 
+    def changed(self, f: Fragment) -> torch.Tensor:
+        """Which master elements of a fragment are not bit-identical to θ⁰ (NaN == NaN, -0.0 != 0.0 here)."""
+        return _bits(self.shards.master(f)) != _bits(self.theta0(f))
+
     def delta(self, f: Fragment) -> torch.Tensor:
         """θ − θ⁰ on one fragment (a new tensor)."""
         return self.shards.master(f) - self.theta0(f)
+
+    @torch.no_grad()
+    def restore(self, saved: list[torch.Tensor]) -> None:
+        """θ⁰ from a checkpoint, after the engine's own state was loaded: the padding of both is zeroed again
+        (a checkpoint written before padding was zeroed may hold garbage there)."""
+        for mine, theirs in zip(self.segments, saved):
+            mine.copy_(theirs)
+        self.shards.zero_padding(self.segments)
+        self.shards.zero_padding()
 
     @torch.no_grad()
     def rewind(self) -> None:
@@ -29,3 +42,8 @@ class Snapshot:
         for master, saved in zip(self.shards.segments, self.segments):
             master.copy_(saved)
         self.shards.sync_working_weights()
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The same bytes as integers, for bit-identity comparisons."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])

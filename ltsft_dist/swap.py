@@ -105,6 +105,8 @@ class LanguageSwap(StepHook):
             languages = getattr(language_at, "languages", ())
         self.model, self.sfts = model, dict(sfts)
         self._names = check_language_sfts(model, self.sfts, languages, fingerprint)
+        # What a checkpoint records, so that a resume notices a language SFT changed on disk since the start.
+        self.fingerprints = {f"language SFT {lang!r}": sft.fingerprint() for lang, sft in self.sfts.items()}
         self._params = dict(model.named_parameters())
         self._bounds_cache: dict[tuple[str, str, str], tuple[int, int] | None] = {}
         self._layouts: dict[tuple, tuple[torch.Tensor, list]] = {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import pwd
-import re
+import random
 import shutil
 import signal
 import socket
@@ -22,6 +22,11 @@ from pathlib import Path
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sinfo", "scancel")
 HOSTS_FILE = Path("/etc/hosts")
 HOSTS_MARK = "# ltsft-test-slurm-cluster"
+# Job credential lifetime. SLURM also holds a requeued job back for this long (plus 1 s): its new launch
+# credential must be newer than the revocation of the old one, in whole seconds, or slurmd refuses the launch
+# ("Job credential revoked") and the job ends FAILED without restarting. The default, 120 s, would make each
+# requeue test wait two minutes; starting the job earlier by hand (StartTime=now) reintroduces that race.
+CRED_EXPIRE_S = 5
 NEVER_RUNS = {"PartitionConfig", "PartitionNodeLimit", "BadConstraints", "DependencyNeverSatisfied",
               "ReqNodeNotAvail", "PartitionTimeLimit", "InvalidAccount", "InvalidQOS"}
 
@@ -76,6 +81,7 @@ class SlurmCluster:
         self.env["SLURM_CONF"] = str(self.conf)
         self.procs: dict[str, subprocess.Popen] = {}
         self._hosts_added = False
+        self._mark = f"{HOSTS_MARK} {self.root}"
 
     # ----------------------------------------------------------------------------------------------- lifecycle
     def start(self, timeout: float = 60) -> "SlurmCluster":
@@ -170,6 +176,9 @@ class SlurmCluster:
 
     def _write_conf(self) -> None:
         ctld_port, *node_ports = _free_ports(1 + len(self.nodes))
+        # Job ids (and the rendezvous ports srun jobs derive from them) must differ from those of another test
+        # cluster running on this machine at the same time.
+        first_job_id = random.randrange(1000, 1_000_000)
         host = socket.gethostname().split(".")[0]
         r = self.root
         (r / "state").mkdir(exist_ok=True)
@@ -177,12 +186,13 @@ class SlurmCluster:
         ports = f"{node_ports[0]}-{node_ports[-1]}" if len(node_ports) > 1 else str(node_ports[0])
         self.conf.write_text(f"""\
 ClusterName=ltsfttest
+FirstJobId={first_job_id}
 SlurmctldHost={host}
 SlurmctldPort={ctld_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={self.munge_socket}
+AuthInfo=socket={self.munge_socket},cred_expire={CRED_EXPIRE_S}
 CredType=cred/munge
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -210,11 +220,11 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
 
     def _add_hosts(self) -> None:
+        """Our own line, even if another cluster's (another test run on this machine) names the same nodes: each
+        removes only its own, so one cluster stopping cannot unresolve the nodes of one still running."""
         text = HOSTS_FILE.read_text()
-        if all(re.search(rf"\s{n}(\s|$)", text) for n in self.nodes):
-            return
         with HOSTS_FILE.open("a") as f:  # append in place: /etc/hosts may be a bind mount
-            f.write(("" if text.endswith("\n") else "\n") + f"127.0.0.1 {' '.join(self.nodes)} {HOSTS_MARK}\n")
+            f.write(("" if text.endswith("\n") else "\n") + f"127.0.0.1 {' '.join(self.nodes)} {self._mark}\n")
         self._hosts_added = True
 
     def _remove_hosts(self) -> None:
@@ -222,7 +232,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             return
         lines = HOSTS_FILE.read_text().splitlines(keepends=True)
         with HOSTS_FILE.open("w") as f:
-            f.writelines(line for line in lines if HOSTS_MARK not in line)
+            f.writelines(line for line in lines if not line.rstrip("\n").endswith(self._mark))
         self._hosts_added = False
 
     def _wait_idle(self, timeout: float) -> None:

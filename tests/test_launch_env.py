@@ -7,7 +7,6 @@ import datetime
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -216,14 +215,12 @@ def clean_env(**extra: str) -> dict:
 @pytest.mark.multirank
 def test_a_missing_rank_fails_fast_with_a_clear_error(tmp_path):
     config = write_tiny_run(tmp_path)
-    start = time.monotonic()
     res = subprocess.run([sys.executable, "-m", "ltsft_dist.cli", "train", str(config)], capture_output=True,
                          text=True, timeout=120, env=clean_env(RANK="0", WORLD_SIZE="2", LTSFT_DIST_TIMEOUT_S="3",
                                                                MASTER_PORT=str(launch_env.free_port())))
     assert res.returncode == 2, res.stderr[-3000:]
     assert "could not form the process group within 3 s" in res.stderr
     assert "Check that all 2 ranks started" in res.stderr
-    assert time.monotonic() - start < 60
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +251,6 @@ def test_mpirun_sh_trains_the_same_sft_as_the_deepspeed_launcher(deepspeed_run, 
             pytest.fail(f"CI=true but {reason}")
         pytest.skip(reason)
     config, ds_out, ds_res = deepspeed_run
-    start = time.monotonic()
     # Reuse the first run's tokenizer: training one is not deterministic (the tokenizers library orders equal
     # counts by hash), and different token ids would make different SFTs whatever the launcher.
     res = subprocess.run(["bash", str(REPO / "launch" / "mpirun.sh"), "2", str(config), "--set",
@@ -262,7 +258,6 @@ def test_mpirun_sh_trains_the_same_sft_as_the_deepspeed_launcher(deepspeed_run, 
                          capture_output=True, text=True, timeout=300, env=clean_env())
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "ltsft: rank 0/2 (local 0/2, 1 node) via mpi" in res.stderr + res.stdout
-    assert time.monotonic() - start < 60
     mpi, ds = SparseFineTuning.from_pretrained(tmp_path / "out" / "sft"), SparseFineTuning.from_pretrained(
         ds_out / "sft")
     # Same config, same world size, other launcher: the same mask and (up to float rounding) the same values.

@@ -1,6 +1,6 @@
 """Our sbatch scripts on a real (private, two-node) SLURM cluster: the rank mapping of launch_env under srun and
 the multi-node rendezvous, the job array, the dependency chain, and the preemption signal path. Each job is a tiny
-LT-SFT of a few steps; the module takes well under the 3 minutes it may."""
+LT-SFT of a few steps."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from ltsft_dist.sft import SparseFineTuning
 
 pytestmark = [pytest.mark.slow, pytest.mark.multirank, pytest.mark.slurm]
 REPO = Path(__file__).resolve().parents[1]
-JOB_TIMEOUT_S = 150
+JOB_TIMEOUT_S = 600  # bounded, not fast: a job of seconds can wait minutes on a loaded 2-core machine
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_preemptible_sbatch_forwards_usr1_to_the_ranks_and_requeues(cluster, tmp
     signalled = time.monotonic()
     assert cluster.run("scancel", "--batch", "--signal=USR1", job).returncode == 0
     while "Restarts=1" not in cluster.run("scontrol", "show", "job", job).stdout:
-        assert time.monotonic() - signalled < 60, read_log(log)
+        assert time.monotonic() - signalled < JOB_TIMEOUT_S, read_log(log)  # bounded, however busy the machine
         time.sleep(0.5)
     cluster.run("scancel", job)
     cluster.wait(job, 60)
@@ -181,11 +181,11 @@ def test_preempted_job_is_requeued_resumes_mid_phase_2_and_trains_the_same_sft(c
     while "Restarts=1" not in cluster.run("scontrol", "show", "job", job).stdout:
         assert time.monotonic() < deadline, read_log(log)
         time.sleep(0.5)
-    # SLURM holds a requeued batch job back for about two minutes (BeginTime): let it start now.
-    assert cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now").returncode == 0
+    # SLURM itself starts the requeued job once the old credential expired (CRED_EXPIRE_S + 1 s here).
     assert cluster.wait(job, JOB_TIMEOUT_S) == {job: "COMPLETED"}, read_log(log)
     text = read_log(log)
     assert "USR1 at" in text and "stopped on request: checkpointed to" in text and "restart 1" in text, text
+    assert "requeueing at" in text and "(step exit 42)" in text, text
     resumed = re.search(r"resumed from \S+ \(round 1, phase2, step (\d+)\)", text)
     assert resumed and 50 <= int(resumed.group(1)) < 400, text
     assert text.count("SFT written") == 1
@@ -196,3 +196,37 @@ def test_preempted_job_is_requeued_resumes_mid_phase_2_and_trains_the_same_sft(c
     assert set(got.heads) == set(want.heads)
     for name, values in want.heads.items():
         assert torch.equal(got.heads[name], values), name
+
+
+def test_a_rank_killed_mid_phase_2_ends_the_job_and_resubmitting_resumes(cluster, tmp_path):
+    """kill -9 of rank 1 (on the second node) in phase 2, after the checkpoint at phase-2 step 4: srun names the
+    task and ends the job; the same sbatch again resumes from that checkpoint and writes the φ of the same job left
+    uninterrupted, bit for bit."""
+    from test_fail_fast import KILL_RANK_1, assert_names_the_killed_rank, assert_same_sft
+
+    config = write_tiny_run(tmp_path, steps=8)
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(KILL_RANK_1)
+    shape = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1"]
+    sets = ["--set", "checkpoint_every=2", "--set", "log_every=1"]
+    env = job_env(cluster, PYTHONPATH=f"{inject}:{REPO}")
+
+    def submit(out: str, log: Path, **extra: str) -> str:
+        tokenizer = [] if out == "plain" else ["--set", f"model.tokenizer={tmp_path}/plain/tokenizer"]
+        return cluster.sbatch(REPO / "slurm" / "train_multinode.sbatch", str(config), *sets, *tokenizer, "--set",
+                              f"output_dir={tmp_path}/{out}", options=[*shape, f"--output={log}"],
+                              env={**env, **extra}, cwd=REPO)
+
+    plain = submit("plain", tmp_path / "plain.out")
+    assert cluster.wait(plain, JOB_TIMEOUT_S) == {plain: "COMPLETED"}, read_log(tmp_path / "plain.out")
+    killed = submit("killed", tmp_path / "killed.out", LTSFT_TEST_KILL_AT="5")
+    assert cluster.wait(killed, JOB_TIMEOUT_S) == {killed: "FAILED"}, read_log(tmp_path / "killed.out")
+    text = read_log(tmp_path / "killed.out")
+    assert "task 1: Killed" in text, text
+    assert_names_the_killed_rank(text)
+    assert "ltsft step phase=phase2 step=5 " in text and not (tmp_path / "killed" / "sft").exists(), text
+    again = submit("killed", tmp_path / "again.out")
+    assert cluster.wait(again, JOB_TIMEOUT_S) == {again: "COMPLETED"}, read_log(tmp_path / "again.out")
+    assert "(round 1, phase2, step 4)" in read_log(tmp_path / "again.out"), read_log(tmp_path / "again.out")
+    assert_same_sft(tmp_path / "killed" / "sft", tmp_path / "plain" / "sft")
