@@ -5,7 +5,8 @@ Layout under `<output_dir>/checkpoints/`:
     <tag>/engine/...            DeepSpeed's own engine state (weights, fp32 master shards, optimizer state)
     <tag>/ltsft_rank<R>.pt      rank R's θ⁰ shard, mask shard and RNG state
     <tag>/progress.json         round, phase and the next step, world size and ZeRO stage
-A checkpoint is written into `.<tag>.tmp` and renamed once every rank has finished writing.
+A checkpoint is written into `.<tag>.tmp` and renamed once every rank has finished writing. Rank states are written
+from CPU copies and loaded onto the device of the rank's shard, so a checkpoint names no GPU index.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from ltsft_dist import comm
+from ltsft_dist.devices import move
 from ltsft_dist.errors import LtsftError
 
 KEEP = 2  # complete checkpoints kept; older ones are deleted after a newer one is complete
@@ -29,11 +31,6 @@ class Progress:
     round: int = 1
     phase: str = "phase1"  # the phase that `step` belongs to
     step: int = 0  # the next step to run in that phase
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -49,12 +46,12 @@ def save(root: Path, progress: Progress, engine, rank: int, world_size: int, sta
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
+    comm.barrier()
     engine.save_checkpoint(str(tmp), tag="engine")
     mine = tmp / f"ltsft_rank{rank}.pt"
-    torch.save({**rank_state, "rng": torch.get_rng_state()}, mine.with_suffix(".tmp"))
+    torch.save(move({**rank_state, "rng": torch.get_rng_state()}, "cpu"), mine.with_suffix(".tmp"))
     os.replace(mine.with_suffix(".tmp"), mine)
-    _barrier()
+    comm.barrier()
     if rank == 0:
         _write_json(tmp / "progress.json", {**asdict(progress), "world_size": world_size, "zero_stage": stage})
         final = root / tag
@@ -66,7 +63,7 @@ def save(root: Path, progress: Progress, engine, rank: int, world_size: int, sta
                           key=lambda p: p.stat().st_mtime)
         for old in complete[:-KEEP]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    comm.barrier()
     return root / tag
 
 
@@ -81,8 +78,10 @@ def latest(root: Path) -> Path | None:
     return directory
 
 
-def load(directory: Path, engine, rank: int, world_size: int, stage: int) -> tuple[Progress, dict]:
-    """Collective. Restores the engine and this rank's RNG; returns the progress and this rank's own state."""
+def load(directory: Path, engine, rank: int, world_size: int, stage: int,
+         device: torch.device | str = "cpu") -> tuple[Progress, dict]:
+    """Collective. Restores the engine and this rank's RNG; returns the progress and this rank's own state, its
+    tensors on `device` (that of my shard)."""
     info = json.loads((directory / "progress.json").read_text())
     if info["world_size"] != world_size or info["zero_stage"] != stage:
         raise LtsftError(
@@ -90,7 +89,8 @@ def load(directory: Path, engine, rank: int, world_size: int, stage: int) -> tup
             f"job has {world_size} ranks with stage {stage}: θ⁰ and mask shards follow that layout. Resume with "
             f"{info['world_size']} ranks and the same DeepSpeed config, or start over in a new output_dir")
     engine.load_checkpoint(str(directory), tag="engine")
-    state = torch.load(directory / f"ltsft_rank{rank}.pt", weights_only=True)
+    state = torch.load(directory / f"ltsft_rank{rank}.pt", weights_only=True, map_location="cpu")
     torch.set_rng_state(state.pop("rng"))
     progress = Progress(info["round"], info["phase"], info["step"])
-    return progress, state
+    return progress, move(state, device)
+

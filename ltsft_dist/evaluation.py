@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ltsft_dist import comm
+from ltsft_dist.devices import inference_device, to_device
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.sft import SparseFineTuning, base_fingerprint, write_atomically
 from ltsft_dist.tasks import nli, qa, tokens
@@ -40,6 +42,7 @@ class EvalOptions:
     limit: int | None = None  # first N questions / pairs per language, for quick runs
     qa_metric: str = "squad"  # squad: XQuAD's official (SQuAD v1.1) script; mlqa: MLQA's per-language one
     data_format: str | None = None  # None: chosen from the file extension and header
+    device: str | None = None  # None: this rank's accelerator when there is one, else the CPU
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -125,20 +128,13 @@ def read_eval_data(task: str, language: str, path, data_format: str | None = Non
 # ---------------------------------------------------------------------------------------------- running
 
 
-def _rank_and_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class _Runner:
-    """Forward passes over this rank's share of the batches; the outputs of all ranks gathered on rank 0."""
+    """Forward passes over this rank's share of the batches on the model's device; the outputs of all ranks
+    gathered on rank 0, on the CPU."""
 
-    def __init__(self, model, batch_size: int):
-        self.model, self.batch_size, self.progress = model, batch_size, None
-        self.rank, self.world = _rank_and_world()
+    def __init__(self, model, batch_size: int, device: torch.device):
+        self.model, self.batch_size, self.device, self.progress = model, batch_size, device, None
+        self.rank, self.world = comm.rank(), comm.world_size()
 
     def my_batches(self, n: int) -> range:
         return range(self.rank * self.batch_size, n, self.world * self.batch_size)
@@ -148,15 +144,11 @@ class _Runner:
         n = len(inputs["input_ids"])
         mine = {}
         for start in self.my_batches(n):
-            out = self.model(**{name: t[start:start + self.batch_size] for name, t in inputs.items()})
+            batch = to_device({name: t[start:start + self.batch_size] for name, t in inputs.items()}, self.device)
+            out = self.model(**batch)
             mine[start] = [getattr(out, f).float() for f in fields]
             self.progress.update()
-        parts = [mine]
-        if self.world > 1:
-            import torch.distributed as dist
-
-            parts = [None] * self.world if self.rank == 0 else None
-            dist.gather_object(mine, parts, dst=0)
+        parts = comm.gather_object(mine, dst=0)  # on the CPU
         if self.rank != 0:
             return None
         merged = {start: out for part in parts for start, out in part.items()}
@@ -301,13 +293,14 @@ def evaluate(base_dir, task_sft: str, data: dict[str, str], lang_sfts: dict[str,
     from tqdm.auto import tqdm
 
     options, lang_sfts = options or EvalOptions(), lang_sfts or {}
+    device = inference_device(options.device)
     inputs = _load_inputs(base_dir, task_sft, data, lang_sfts, task, options)
     model, tokenizer = _load_model(base_dir, inputs, task_sft, lang_sfts)
     encoded = {lang: _encode(inputs.task, tokenizer, exs, options, inputs.labels)
                for lang, exs in inputs.examples.items()}
 
     runs = [(lang, TASK_ONLY) for lang in encoded] + [(lang, COMPOSED) for lang in inputs.lang_sfts]
-    runner = _Runner(model, options.batch_size)
+    runner = _Runner(model.to(device), options.batch_size, device)
     runner.progress = tqdm(total=sum(len(runner.my_batches(encoded[lang].rows)) for lang, _ in runs),
                            desc="evaluating", unit="batch", disable=runner.rank != 0 or not show_progress)
     fields = ("start_logits", "end_logits") if inputs.task == "qa" else ("logits",)

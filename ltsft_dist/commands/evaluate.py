@@ -51,6 +51,8 @@ def register(subparsers) -> None:
                     help=f"squad: the SQuAD v1.1 script, XQuAD's official metric; mlqa: MLQA's per-language "
                          f"normalisation (MLQA's languages only); default {defaults.qa_metric}")
     ev.add_argument("--out", metavar="DIR", help="directory for results.json and results.md (required)")
+    ev.add_argument("--device", metavar="DEVICE", help="cpu, cuda or cuda:N (default: this rank's GPU when there "
+                    "is one, else the CPU)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=eval_command)
 
@@ -69,6 +71,8 @@ def register(subparsers) -> None:
     ex.add_argument("-o", "--output", required=True, metavar="OUT",
                     help="directory to create (written under a temporary name, then renamed)")
     ex.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    ex.add_argument("--device", metavar="DEVICE", help="where the SFTs are applied: cpu, cuda or cuda:N (default: "
+                    "the GPU when there is one); the model is always saved from the CPU")
     ex.set_defaults(func=export_command)
 
 
@@ -86,7 +90,7 @@ def parse_pairs(values: list[str], flag: str) -> dict[str, str]:
 
 
 CONFIG_KEYS = ("base", "task_sft", "task", "lang_sft", "data", "format", "max_seq_length", "stride",
-               "max_query_length", "batch_size", "limit", "qa_metric", "out")
+               "max_query_length", "batch_size", "limit", "qa_metric", "out", "device")
 NUMBERS = ("max_seq_length", "stride", "max_query_length", "batch_size", "limit")
 
 
@@ -126,7 +130,7 @@ def eval_command(args: argparse.Namespace) -> int:
             raise LtsftError(f"--{key.replace('_', '-')} must be {'>= 0' if key == 'stride' else 'positive'}, "
                              f"got {number}")
     options = EvalOptions(**numbers, qa_metric=value["qa_metric"] or EvalOptions.qa_metric,
-                          data_format=value["format"])
+                          data_format=value["format"], device=value["device"])
     _join_launched_group()
     results = evaluate(value["base"], value["task_sft"], data, lang_sfts, value["task"], options,
                        show_progress=not args.no_progress)
@@ -158,6 +162,6 @@ def _join_launched_group() -> None:
 def export_command(args: argparse.Namespace) -> int:
     from ltsft_dist.export import export_merged
 
-    out = export_merged(args.base, args.sfts, args.task, args.output, overwrite=args.overwrite)
+    out = export_merged(args.base, args.sfts, args.task, args.output, overwrite=args.overwrite, device=args.device)
     print(f"wrote {out} (load it with transformers' AutoModelFor...from_pretrained)")
     return 0

@@ -41,9 +41,9 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def run_training(config, base_dir: Path | None = None) -> int:
-    import torch.distributed as dist
     from transformers import AutoTokenizer
 
+    from ltsft_dist import comm
     from ltsft_dist.engine import init_distributed, load_ds_config
     from ltsft_dist.heldout import HeldOut
     from ltsft_dist.models import build_model
@@ -51,7 +51,7 @@ def run_training(config, base_dir: Path | None = None) -> int:
     from ltsft_dist.training_data import build_tokenizer, encode_sources, read_sources
 
     init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = comm.rank(), comm.world_size()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     sources = read_sources(config)
@@ -62,7 +62,7 @@ def run_training(config, base_dir: Path | None = None) -> int:
     if rank == 0 and not resuming:  # one tokenizer for all ranks, saved beside the SFT so it stays usable;
         # a resumed run keeps the saved one (a retrained WordPiece may number its tokens differently)
         build_tokenizer(config, sources).save_pretrained(str(out / "tokenizer"))
-    dist.barrier()
+    comm.barrier()
     tokenizer = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
     data = encode_sources(config, tokenizer, sources)
     config.data.labels = data.labels  # recorded in the SFT: evaluation maps the head's outputs back to names
@@ -107,7 +107,7 @@ def run_training(config, base_dir: Path | None = None) -> int:
                           "seconds": {k: round(v, 2) for k, v in stats.seconds.items()}}))
         print(f"SFT written to {out / 'sft'}")
         print(f"TensorBoard logs in {out / 'tensorboard'}  (view: tensorboard --logdir {out / 'tensorboard'})")
-    dist.barrier()
+    comm.barrier()
     return 0
 
 
