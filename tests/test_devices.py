@@ -4,7 +4,10 @@ movement, and a training run whose every model input and collective argument is 
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,3 +166,61 @@ def test_training_run_audit(case):
     assert {"all_reduce", "all_gather_object", "gather_object"} <= ops  # step flags, top-K, extraction
     if case == "classification-z2":
         assert "barrier" in ops  # the checkpoint
+
+
+# --- the GPU tier's CPU-side logic -------------------------------------------------------------------------------
+
+
+def _sft(diffs: dict, heads: dict | None = None):
+    from ltsft_dist.sft import SFTMetadata, SparseFineTuning
+
+    shapes = {n: (10,) for n in diffs}
+    meta = SFTMetadata(kind="task", languages=["xx"], base_model="t", base_fingerprint="", k=0, density=0.1,
+                       training_config={})
+    return SparseFineTuning({n: (torch.tensor(i), torch.tensor(v)) for n, (i, v) in diffs.items()}, shapes,
+                            heads or {}, meta)
+
+
+def test_compare_sfts():
+    from sft_compare import compare_sfts
+
+    a = _sft({"w": ([1, 4, 7], [0.5, -1.0, 2.0])}, {"h": torch.tensor([1.0, 2.0])})
+    same = compare_sfts(a, _sft({"w": ([1, 4, 7], [0.5, -1.0, 2.0 + 1e-7])}, {"h": torch.tensor([1.0, 2.0])}),
+                        rtol=1e-3, atol=1e-5)
+    assert same["same_mask"] and same["overlap"] == 1.0 and same["phi_outside_tolerance"] == 0
+    moved = compare_sfts(a, _sft({"w": ([1, 4, 8], [0.5, -1.1, 2.0])}, {"h": torch.tensor([1.0, 2.5])}),
+                         rtol=1e-3, atol=1e-5)
+    assert not moved["same_mask"] and moved["overlap"] == 2 / 4
+    assert moved["only_reference"] == moved["only_other"] == 1
+    assert moved["phi_outside_tolerance"] == 2 and moved["phi_max_abs"] == pytest.approx(0.5)
+
+
+def test_gpu_tier_training_helper_on_the_cpu(tmp_path):
+    """The GPU tier's `ltsft train` helper, run twice with its CPU environment: identical SFTs pass its check."""
+    from test_gpu import CPU_ENV, _check_same, _train
+
+    first = _train(tmp_path, "zero2.json", "a", 1, CPU_ENV)
+    second = _train(tmp_path, "zero2.json", "b", 1, CPU_ENV)
+    assert first.nnz > 0
+    _check_same(first, second, "zero2.json")
+
+
+def test_gpu_check_dry_run_passes_here():
+    """`bench/gpu_check --dry-run` prints the plan, checks its prerequisites and passes on a CPU machine."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check"
+    done = subprocess.run([str(script), "--dry-run"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "pytest -m gpu tests/test_gpu.py" in done.stdout and "dry run: ready" in done.stdout
+    assert "MISSING" not in done.stdout and "[ok] import deepspeed" in done.stdout
+
+
+def test_gpu_check_dry_run_names_what_is_missing(tmp_path):
+    """With an interpreter that lacks the packages, the dry run fails and says what is missing."""
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check"
+    done = subprocess.run([str(script), "--dry-run"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHON": str(bare / "bin" / "python")})
+    assert done.returncode == 1
+    assert "[MISSING] import torch" in done.stdout and "not ready" in done.stdout
