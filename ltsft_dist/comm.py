@@ -12,7 +12,10 @@ totals, the L1 term, per-parameter counts) under NCCL: a process group with a ba
   is on the accelerator anyway (no transfer at all); only a few scalars per step make the trip.
 - Cost of the trip: a control value is O(world size) bytes, once or twice per optimizer step: one host-to-device
   copy, the all-reduce, one device-to-host copy (a synchronisation the caller makes anyway, since it reads the
-  value). `bench/gpu_check` measures it (`control_allreduce_us`) beside a phase-2 step.
+  value). `bench/gpu_check` measures it on a GPU (`control_allreduce_us`) beside a phase-2 step. Measured here,
+  gloo at W=2 on 2 shared CPU cores (load ~18, so only the ratios mean anything): a 3-value control all-reduce
+  took 0.72 ms through `all_reduce` against 0.70 ms for a bare `dist.all_reduce` (the routing costs ~2 %), a
+  65,536-bin histogram 11 ms; a phase-2 step there takes hundreds of ms.
 
 So `all_reduce` works on any tensor under any backend: when the group has no backend for the tensor's device it
 runs on a device the group does serve (`collective_device`) and the result is copied back into the tensor.

@@ -22,7 +22,10 @@ from ltsft_dist.launch_env import device_index
 
 
 def accelerator_type() -> str | None:
-    """"cuda" when a CUDA device is usable, else None."""
+    """"cuda" when a CUDA device is usable, else None. `DS_ACCELERATOR=cpu`, DeepSpeed's switch to its CPU
+    accelerator, keeps ltsft on the CPU too (the DeepSpeed launcher may expose GPUs to the ranks anyway)."""
+    if os.environ.get("DS_ACCELERATOR", "").strip().lower() == "cpu":
+        return None
     return "cuda" if torch.cuda.is_available() else None
 
 

@@ -125,6 +125,7 @@ def audited_runs(cases, world_size: int) -> dict:
 
     from scenarios import ds_config_for, tiny_model
 
+    from ltsft_dist.data import Examples
     from ltsft_dist.heldout import HeldOut
     from ltsft_dist.recipe import LTSFTRecipe
 
@@ -133,7 +134,9 @@ def audited_runs(cases, world_size: int) -> dict:
         cfg = copy.deepcopy(cfg)
         cfg.micro_batch_size = cfg.batch_size // world_size
         model = tiny_model(cfg.kind)
-        held_out = HeldOut({"xx": examples}, cfg.micro_batch_size, comm.rank(), world_size)
+        held = examples if examples.mlm is None else Examples(  # MLM: every token a label (fixed, as held-out)
+            {**examples.tensors, "labels": examples.tensors["input_ids"]})
+        held_out = HeldOut({"xx": held}, cfg.micro_batch_size, comm.rank(), world_size)
         with DeviceAudit(model) as audit:
             recipe = LTSFTRecipe(model, examples, cfg, ds_config_for(cfg, world_size), show_progress=False,
                                  held_out=held_out)

@@ -62,6 +62,14 @@ def test_bind_accelerator_and_engine_args(fake_cuda):
     assert devices.bind_accelerator(5) == torch.device("cuda", 0)
 
 
+def test_deepspeeds_cpu_switch_keeps_ltsft_on_the_cpu(fake_cuda, monkeypatch):
+    fake_cuda(count=2)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert devices.bind_accelerator(1) == torch.device("cpu") and devices.inference_device() == torch.device("cpu")
+    monkeypatch.delenv("DS_ACCELERATOR")
+    assert devices.bind_accelerator(1) == torch.device("cuda", 1)
+
+
 def test_cpu_machine_binds_nothing():
     assert devices.bind_accelerator(1) == torch.device("cpu")
     assert devices.engine_args() is None
