@@ -232,3 +232,12 @@ def test_gpu_check_dry_run_names_what_is_missing(tmp_path):
                           env={**os.environ, "PYTHON": str(bare / "bin" / "python")})
     assert done.returncode == 1
     assert "[MISSING] import torch" in done.stdout and "not ready" in done.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU this would run the whole check")
+def test_gpu_check_without_a_gpu_refuses_to_run():
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check"
+    done = subprocess.run([str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 2 and "[MISSING] CUDA GPU" in done.stdout and "cannot run: CUDA GPU" in done.stderr
+    assert not (script.parent / "results-gpu.json").exists()
