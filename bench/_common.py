@@ -125,7 +125,8 @@ def phase2_engine(model, eligibility, micro_batch_size: int, world_size: int, de
     shards = Shards(engine, model)
     sparse = [f for f in shards.fragments if eligibility.roles[f.name] == "sparse"]
     k = round(density * eligibility.count(model, "sparse"))
-    selected = select_topk(random_scores([f.key for f in sparse], [f.numel for f in sparse], seed=0),
+    selected = select_topk(random_scores([f.key for f in sparse], [f.numel for f in sparse], seed=0,
+                                         device=shards.device),
                            [f.key for f in sparse], k, shards.all_reduce, shards.all_gather_object).masks
     mask = GradientMask(shards, Snapshot(shards), sparse, selected)
     if attach:

@@ -27,16 +27,16 @@ def worker(warmup: int, iterations: int) -> dict:
     import gc
 
     import torch
-    import torch.distributed as dist
+    from ltsft_dist import comm
 
     from _common import PeakMemory, phase2_engine
 
-    world = dist.get_world_size()
+    world = comm.world_size()
     micro = GLOBAL_BATCH // world
     out = {}
     for n, name in enumerate([next(iter(SIZES)), *SIZES]):  # the first pass warms up (lazy imports, allocator)
         config = SIZES[name]
-        g = torch.Generator().manual_seed(dist.get_rank())
+        g = torch.Generator().manual_seed(comm.rank())
         batch = {"input_ids": torch.randint(0, config["vocab_size"], (micro, SEQ), generator=g),
                  "attention_mask": torch.ones(micro, SEQ, dtype=torch.long),
                  "labels": torch.randint(0, 2, (micro,), generator=g)}
@@ -45,7 +45,7 @@ def worker(warmup: int, iterations: int) -> dict:
             engine, shards, mask, k = phase2_engine(model, eligibility, micro, world, DENSITY)
             times = []
             for i in range(warmup + iterations):
-                dist.barrier()
+                comm.barrier()
                 t = time.perf_counter()
                 engine.backward(engine(**batch).loss)
                 mask.mask_gradients(shards.grads())

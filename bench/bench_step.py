@@ -29,11 +29,11 @@ KINDS = ("dense", "masked", "masked", "dense")  # build order
 def worker(stage: int, micro_batch_size: int, seq_len: int, warmup: int, iterations: int, density: float,
            component_repeats: int, kinds: tuple = KINDS) -> dict:
     import torch
-    import torch.distributed as dist
+    from ltsft_dist import comm
 
     from ltsft_dist.engine import build_engine
 
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = comm.rank(), comm.world_size()
     engines, masks, untimed_project = [], [], []
     project_seconds: list[float] = []
     for kind in kinds:
@@ -67,11 +67,11 @@ def worker(stage: int, micro_batch_size: int, seq_len: int, warmup: int, iterati
 
     def one_step(i):
         engine, mask = engines[i], masks[i]
-        dist.barrier()
+        comm.barrier()
         t0 = time.perf_counter()
         loss = engine(**batch).loss
         engine.backward(loss)
-        dist.barrier()
+        comm.barrier()
         t1 = time.perf_counter()
         if mask is not None:
             mask.mask_gradients(mask.shards.grads())

@@ -52,13 +52,13 @@ def _examples(n: int, seq_len: int, vocab: int, seed: int):
 
 def _measure_model(config: dict, k_languages: list[int], micro: int, seq_len: int, warmup: int, iterations: int,
                    task_density: float, standalone_repeats: int) -> dict:
-    import torch.distributed as dist
+    from ltsft_dist import comm
 
     from ltsft_dist.data import StepOrder
     from ltsft_dist.multisource import MultiSourceOrder
     from ltsft_dist.swap import LanguageSwap
 
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = comm.rank(), comm.world_size()
     model, eligibility = build_bert(config=config)
     n_params = sum(p.numel() for p in model.parameters())
     body = sum(language_body(model).values())
@@ -72,7 +72,7 @@ def _measure_model(config: dict, k_languages: list[int], micro: int, seq_len: in
     single = StepOrder(sources["en"], micro * world, micro, rank, world, seed=0)
 
     def step(order, hooks, i):
-        dist.barrier()
+        comm.barrier()
         t0 = time.perf_counter()
         batch = order.batch_at(i, 0)
         for h in hooks:

@@ -20,7 +20,7 @@ TOLERANCE = 0.01  # relative slack over 1/W allowed for partition padding
 def worker(stages) -> dict:
     import gc
 
-    import torch.distributed as dist
+    from ltsft_dist import comm
 
     from ltsft_dist.engine import build_engine
     from ltsft_dist.shards import Shards
@@ -30,7 +30,7 @@ def worker(stages) -> dict:
     for stage in stages:
         model, _ = build_bert(seed=0)
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        engine = build_engine(model, ds_config(stage, 4, dist.get_world_size()), lr=1e-4, weight_decay=0.01)
+        engine = build_engine(model, ds_config(stage, 4, comm.world_size()), lr=1e-4, weight_decay=0.01)
         shards = Shards(engine, model)
         snapshot = Snapshot(shards)
         out[stage] = {"nbytes": snapshot.nbytes, "n_trainable": n_trainable,
@@ -39,7 +39,7 @@ def worker(stages) -> dict:
                       "fragment_elements": sum(f.numel for f in shards.fragments)}
         del snapshot, shards, engine, model
         gc.collect()
-        dist.barrier()
+        comm.barrier()
     return out
 
 

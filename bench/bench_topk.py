@@ -79,11 +79,11 @@ def ranks_worker(n_total: int, k: int, repeats: int, seed: int, baseline_threads
     import gc
 
     import torch
-    import torch.distributed as dist
+    from ltsft_dist import comm
 
     from ltsft_dist.topk import select_topk
 
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = comm.rank(), comm.world_size()
     scores, keys = local_scores(n_total, world, rank, seed)
     traffic = {"all_reduce_calls": 0, "all_reduce_bytes": 0, "all_gather_object_calls": 0,
                "all_gather_object_bytes": 0}
@@ -91,24 +91,22 @@ def ranks_worker(n_total: int, k: int, repeats: int, seed: int, baseline_threads
     def all_reduce(t):
         traffic["all_reduce_calls"] += 1
         traffic["all_reduce_bytes"] += t.numel() * t.element_size()
-        dist.all_reduce(t)
+        comm.all_reduce(t)
         return t
 
     def all_gather_object(obj):
         traffic["all_gather_object_calls"] += 1
         traffic["all_gather_object_bytes"] += len(pickle.dumps(obj))
-        out = [None] * world
-        dist.all_gather_object(out, obj)
-        return out
+        return comm.all_gather_object(obj)
 
-    dist.barrier()
+    comm.barrier()
     with PeakMemory() as mem:
         t = time.perf_counter()
         sel = select_topk(scores, keys, k, all_reduce, all_gather_object)
         first_seconds = time.perf_counter() - t
     first_traffic = dict(traffic)
     selected = torch.tensor([sum(int(m.sum()) for m in sel.masks)])
-    dist.all_reduce(selected)
+    comm.all_reduce(selected)
     mask_bytes = sum(m.numel() * m.element_size() for m in sel.masks)
     threshold = sel.threshold
     del sel
@@ -117,17 +115,17 @@ def ranks_worker(n_total: int, k: int, repeats: int, seed: int, baseline_threads
     full = full_scores(n_total, seed) if rank == 0 else None
     ours, base_sorted, base_unsorted, kth = [], [], [], None
     for _ in range(repeats):
-        dist.barrier()
+        comm.barrier()
         t = time.perf_counter()
         sel = select_topk(scores, keys, k, all_reduce, all_gather_object)
         ours.append(time.perf_counter() - t)
         del sel
-        dist.barrier()
+        comm.barrier()
         if rank == 0:
             ts, tu, kth = _kth_largest(full, k, baseline_threads)
             base_sorted.append(ts)
             base_unsorted.append(tu)
-        dist.barrier()
+        comm.barrier()
     return {"rank": rank, "first_seconds": first_seconds, "seconds": ours, "peak_extra_bytes": mem.extra_bytes,
             "memory_method": mem.method, "traffic_one_call": first_traffic, "selected_total": int(selected),
             "threshold": threshold, "scores_bytes": sum(s.numel() * s.element_size() for s in scores),

@@ -10,6 +10,8 @@ A checkpoint is written into `.<tag>.tmp` and renamed once every rank has finish
 complete checkpoint whose files match their manifest is used; a damaged one (truncated, corrupted, a file missing)
 is renamed `<tag>.damaged` and the previous one is used instead, which is said on stderr. Partial `.<tag>.tmp`
 directories (a save that failed or was killed) are removed then.
+Rank states are written from CPU copies and loaded onto the device of the rank's shard, so a checkpoint names
+no GPU index.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from ltsft_dist import comm
+from ltsft_dist.devices import move
 from ltsft_dist.errors import LtsftError
 
 KEEP = 2  # complete checkpoints kept; older ones are deleted after a newer one is complete
@@ -38,11 +41,6 @@ class Progress:
     round: int = 1
     phase: str = "phase1"  # the phase that `step` belongs to
     step: int = 0  # the next step to run in that phase
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -62,16 +60,16 @@ def save(root: Path, progress: Progress, engine, rank: int, world_size: int, sta
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-    _barrier()
+    comm.barrier()
     with _writing(tmp, root):
         engine.save_checkpoint(str(tmp), tag="engine")
         mine = tmp / f"ltsft_rank{rank}.pt"
-        torch.save({**rank_state, "rng": torch.get_rng_state()}, mine.with_suffix(".tmp"))
+        torch.save(move({**rank_state, "rng": torch.get_rng_state()}, "cpu"), mine.with_suffix(".tmp"))
         os.replace(mine.with_suffix(".tmp"), mine)
-    _barrier()
-    files = _broadcast(_listing(tmp) if rank == 0 else None)
+    comm.barrier()
+    files = comm.broadcast_object(_listing(tmp) if rank == 0 else None)
     digests = {}
-    for part in _all_gather({f: _digest(tmp / f) for f in files[rank::world_size]}):
+    for part in comm.all_gather_object({f: _digest(tmp / f) for f in files[rank::world_size]}):
         digests.update(part)
     if rank == 0:
         with _writing(tmp, root):
@@ -86,7 +84,7 @@ def save(root: Path, progress: Progress, engine, rank: int, world_size: int, sta
             os.replace(root / "latest.tmp", root / "latest")
         for old in _complete(root)[KEEP:]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    comm.barrier()
     return root / tag
 
 
@@ -125,10 +123,10 @@ def resumable(root: Path, rank: int, world_size: int) -> Path | None:
     if rank == 0:  # partial checkpoints of a save that failed or was killed
         for partial in root.glob(".*.tmp") if root.is_dir() else ():
             shutil.rmtree(partial, ignore_errors=True)
-    candidates = _broadcast(_complete(root) if rank == 0 else None)
+    candidates = comm.broadcast_object(_complete(root) if rank == 0 else None)
     damaged = []
     for directory in candidates:
-        problems = [p for part in _all_gather(_verify(directory, rank, world_size)) for p in part]
+        problems = [p for part in comm.all_gather_object(_verify(directory, rank, world_size)) for p in part]
         if not problems:
             return directory
         damaged.append(f"{directory.name} ({'; '.join(problems[:3])})")
@@ -191,26 +189,11 @@ def _digest(path: Path) -> dict:
     return {"size": path.stat().st_size, "sha256": h.hexdigest()}
 
 
-def _broadcast(obj):
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _all_gather(obj) -> list:
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def load(directory: Path, engine, rank: int, world_size: int, stage: int,
-         inputs: dict | None = None) -> tuple[Progress, dict]:
-    """Collective. Restores the engine and this rank's RNG; returns the progress and this rank's own state.
-    `inputs` must equal what `save` recorded: an input file changed since would silently change the run."""
+def load(directory: Path, engine, rank: int, world_size: int, stage: int, inputs: dict | None = None,
+         device: torch.device | str = "cpu") -> tuple[Progress, dict]:
+    """Collective. Restores the engine and this rank's RNG; returns the progress and this rank's own state, its
+    tensors on `device` (that of my shard). `inputs` must equal what `save` recorded: an input file changed since
+    would silently change the run."""
     info = json.loads((directory / "progress.json").read_text())
     if info["world_size"] != world_size or info["zero_stage"] != stage:
         raise LtsftError(
@@ -225,7 +208,8 @@ def load(directory: Path, engine, rank: int, world_size: int, stage: int,
             f"{saved.get(changed[0], 'none')[:12]} then, {now.get(changed[0], 'none')[:12]} now): resuming would "
             "mix two runs. Put the original file(s) back, or start over in a new output_dir")
     engine.load_checkpoint(str(directory), tag="engine")
-    state = torch.load(directory / f"ltsft_rank{rank}.pt", weights_only=True)
+    state = torch.load(directory / f"ltsft_rank{rank}.pt", weights_only=True, map_location="cpu")
     torch.set_rng_state(state.pop("rng"))
     progress = Progress(info["round"], info["phase"], info["step"])
-    return progress, state
+    return progress, move(state, device)
+

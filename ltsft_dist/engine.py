@@ -27,15 +27,18 @@ def init_distributed() -> None:
     if dist.is_initialized():
         return
 
-    from ltsft_dist.launch_env import discover, dist_timeout
+    from ltsft_dist.devices import bind_accelerator
+    from ltsft_dist.launch_env import discover, dist_timeout, process_group_backend
     from ltsft_dist.shards import disable_shm_allreduce
 
     timeout = dist_timeout()
     env = discover()
     env.export(os.environ)  # what env:// rendezvous and DeepSpeed read
+    device = bind_accelerator(env.local_rank)
     disable_shm_allreduce()
     try:
-        deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False, timeout=timeout)
+        deepspeed.init_distributed(dist_backend=process_group_backend(device.type), auto_mpi_discovery=False,
+                                   timeout=timeout)
     except RuntimeError as err:  # DistStoreError/DistNetworkError: someone did not show up in time
         raise LtsftError(
             f"{env.describe()}: could not form the process group within {timeout.total_seconds():g} s ({err}). "
@@ -160,5 +163,7 @@ def build_engine(model: torch.nn.Module, ds_config: dict, lr: float, weight_deca
     groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=lr)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    from ltsft_dist.devices import engine_args
+
+    engine, *_ = deepspeed.initialize(args=engine_args(), model=model, optimizer=optimizer, config=ds_config)
     return engine

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from ltsft_dist.config import SourceConfig, field_help, from_dict, read_mapping
+from ltsft_dist import comm
+from ltsft_dist.devices import inference_device, to_device
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.naming import body_prefix
 from ltsft_dist.sft import SparseFineTuning, base_fingerprint, write_atomically
@@ -43,6 +45,8 @@ class EvalOptions:
         "squad: XQuAD's official (SQuAD v1.1) script; mlqa: MLQA's per-language one"))
     format: str | None = field(default=None, metadata=field_help(
         "reader of every data file; None: told from the file's extension and header"))
+    device: str | None = field(default=None, metadata=field_help(
+        "where the model runs: None for this rank's accelerator when there is one, else the CPU"))
 
     def check(self) -> None:
         for key in ("max_seq_length", "stride", "max_query_length", "batch_size", "limit"):
@@ -142,20 +146,13 @@ def read_eval_data(task: str, language: str, path, data_format: str | None = Non
 # ---------------------------------------------------------------------------------------------- running
 
 
-def _rank_and_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class _Runner:
-    """Forward passes over this rank's share of the batches; the outputs of all ranks gathered on rank 0."""
+    """Forward passes over this rank's share of the batches on the model's device; the outputs of all ranks
+    gathered on rank 0, on the CPU."""
 
-    def __init__(self, model, batch_size: int):
-        self.model, self.batch_size, self.progress = model, batch_size, None
-        self.rank, self.world = _rank_and_world()
+    def __init__(self, model, batch_size: int, device: torch.device):
+        self.model, self.batch_size, self.device, self.progress = model, batch_size, device, None
+        self.rank, self.world = comm.rank(), comm.world_size()
 
     def my_batches(self, n: int) -> range:
         return range(self.rank * self.batch_size, n, self.world * self.batch_size)
@@ -165,15 +162,10 @@ class _Runner:
         n = len(inputs["input_ids"])
         mine = {}
         for start in self.my_batches(n):
-            mine[start] = task.forward(self.model, {name: t[start:start + self.batch_size]
-                                                    for name, t in inputs.items()})
+            batch = to_device({name: t[start:start + self.batch_size] for name, t in inputs.items()}, self.device)
+            mine[start] = task.forward(self.model, batch)
             self.progress.update()
-        parts = [mine]
-        if self.world > 1:
-            import torch.distributed as dist
-
-            parts = [None] * self.world if self.rank == 0 else None
-            dist.gather_object(mine, parts, dst=0)
+        parts = comm.gather_object(mine, dst=0)  # on the CPU
         if self.rank != 0:
             return None
         merged = {start: out for part in parts for start, out in part.items()}
@@ -261,6 +253,7 @@ def evaluate(base_dir, task_sft: str, data: dict[str, str], lang_sfts: dict[str,
     from tqdm.auto import tqdm
 
     options, lang_sfts = options or EvalOptions(), lang_sfts or {}
+    device = inference_device(options.device)
     inputs = _load_inputs(base_dir, task_sft, data, lang_sfts, task, options)
     model, tokenizer = _load_model(base_dir, inputs, task_sft, lang_sfts)
     task = get_task(inputs.task)
@@ -268,7 +261,7 @@ def evaluate(base_dir, task_sft: str, data: dict[str, str], lang_sfts: dict[str,
                for lang, records in inputs.examples.items()}
 
     runs = [(lang, TASK_ONLY) for lang in encoded] + [(lang, COMPOSED) for lang in inputs.lang_sfts]
-    runner = _Runner(model, options.batch_size)
+    runner = _Runner(model.to(device), options.batch_size, device)
     runner.progress = tqdm(total=sum(len(runner.my_batches(encoded[lang].rows)) for lang, _ in runs),
                            desc="evaluating", unit="batch", disable=runner.rank != 0 or not show_progress)
     scores: dict[str, dict] = {lang: {} for lang in encoded}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ltsft_dist.devices import inference_device
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.evaluation import head_names, load_sft_flag, require_same_base
 from ltsft_dist.sft import compose
@@ -17,10 +18,12 @@ from ltsft_dist.tasks import get_task
 PROVENANCE = "ltsft_export.json"
 
 
-def export_merged(base_dir, sft_locations: list[str], task: str, out, overwrite: bool = False) -> Path:
+def export_merged(base_dir, sft_locations: list[str], task: str, out, overwrite: bool = False,
+                  device: str | None = None) -> Path:
     """θ⁰ + Σφ (the SFTs composed) with the task head, written by save_pretrained beside the base's tokenizer.
 
-    The directory appears complete or not at all: it is written under a temporary name and renamed."""
+    The SFTs are applied on `device` (default: the accelerator when there is one) and the model is saved from the
+    CPU. The directory appears complete or not at all: it is written under a temporary name and renamed."""
     from transformers import AutoTokenizer
 
     from ltsft_dist.models import load_task_model
@@ -33,6 +36,7 @@ def export_merged(base_dir, sft_locations: list[str], task: str, out, overwrite:
         raise LtsftError(f"-o {out}: already exists; choose another directory or pass --overwrite")
     if not (Path(base_dir) / "config.json").is_file():
         raise LtsftError(f"--base {base_dir}: no config.json there; pass a directory written by save_pretrained")
+    target = inference_device(device)
     sfts = [load_sft_flag(location, "--sft") for location in sft_locations]
     task_sft = next((s for s in sfts if s.metadata.kind == "task"), None)  # it records the label names
     labels = spec.head_labels(task_sft.metadata.training_config if task_sft else {}, f"--task {task}: the task SFT")
@@ -43,7 +47,8 @@ def export_merged(base_dir, sft_locations: list[str], task: str, out, overwrite:
     for location, sft in zip(sft_locations, sfts):
         require_same_base(sft, model, f"--sft {location}", base_dir)
     composed, overlap = compose(*sfts)
-    skipped = composed.apply(model, skip_missing_heads=True)  # e.g. a language SFT's MLM head in a task model
+    skipped = composed.apply(model.to(target), skip_missing_heads=True)  # e.g. a language SFT's MLM head
+    model.to("cpu")
     if spec.kind == "task":  # a task SFT carries its head; a language task's head is the base's
         missing = sorted(head_names(model) - set(composed.heads))
         if missing:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
+from ltsft_dist import comm
 from ltsft_dist.data import Examples
+from ltsft_dist.devices import engine_device, to_device
 
 
 class HeldOut:
@@ -36,6 +37,7 @@ class HeldOut:
         """Mean loss per language and overall ("all")."""
         was_training = engine.training
         engine.eval()
+        device = engine_device(engine)
         totals = torch.zeros(2 * len(self.sets), dtype=torch.float64)
         try:
             for i, (language, examples) in enumerate(self.sets.items()):
@@ -46,7 +48,7 @@ class HeldOut:
                         labels = batch.get("labels")
                         count = (int((labels != -100).sum()) if labels is not None and labels.dim() == 2
                                  else next(iter(batch.values())).shape[0]) * weight
-                        loss = engine(**batch).loss
+                        loss = engine(**to_device(batch, device)).loss
                         if count:
                             totals[2 * i] += float(loss) * count
                             totals[2 * i + 1] += count
@@ -56,7 +58,7 @@ class HeldOut:
         finally:
             engine.train(was_training)
         if self.world > 1:
-            dist.all_reduce(totals)
+            comm.all_reduce(totals)
         sums, counts = totals[0::2], totals[1::2]
         result = {lang: float(s / max(c, 1)) for lang, s, c in zip(self.sets, sums, counts)}
         result["all"] = float(sums.sum() / max(counts.sum(), 1))

@@ -12,10 +12,13 @@ class StepHook:
 
     `timer`: when set, the hook's `seconds_spent()` per step is logged as `train/<timer>_seconds`.
     `sfts`: language SFTs the hook makes active during steps; the selection reports the mask's overlap with each.
+    `fingerprints`: what the hook reads from disk, by name -> fingerprint; a checkpoint records them and a resume
+    refuses to go on when one changed.
     """
 
     timer: str | None = None
     sfts: Mapping = MappingProxyType({})
+    fingerprints: Mapping = MappingProxyType({})
 
     def before_step(self, step: int) -> None:
         """Before the step's first forward pass."""

@@ -401,3 +401,27 @@ def dist_timeout(environ: Mapping[str, str] | None = None) -> datetime.timedelta
     if seconds <= 0:
         raise LtsftError(f"{TIMEOUT_VAR}={raw!r}: expected a positive number of seconds")
     return datetime.timedelta(seconds=seconds)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the accelerator and the process group's backend
+
+def device_index(local_rank: int, visible: int) -> int:
+    """This rank's accelerator among the `visible` ones (`torch.cuda.device_count()`). With one GPU bound per task
+    (`srun --gpus-per-task=1`, `--gpu-bind`) every task sees only index 0, so LOCAL_RANK is the wrong index
+    (DESIGN.md §7); with all of a node's GPUs visible, local rank r takes GPU r."""
+    if visible < 1:
+        raise LtsftError("no accelerator visible to this rank (CUDA_VISIBLE_DEVICES empty?); run on the CPU or "
+                         "give the task a GPU")
+    if visible == 1:
+        return 0
+    if local_rank < visible:
+        return local_rank
+    raise LtsftError(f"local rank {local_rank} but only {visible} GPUs are visible on this node: start at most "
+                     f"{visible} ranks per node, or bind one GPU per task (srun --gpus-per-task=1)")
+
+
+def process_group_backend(device_type: str) -> str:
+    """The backend of our process group for the device our tensors live on: NCCL on CUDA, gloo on the CPU
+    (control values under NCCL travel on the accelerator: see `comm`)."""
+    return "nccl" if device_type == "cuda" else "gloo"

@@ -20,8 +20,8 @@ class GradientMask:
         """`sparse` are my eligible fragments and `selected[i]` their bool masks; every other element of my
         segments (the dense head) stays trainable, except ZeRO-3 padding, which is frozen too."""
         self.shards, self.snapshot = shards, snapshot
-        self.frozen = [torch.zeros(s.numel(), dtype=torch.bool) for s in shards.segments]
-        covered = [torch.zeros(s.numel(), dtype=torch.bool) for s in shards.segments]
+        self.frozen = [torch.zeros(s.numel(), dtype=torch.bool, device=s.device) for s in shards.segments]
+        covered = [torch.zeros(s.numel(), dtype=torch.bool, device=s.device) for s in shards.segments]
         for f in shards.fragments:
             covered[f.segment].narrow(0, f.segment_offset, f.numel).fill_(True)
         for frozen, cov in zip(self.frozen, covered):
@@ -158,5 +158,7 @@ class L1Pull:
     @torch.no_grad()
     def penalty(self) -> float:
         """The current L1 term (collective under ZeRO 1-3: every rank must call it)."""
-        local = sum(float(self.snapshot.delta(f).abs().sum(dtype=torch.float64)) for f in self.sparse)
-        return float(self.shards.all_reduce(torch.tensor([local], dtype=torch.float64))) * self.scale
+        local = torch.zeros(1, dtype=torch.float64, device=self.shards.device)
+        for f in self.sparse:
+            local += self.snapshot.delta(f).abs().sum(dtype=torch.float64)
+        return float(self.shards.all_reduce(local)) * self.scale

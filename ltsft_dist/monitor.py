@@ -54,19 +54,24 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def _device_of(selected: list[torch.Tensor]) -> torch.device:
+    """The device of my mask (that of my shard), where the counts below are made; the CPU without fragments."""
+    return selected[0].device if selected else torch.device("cpu")
+
+
 def selected_per_parameter(fragments, selected: list[torch.Tensor], names: list[str]) -> torch.Tensor:
     """Selected elements per parameter of `names` in my fragments (sum over ranks for the global counts)."""
     position = {name: i for i, name in enumerate(names)}
-    counts = torch.zeros(len(names), dtype=torch.float64)
+    counts = torch.zeros(len(names), dtype=torch.float64, device=_device_of(selected))
     for f, sel in zip(fragments, selected):
-        counts[position[f.name]] += int(sel.sum())
+        counts[position[f.name]] += sel.sum()
     return counts
 
 
 def mask_overlap(fragments, selected: list[torch.Tensor], sfts: Mapping[str, SparseFineTuning]) -> torch.Tensor:
     """Per language SFT (in `sfts` order), how many of its positions my fragments' mask also selects.
     Sum over ranks for the global count. O(K_L) per language: its sorted indices are cut to each fragment."""
-    counts = torch.zeros(len(sfts), dtype=torch.float64)
+    counts = torch.zeros(len(sfts), dtype=torch.float64, device=_device_of(selected))
     for j, sft in enumerate(sfts.values()):
         for f, sel in zip(fragments, selected):
             diff = sft.diffs.get(f.name)
@@ -76,7 +81,7 @@ def mask_overlap(fragments, selected: list[torch.Tensor], sfts: Mapping[str, Spa
             lo = int(torch.searchsorted(indices, f.param_offset))
             hi = int(torch.searchsorted(indices, f.param_offset + f.numel))
             if lo < hi:
-                counts[j] += int(sel[indices[lo:hi] - f.param_offset].sum())
+                counts[j] += sel[(indices[lo:hi] - f.param_offset).to(sel.device)].sum()
     return counts
 
 

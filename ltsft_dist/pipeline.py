@@ -245,7 +245,8 @@ def _evaluate_stage(stage: Stage) -> int:
     a = stage.config
     join_launched_group()
     options = EvalOptions(max_seq_length=a["max_seq_length"], stride=a["stride"], batch_size=a["batch_size"],
-                          max_query_length=a["max_query_length"], limit=a["limit"])
+                          max_query_length=a["max_query_length"], limit=a["limit"], qa_metric=a["qa_metric"],
+                          format=a["format"])
     results = evaluate(a["base"], a["task_sft"], a["data"], a["lang_sfts"], a["task"], options)
     if results is not None:
         write_results(results, stage.directory)

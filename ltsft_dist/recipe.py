@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ltsft_dist import checkpoint
+from ltsft_dist import checkpoint, comm
 from ltsft_dist import eligibility as elig
 from ltsft_dist.checkpoint import Progress
 from ltsft_dist.config import PhaseConfig, TrainConfig, to_dict
 from ltsft_dist.data import Examples, StepOrder
+from ltsft_dist.devices import engine_device, to_device
 from ltsft_dist.engine import build_engine
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.heldout import HeldOut
@@ -250,7 +250,7 @@ class LTSFTRecipe:
         if directory is None:
             return Progress()
         progress, state = checkpoint.load(directory, self.engine, self.rank, self.shards.world_size,
-                                          self.shards.stage, self._inputs())
+                                          self.shards.stage, self._inputs(), device=self.shards.device)
         self.snapshot.restore(state["theta0"])
         self.selected, self.best = state["selected"], state.get("best")
         if self.rank == 0 and self.show_progress:
@@ -258,9 +258,8 @@ class LTSFTRecipe:
         return progress
 
     def _inputs(self) -> dict[str, str]:
-        """Fingerprints of the inputs a checkpoint must be resumed with: the language SFTs swapped in."""
-        return {key: value for hook in self.step_hooks if isinstance(hook, LanguageSwap)
-                for key, value in hook.fingerprints.items()}
+        """Fingerprints of the inputs a checkpoint must be resumed with: what the step hooks read (language SFTs)."""
+        return {key: value for hook in self.step_hooks for key, value in hook.fingerprints.items()}
 
     def train_step(self, step: int, mask: GradientMask | None, l1: L1Pull) -> float:
         """One optimizer step; returns this rank's share of the global mean loss."""
@@ -268,6 +267,8 @@ class LTSFTRecipe:
         scale = self._mlm_loss_scale(batches)
         self.tokens_seen += sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                                 for b in batches)
+        device = engine_device(self.engine)
+        batches = [to_device(b, device) for b in batches]  # all copies queued at once: they overlap the compute
         for hook in self.step_hooks:
             hook.before_step(step)
         try:
@@ -313,7 +314,7 @@ class LTSFTRecipe:
         flags[0] = int(self._stop_requested)
         flags[1 + self.rank] = int(not finite)
         if self.shards.world_size > 1:
-            dist.all_reduce(flags)
+            comm.all_reduce(flags)
         self._stop_agreed = bool(flags[0])
         bad_ranks = torch.nonzero(flags[1:]).view(-1).tolist()
         if not bad_ranks:
@@ -339,16 +340,17 @@ class LTSFTRecipe:
             return None
         tokens = torch.tensor([sum(int((b["labels"] != -100).sum()) for b in batches)])
         if self.shards.world_size > 1:
-            dist.all_reduce(tokens)
+            comm.all_reduce(tokens)
         return self.shards.world_size * self.order.accumulation / max(1, int(tokens))
 
     def select(self, k: int, previous: list[torch.Tensor] | None) -> list[torch.Tensor]:
         """Global top-k of |θ − θ⁰| (or of seeded random scores); earlier rounds' picks are kept."""
         start = time.perf_counter()
         if self.config.selection == "random":
-            scores = random_scores([f.key for f in self.sparse], [f.numel for f in self.sparse], self.config.seed)
+            scores = random_scores([f.key for f in self.sparse], [f.numel for f in self.sparse], self.config.seed,
+                                   self.shards.device)
         elif self.config.selection == "all":
-            scores = [torch.ones(f.numel) for f in self.sparse]
+            scores = [torch.ones(f.numel, device=self.shards.device) for f in self.sparse]
         else:
             scores = [self.snapshot.delta(f).abs_() for f in self.sparse]
         if previous is not None:
@@ -432,7 +434,7 @@ class LTSFTRecipe:
         now = self._mark(step + 1)
         totals = torch.tensor([loss, now.tokens - since.tokens], dtype=torch.float64)
         if self.shards.world_size > 1:
-            dist.all_reduce(totals)
+            comm.all_reduce(totals)
         mean_loss = float(totals[0]) / self.shards.world_size
         penalty = l1.penalty() if l1.scale else 0.0
         if self.rank != 0:

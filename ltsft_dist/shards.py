@@ -25,14 +25,16 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from ltsft_dist import comm
+from ltsft_dist.devices import move, shard_device
 from ltsft_dist.errors import LtsftError
 
 
 def disable_shm_allreduce() -> None:
     """Keep DeepSpeed from building its CPU shared-memory all-reduce op when the process group starts.
 
-    We never use it (our collectives are torch.distributed's), its first build JIT-compiles for about a
-    minute, and every process group it joins leaves a /dev/shm buffer behind that is never unlinked: a test
+    We never use it (our collectives are torch.distributed's, made in comm.py), its first build JIT-compiles for
+    about a minute, and every process group it joins leaves a /dev/shm buffer behind that is never unlinked: a test
     suite or a long job series filled 21 GB of shared memory here. Call before `deepspeed.init_distributed`.
     """
     import deepspeed.ops
@@ -62,8 +64,8 @@ class Shards:
     def __init__(self, engine, model: torch.nn.Module):
         self.engine = engine
         self.stage = engine.zero_optimization_stage()
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = comm.rank()
+        self.world_size = comm.world_size()
         # With ZeRO 0 every rank holds every element, so collectives over the shards must not double count.
         self.partitioned = self.stage > 0 and self.world_size > 1
         names = {id(p): (i, n) for i, (n, p) in enumerate(model.named_parameters())}
@@ -90,6 +92,7 @@ class Shards:
         self._segment_of = {id(t): i for i, t in enumerate(self._stepped_tensors)}
         self.padding = _uncovered(self.segments, self.fragments)
         self.zero_padding()
+        self.device = shard_device(self.segments, engine)  # where every tensor that meets my shard is created
 
     # --- layouts -------------------------------------------------------------------------------
 
@@ -201,23 +204,17 @@ class Shards:
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over ranks when the shards are partitioned; a no-op when every rank holds everything."""
-        if self.partitioned:
-            dist.all_reduce(tensor)
-        return tensor
+        return comm.all_reduce(tensor) if self.partitioned else tensor
 
     def all_gather_object(self, obj) -> list:
-        if not self.partitioned:
-            return [obj]
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
+        """Every rank's `obj` when the shards are partitioned, else mine alone; tensors arrive on the CPU."""
+        return comm.all_gather_object(obj) if self.partitioned else [move(obj, "cpu")]
 
     def gather_object_to_zero(self, obj) -> list | None:
-        if not self.partitioned:
-            return [obj] if self.rank == 0 else None
-        out = [None] * self.world_size if self.rank == 0 else None
-        dist.gather_object(obj, out, dst=0)
-        return out
+        """As `all_gather_object`, on rank 0 only (None elsewhere)."""
+        if self.partitioned:
+            return comm.gather_object(obj, dst=0)
+        return [move(obj, "cpu")] if self.rank == 0 else None
 
 
 def _uncovered(segments: list[torch.Tensor], fragments: list[Fragment]) -> list[tuple[int, int, int]]:

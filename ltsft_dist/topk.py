@@ -4,7 +4,7 @@ Non-negative float32 values order like their int32 bit patterns, so the K-th lar
 by a two-pass radix select (high 16 bits, then low 16 bits) on all-reduced 65,536-bin histograms.
 Ties at the threshold are broken by the canonical (parameter index, flat offset) order: ranks exchange
 only a (fragment key, tie count) table. The mask is therefore the same for every world size and ZeRO
-stage, and it holds exactly K elements.
+stage, and it holds exactly K elements. The histograms are built, and all-reduced, on the device of the scores.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ class Selection:
 
 
 def _histogram(scores: list[torch.Tensor], digit: Callable[[torch.Tensor], torch.Tensor],
-               keep: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
-    hist = torch.zeros(BINS, dtype=torch.int64)
+               keep: Callable[[torch.Tensor], torch.Tensor] | None, device: torch.device) -> torch.Tensor:
+    hist = torch.zeros(BINS, dtype=torch.int64, device=device)
     for s in scores:
         for chunk in torch.split(s.view(torch.int32), CHUNK):
             if keep is not None:
@@ -54,8 +54,10 @@ def select_topk(scores: list[torch.Tensor], keys: list[tuple[int, int]], k: int,
 
     `keys[i]` is the canonical (parameter index, offset) of `scores[i]`'s first element.
     `all_reduce` sums a tensor over ranks; `all_gather_object` gathers a picklable object from every rank.
+    Everything that meets the scores is made on their device (a rank without scores: the CPU).
     """
-    total = all_reduce(torch.tensor([sum(s.numel() for s in scores)], dtype=torch.int64)).item()
+    device = scores[0].device if scores else torch.device("cpu")
+    total = all_reduce(torch.tensor([sum(s.numel() for s in scores)], dtype=torch.int64, device=device)).item()
     if not 0 < k <= total:
         raise LtsftError(f"K={k} must lie in 1..{total} (the number of eligible parameters)")
     for s in scores:
@@ -64,9 +66,9 @@ def select_topk(scores: list[torch.Tensor], keys: list[tuple[int, int]], k: int,
         if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
             raise LtsftError("selection scores must be finite and non-negative: the run diverged (NaN/Inf weights)")
 
-    hist_hi = all_reduce(_histogram(scores, lambda c: c >> 16, None))
+    hist_hi = all_reduce(_histogram(scores, lambda c: c >> 16, None, device))
     hi, higher = _pick_bin(hist_hi, k)
-    hist_lo = all_reduce(_histogram(scores, lambda c: c & 0xFFFF, lambda c: (c >> 16) == hi))
+    hist_lo = all_reduce(_histogram(scores, lambda c: c & 0xFFFF, lambda c: (c >> 16) == hi, device))
     lo, higher_lo = _pick_bin(hist_lo, k - higher)
     threshold_bits = (hi << 16) | lo
     above = higher + higher_lo
@@ -96,12 +98,13 @@ def select_topk(scores: list[torch.Tensor], keys: list[tuple[int, int]], k: int,
     return Selection(masks, threshold, ties_total, needed)
 
 
-def random_scores(keys: list[tuple[int, int]], numels: list[int], seed: int) -> list[torch.Tensor]:
+def random_scores(keys: list[tuple[int, int]], numels: list[int], seed: int,
+                  device: torch.device | str = "cpu") -> list[torch.Tensor]:
     """Seeded pseudo-random scores that depend only on (parameter, offset): RAND-SFT masks are then
-    identical for every world size and stage. A splitmix64-style integer hash, 24 bits kept."""
+    identical for every world size, stage and device. A splitmix64-style integer hash, 24 bits kept."""
     out = []
     for (param_index, offset), n in zip(keys, numels):
-        x = torch.arange(offset, offset + n, dtype=torch.int64)
+        x = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
         x = x + (param_index + 1) * 0x9E3779B97F4A7C15 % (1 << 62) + seed * 0xBF58476D1CE4E5B9 % (1 << 62)
         for mult, shift in ((0xBF58476D1CE4E5B9 % (1 << 62), 30), (0x94D049BB133111EB % (1 << 62), 27)):
             x = (x ^ (x >> shift)) * mult

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ltsft_dist import comm
 from ltsft_dist.config import TrainConfig
 from ltsft_dist.errors import LtsftError
 
@@ -53,7 +54,6 @@ class TrainingRun:
         self._previous_handlers: dict = {}
 
     def setup(self) -> None:
-        import torch.distributed as dist
         from transformers import AutoTokenizer
 
         from ltsft_dist.data import accumulation_steps
@@ -65,7 +65,7 @@ class TrainingRun:
 
         config, out = self.config, self.output_dir
         init_distributed()
-        self.rank, world = dist.get_rank(), dist.get_world_size()
+        self.rank, world = comm.rank(), comm.world_size()
         accumulation_steps(config.batch_size, config.micro_batch_size, world)  # before any data is read
         out.mkdir(parents=True, exist_ok=True)
         sources = read_sources(config)
@@ -76,7 +76,7 @@ class TrainingRun:
         if self.rank == 0 and not resuming:  # one tokenizer for all ranks, saved beside the SFT so it stays usable;
             # a resumed run keeps the saved one (a retrained WordPiece may number its tokens differently)
             build_tokenizer(config, sources).save_pretrained(str(out / "tokenizer"))
-        dist.barrier()
+        comm.barrier()
         tokenizer = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
         data = encode_sources(config, tokenizer, sources)
         config.data.labels = data.labels  # recorded in the SFT: evaluation maps the head's outputs back to names
@@ -103,7 +103,6 @@ class TrainingRun:
 
     def train(self) -> TrainResult:
         """Run (or resume) the algorithm; rank 0 saves the SFT and results.json. Collective."""
-        import torch.distributed as dist
 
         from ltsft_dist.recipe import Preempted
 
@@ -116,7 +115,7 @@ class TrainingRun:
         if self.rank == 0:
             result.sft.save_pretrained(result.sft_dir)
             self.recipe.save_results(self.output_dir / "results.json")
-        dist.barrier()
+        comm.barrier()
         return result
 
     def cleanup(self) -> None:

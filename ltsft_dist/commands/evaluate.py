@@ -52,6 +52,8 @@ def register(subparsers) -> None:
                     help=f"squad: the SQuAD v1.1 script, XQuAD's official metric; mlqa: MLQA's per-language "
                          f"normalisation (MLQA's languages only); default {defaults.qa_metric}")
     ev.add_argument("--out", metavar="DIR", help="directory for results.json and results.md (required)")
+    ev.add_argument("--device", metavar="DEVICE", help="cpu, cuda or cuda:N (default: this rank's GPU when there "
+                    "is one, else the CPU)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=eval_command)
 
@@ -70,6 +72,8 @@ def register(subparsers) -> None:
     ex.add_argument("-o", "--output", required=True, metavar="OUT",
                     help="directory to create (written under a temporary name, then renamed)")
     ex.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    ex.add_argument("--device", metavar="DEVICE", help="where the SFTs are applied: cpu, cuda or cuda:N (default: "
+                    "the GPU when there is one); the model is always saved from the CPU")
     ex.set_defaults(func=export_command)
 
 
@@ -92,7 +96,7 @@ def eval_command(args: argparse.Namespace) -> int:
 
     config = load_eval_config(args.config) if args.config else EvalConfig()
     for key in ("base", "task_sft", "task", "format", "max_seq_length", "stride", "max_query_length", "batch_size",
-                "limit", "qa_metric", "out"):
+                "limit", "qa_metric", "out", "device"):
         if getattr(args, key) is not None:
             setattr(config, key, getattr(args, key))
     config.data = {**config.data, **parse_pairs(args.data, "--data")}
@@ -115,6 +119,6 @@ def eval_command(args: argparse.Namespace) -> int:
 def export_command(args: argparse.Namespace) -> int:
     from ltsft_dist.export import export_merged
 
-    out = export_merged(args.base, args.sfts, args.task, args.output, overwrite=args.overwrite)
+    out = export_merged(args.base, args.sfts, args.task, args.output, overwrite=args.overwrite, device=args.device)
     print(f"wrote {out} (load it with transformers' AutoModelFor...from_pretrained)")
     return 0
