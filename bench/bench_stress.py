@@ -62,7 +62,7 @@ def worker(core_cases, swap_cases, repetitions: int) -> list[dict]:
 def _cases_once(core_cases, swap_cases) -> dict:
     import copy
 
-    import torch.distributed as dist
+    from ltsft_dist import comm
 
     sys.path.insert(0, str(TESTS))
     from scenarios import ds_config_for, tiny_model, working_weight_drift
@@ -71,7 +71,7 @@ def _cases_once(core_cases, swap_cases) -> dict:
 
     from ltsft_dist.recipe import LTSFTRecipe
 
-    world_size, out = dist.get_world_size(), {}
+    world_size, out = comm.world_size(), {}
     for name in core_cases:
         cfg, examples, accumulation = CASES[name]
         cfg = copy.deepcopy(cfg)
@@ -79,9 +79,8 @@ def _cases_once(core_cases, swap_cases) -> dict:
         model = tiny_model(cfg.kind)
         recipe = LTSFTRecipe(model, examples, cfg, ds_config_for(cfg, world_size), show_progress=False)
         sft = recipe.run()
-        diffs = [sft.diffs if sft is not None else None]
-        dist.broadcast_object_list(diffs, src=0)
-        drift = working_weight_drift(model, dict(tiny_model(cfg.kind).named_parameters()), diffs[0],
+        diffs = comm.broadcast_object(sft.diffs if sft is not None else None)
+        drift = working_weight_drift(model, dict(tiny_model(cfg.kind).named_parameters()), diffs,
                                      recipe.eligibility.roles)
         out[name] = {"drift_elements": _frozen_drift_details(recipe), "padding": _nonzero_padding(recipe)}
         if sft is not None:

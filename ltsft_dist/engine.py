@@ -61,8 +61,9 @@ def init_distributed() -> None:
 
     sys.exit, sys.excepthook = recording_exit, recording_excepthook
     atexit.register(lambda: leave_cleanly() if _outcome["status"] == 0 else None)
-    _peers[:] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(_peers, (socket.gethostname(), os.getpid()))
+    from ltsft_dist import comm
+
+    _peers[:] = comm.all_gather_object((socket.gethostname(), os.getpid()))
     if env.rank == 0:  # the pids let a launcher's "PID n ... KILLED" be read as a rank
         pids = " ".join(f"{rank}={pid}" for rank, (_, pid) in enumerate(_peers))
         print(f"ltsft: {env.describe()}\nltsft: process ids by rank: {pids}", file=sys.stderr, flush=True)

@@ -173,10 +173,14 @@ def _damaged_checkpoints(configs: dict) -> dict:
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def damaged():
+def launch_damaged():
     configs = {name: task_config("zero2.json", checkpoint_every=2) for name in ("corrupt", "full")}
     return run_ranks(_damaged_checkpoints, 2, configs)[0]
+
+
+@pytest.fixture(scope="session")
+def damaged(launches):
+    return functools.partial(launches, launch_damaged)
 
 
 def _assert_same_sft(got: dict, want: dict):
@@ -187,7 +191,7 @@ def _assert_same_sft(got: dict, want: dict):
         assert torch.equal(got["heads"][name], value), name
 
 
-def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one_and_says_so():
+def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one_and_says_so(damaged, uninterrupted):
     got, said, error = damaged()["fallback"]
     assert error is None, error
     assert "checkpoint" in said and "round1-phase2-step0000004 is damaged" in said, said
@@ -195,13 +199,13 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one_and_says_s
     _assert_same_sft(got, uninterrupted()["z2"])  # resumed from phase 2 step 2: the same φ, bit for bit
 
 
-def test_no_intact_checkpoint_left_is_a_clear_error():
+def test_no_intact_checkpoint_left_is_a_clear_error(damaged):
     said, error = damaged()["none_left"]
     assert error is not None and "no intact checkpoint left in" in error, error
     assert "does not match its SHA-256 (corrupted)" in error and "resume: false" in error, error
 
 
-def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint():
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(damaged, uninterrupted):
     error, (latest, names), intact, got, said, resume_error = damaged()["disk_full"]
     assert error is not None and "could not write checkpoint" in error, error
     assert ".round1-phase2-step0000002.tmp" in error and "No space left on device" in error, error

@@ -154,18 +154,22 @@ def _audit_cases():
             ("language-z3", language, mlm_examples())]
 
 
-@functools.lru_cache(maxsize=None)
-def _audited(world_size: int) -> dict:
+def launch_audited(world_size: int) -> dict:
     return run_ranks(audited_runs, world_size, _audit_cases(), world_size)[0]
 
 
+@pytest.fixture(scope="session")
+def audited(launches):
+    return functools.partial(launches, launch_audited)
+
+
 @pytest.mark.parametrize("case", ["classification-z2", "language-z3"])
-def test_training_run_audit(case):
+def test_training_run_audit(case, audited):
     """Two ranks train (phase 1, selection, phase 2, held-out loss, a checkpoint): every model input came through
     devices.to_device onto the engine's device, every collective of ours through comm on a device the backend
     serves, object collectives carried CPU tensors only, θ⁰ and the mask live on the shard's device, and the SFT
     is on the CPU with exactly K entries."""
-    r = _audited(2)[case]
+    r = audited(2)[case]
     assert r["violations"] == [] and r["misplaced"] == []
     assert r["forwards"] > 0 and r["nnz"] == r["k"] and r["sft_devices"] == ["cpu"]
     callers = {caller for caller, _ in r["ours"]}
