@@ -107,3 +107,14 @@ def test_pipeline_config_errors(tmp_path):
     config.write_text(yaml.safe_dump(data))
     with pytest.raises(LtsftError, match="task_sft: phase1.lr: expected float"):
         load_pipeline(config)
+
+
+def test_the_demo_command_writes_its_data_and_plans_every_stage(tmp_path, capsys):
+    """`ltsft demo` (the README's first command) reaches the pipeline: --dry-run plans it without running it."""
+    from ltsft_dist.cli import main
+
+    assert main(["demo", "--dry-run", "--output-dir", str(tmp_path / "demo")]) == 0
+    plan = capsys.readouterr().out
+    for stage in ("base", "lang:en", "lang:de", "lang:es", "task", "eval"):
+        assert stage in plan, plan
+    assert (tmp_path / "demo" / "data" / "nli_test.es.tsv").is_file()
