@@ -30,6 +30,7 @@ import bench_swap  # noqa: E402
 import bench_theta0  # noqa: E402
 import bench_topk  # noqa: E402
 from _common import status  # noqa: E402
+from ltsft_dist.files import write_text  # noqa: E402
 
 # Run order = cheapest first. Each module has KEYS, run(quick) -> {key: result} and lines(results) -> summary.
 MODULES = (bench_theta0, bench_topk, bench_step, bench_swap, bench_e2e, bench_scaling, bench_adapters, bench_stress)
@@ -53,12 +54,6 @@ def machine() -> dict:
         except Exception as err:  # report, don't fail: the benchmark itself will say what is missing
             info[mod] = f"unavailable ({type(err).__name__})"
     return info
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def previous_results(out: Path) -> dict:
@@ -152,8 +147,8 @@ def main(argv=None) -> int:
                 results["artefacts"].extend(p.name for p in module.write_artefacts(results, out))
             except Exception:
                 results["errors"][f"{name} (artefacts)"] = traceback.format_exc()
-    write_atomic(out, json.dumps(results, indent=1) + "\n")
-    write_atomic(out.with_suffix(".md"), markdown(results))
+    write_text(out, json.dumps(results, indent=1) + "\n")
+    write_text(out.with_suffix(".md"), markdown(results))
     print()
     print("\n".join(summary_lines(results)))
     print(f"\nwrote {out} and {out.with_suffix('.md')} in {results['wall_seconds']:.0f} s")

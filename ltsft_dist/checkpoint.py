@@ -30,6 +30,7 @@ import torch
 from ltsft_dist import comm
 from ltsft_dist.devices import move
 from ltsft_dist.errors import LtsftError
+from ltsft_dist.files import write_text
 
 KEEP = 2  # complete checkpoints kept; older ones are deleted after a newer one is complete
 MANIFEST = "manifest.json"
@@ -44,9 +45,7 @@ class Progress:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2))
 
 
 def save(root: Path, progress: Progress, engine, rank: int, world_size: int, stage: int, rank_state: dict,
@@ -80,8 +79,7 @@ def save(root: Path, progress: Progress, engine, rank: int, world_size: int, sta
             final = root / tag
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            (root / "latest.tmp").write_text(tag)
-            os.replace(root / "latest.tmp", root / "latest")
+            write_text(root / "latest", tag)
         for old in _complete(root)[KEEP:]:
             shutil.rmtree(old, ignore_errors=True)
     comm.barrier()

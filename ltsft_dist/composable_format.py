@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from ltsft_dist.errors import LtsftError
-from ltsft_dist.sft import SFTMetadata, SparseFineTuning, write_atomically
+from ltsft_dist.files import write_atomically
+from ltsft_dist.sft import SFTMetadata, SparseFineTuning
 
 SFT_FILE_NAME = "pytorch_diff.bin"
 # composable-sft reads only 'diffs' and 'abs'; our metadata rides along in this extra key (a JSON string).

@@ -19,7 +19,8 @@ from ltsft_dist import comm
 from ltsft_dist.devices import inference_device, to_device
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.naming import body_prefix
-from ltsft_dist.sft import SparseFineTuning, base_fingerprint, write_atomically
+from ltsft_dist.files import write_atomically
+from ltsft_dist.sft import SparseFineTuning, base_fingerprint
 from ltsft_dist.tasks import FORMAT_NAMES, Encoding, Task, format_problem, get_task, task_names
 from ltsft_dist.tasks.qa import QA_METRICS
 

@@ -21,6 +21,7 @@ import yaml
 from ltsft_dist.config import SourceConfig, TrainConfig, beside, from_dict, read_mapping, resolve_train_paths, to_dict
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.evaluation import EvalConfig
+from ltsft_dist.files import write_text
 from ltsft_dist.tasks import get_task
 
 DONE = "DONE"  # written last into a stage directory: the stage finished
@@ -203,9 +204,7 @@ def stage_argv(stage: Stage) -> list[str]:
     a = stage.config
     if stage.name != "eval":
         path = stage.directory / "config.yaml"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump(a, sort_keys=False))
-        tmp.replace(path)
+        write_text(path, yaml.safe_dump(a, sort_keys=False))
         return ["train", str(path)]
     argv = ["eval", "--base", a["base"], "--task-sft", a["task_sft"], "--task", a["task"],
             "--out", str(stage.directory), "--max-seq-length", str(a["max_seq_length"]), "--stride", str(a["stride"]),
@@ -233,7 +232,8 @@ def run_stage_here(config: PipelineConfig, stage: Stage, rank: int) -> int:
         return _evaluate_stage(stage)
     from ltsft_dist.training import EXIT_REQUEUE, train
 
-    stage_argv(stage)  # the stage's config, written beside its outputs as a record
+    if rank == 0:
+        stage_argv(stage)  # the stage's config, written beside its outputs as a record
     result = train(_train_config(stage.config, f"stage {stage.name}"))
     return EXIT_REQUEUE if result.preempted is not None else 0
 
@@ -255,9 +255,7 @@ def _evaluate_stage(stage: Stage) -> int:
 
 
 def mark_done(stage: Stage) -> None:
-    tmp = stage.directory / (DONE + ".tmp")
-    tmp.write_text(json.dumps({"stage": stage.name}))
-    tmp.replace(stage.directory / DONE)
+    write_text(stage.directory / DONE, json.dumps({"stage": stage.name}))
 
 
 def describe(stages: list[Stage]) -> str:

@@ -27,6 +27,7 @@ from ltsft_dist.data import Examples, StepOrder
 from ltsft_dist.devices import engine_device, to_device
 from ltsft_dist.engine import build_engine
 from ltsft_dist.errors import LtsftError
+from ltsft_dist.files import write_text
 from ltsft_dist.heldout import HeldOut
 from ltsft_dist.hooks import StepHook
 from ltsft_dist.masking import GradientMask, L1Pull
@@ -464,6 +465,4 @@ class LTSFTRecipe:
     def save_results(self, path: Path) -> None:
         """Strict JSON: the non-finite losses of skipped steps are written as null."""
         losses = {k: [v if math.isfinite(v) else None for v in vs] for k, vs in self.stats.losses.items()}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({**self.stats.__dict__, "losses": losses}, indent=2, allow_nan=False))
-        tmp.replace(path)
+        write_text(path, json.dumps({**self.stats.__dict__, "losses": losses}, indent=2, allow_nan=False))

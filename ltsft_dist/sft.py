@@ -12,19 +12,18 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import uuid
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import safetensors
 import safetensors.torch
 import torch
 
 from ltsft_dist.errors import LtsftError
+from ltsft_dist.files import write_atomically
 from ltsft_dist.naming import body_prefix, module_type_and_layer
 
 FORMAT_VERSION = 1
@@ -359,24 +358,6 @@ def _swap_head(param: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- files
-
-
-def write_atomically(writers: dict[Path, Callable[[Path], None]]) -> None:
-    """Write every file to a temp file beside it, then move all into place; on error nothing is replaced."""
-    temps = {}
-    try:
-        for target, write in writers.items():
-            fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-            os.close(fd)
-            temps[target] = Path(temp)
-            write(temps[target])
-            with open(temp, "rb+") as f:
-                os.fsync(f.fileno())
-        for target, temp in temps.items():
-            os.replace(temp, target)
-    finally:
-        for temp in temps.values():
-            temp.unlink(missing_ok=True)
 
 
 def _resolve(dir_or_hub_id, hub_kwargs: dict) -> Path:

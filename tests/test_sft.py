@@ -13,7 +13,7 @@ import torch
 from sfts import (assert_bit_identical, assert_same_sft, bits, metadata, random_sft, small_sft, snapshot,
                   tiny_classifier, tiny_mlm)
 
-import ltsft_dist.sft as sft_module
+import ltsft_dist.files as files_module
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.sft import (
     CONFIG_NAME,
@@ -84,7 +84,7 @@ def test_save_interrupted_between_the_two_files_is_detected_on_load(tmp_path, mo
             raise KeyboardInterrupt
         real_replace(src, dst)
 
-    monkeypatch.setattr(sft_module.os, "replace", crash_on_second)
+    monkeypatch.setattr(files_module.os, "replace", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         random_sft(model, seed=2).save_pretrained(tmp_path)
     monkeypatch.undo()
