@@ -25,6 +25,8 @@ index), so `gather_object` / `all_gather_object` move every tensor in the object
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 
@@ -46,12 +48,16 @@ def world_size() -> int:
 def backend_devices(config: str | None = None) -> dict[str, str]:
     """{device type: backend} of a backend configuration string such as torch's `get_backend_config()` gives
     ("cuda:nccl", "cpu:gloo,cuda:gloo", "cpu:gloo,cuda:nccl"); a bare backend name is expanded as torch does."""
-    if config is None:
-        config = dist.get_backend_config()
+    return dict(_parse_backend_config(dist.get_backend_config() if config is None else config))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_backend_config(config: str) -> tuple[tuple[str, str], ...]:
+    """Parsed once per configuration string: `all_reduce` asks on every call."""
     if ":" not in config:
         config = str(dist.BackendConfig(dist.Backend(config)))
     pairs = (part.split(":", 1) for part in config.split(",") if part.strip())
-    return {device.strip(): backend.strip() for device, backend in pairs}
+    return tuple((device.strip(), backend.strip()) for device, backend in pairs)
 
 
 def collective_device(device: torch.device, backends: dict[str, str]) -> torch.device:
