@@ -334,7 +334,10 @@ def markdown_table(results: dict) -> str:
         lines += ["", "Averages over the languages each setting ran on: "
                   + ", ".join(f"{SETTING_TITLES[s]} {n}" for s, n in counts.items()) + "."]
     title = f"Zero-shot {results['task'].upper()} ({results['metric']}), task SFT {results['task_sft']}"
-    return f"{title}\n\n" + "\n".join(lines) + "\n"
+    from ltsft_dist.report import gains_table  # (it imports this module)
+
+    gains = gains_table(results)
+    return f"{title}\n\n" + "\n".join(lines) + "\n" + (f"\n{gains}" if gains else "")
 
 
 def write_results(results: dict, out_dir) -> None:

@@ -236,7 +236,8 @@ def test_nli_accuracy_equals_a_hand_made_evaluation(world, tmp_path):
                 logits = torch.cat([model(**{k: v[b:b + 8] for k, v in examples.items() if k != "labels"}).logits
                                     for b in range(0, 30, 8)])
             expected = 100.0 * accuracy(logits, examples["labels"])
-            assert results["languages"][lang][setting] == {"accuracy": expected, "examples": 30}
+            correct = (logits.argmax(-1) == examples["labels"]).int().tolist()
+            assert results["languages"][lang][setting] == {"accuracy": expected, "examples": 30, "correct": correct}
     assert results["languages"]["de"]["task+lang"] != results["languages"]["de"]["task-only"]
 
 
@@ -426,7 +427,7 @@ def test_one_typed_eval_config_for_ltsft_eval_and_the_pipeline(tmp_path):
         load_eval_config(tmp_path / "eval.yaml")
     path = write_demo(tmp_path / "demo")
     evaluation = load_pipeline(path).evaluation
-    assert type(evaluation) is EvalConfig and evaluation.max_seq_length == 40  # as the demo config sets it
+    assert type(evaluation) is EvalConfig and evaluation.max_seq_length == 32  # as the demo config sets it
     assert evaluation.stride == EvalConfig().stride == EvalOptions().stride == 128  # unset: the one default
     data = yaml.safe_load(path.read_text())
     data["evaluation"]["task_sft"] = "elsewhere"

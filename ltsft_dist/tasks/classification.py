@@ -12,6 +12,7 @@ from ltsft_dist.data import Examples
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.tasks._io import read_jsonl, require_keys
 from ltsft_dist.tasks.base import Encoded, Encoding, Format, Task, register_task
+from ltsft_dist.tasks.metrics import accuracy_scores
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Classification(Task):
         "jsonl": Format(lambda s: read_classification(s.train_file), suffixes=(".jsonl",)),
     }
     labelled = True
+    metrics = ("accuracy",)
 
     def texts(self, records: list[LabelledText]) -> list[str]:
         return [r.text + " " + (r.text_pair or "") for r in records]
@@ -61,3 +63,6 @@ class Classification(Task):
         tensors = {name: enc[name] for name in tokenizer.model_input_names if name in enc}
         tensors["labels"] = torch.tensor([index[r.label] for r in records])
         return Encoded(Examples(tensors), records)
+
+    def score(self, encoded: Encoded, outputs: list[torch.Tensor], language: str, options) -> dict:
+        return accuracy_scores(outputs[0], encoded.examples.tensors["labels"])

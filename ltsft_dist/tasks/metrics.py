@@ -112,6 +112,14 @@ def accuracy(predictions, labels) -> float:
     return (predictions == labels).float().mean().item()
 
 
+def accuracy_scores(logits, labels) -> dict:
+    """A classifier's scores: accuracy in percent, the number of examples and each example's 0/1 correctness
+    (`correct`, what the paired bootstrap of `ltsft_dist.report` resamples)."""
+    predictions, labels = torch.as_tensor(logits).argmax(-1), torch.as_tensor(labels)
+    return {"accuracy": 100.0 * accuracy(predictions, labels), "examples": labels.numel(),
+            "correct": (predictions == labels).int().tolist()}
+
+
 def token_accuracy(gold: list[list[str]], predicted: list[list[str]]) -> float:
     """Per-word accuracy (POS), over the words that have a prediction."""
     pairs = [(g, p) for gs, ps in zip(gold, predicted) for g, p in zip(gs, ps)]

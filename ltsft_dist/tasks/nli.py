@@ -19,7 +19,7 @@ from ltsft_dist.data import Examples
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.tasks._io import load_hf_dataset, read_jsonl, read_tsv, require_keys
 from ltsft_dist.tasks.base import Encoded, Encoding, Format, Task, register_task
-from ltsft_dist.tasks.metrics import accuracy
+from ltsft_dist.tasks.metrics import accuracy_scores
 
 log = logging.getLogger(__name__)
 
@@ -223,5 +223,4 @@ class NLI(Task):
         return Encoded(encode_nli(tokenizer, records, encoding.max_seq_length), records)
 
     def score(self, encoded: Encoded, outputs: list[torch.Tensor], language: str, options) -> dict:
-        return {"accuracy": 100.0 * accuracy(outputs[0], encoded.examples.tensors["labels"]),
-                "examples": len(encoded.records)}
+        return accuracy_scores(outputs[0], encoded.examples.tensors["labels"])
