@@ -80,3 +80,100 @@ def nli_examples(language: str, n: int, seed: int = 0) -> list[tuple[str, str, s
         hypothesis = f"{core} {time} ." if label == "neutral" else f"{core} ."
         out.append((premise, hypothesis, label))
     return out
+
+
+# ------------------------------------------------------------------------ generated languages (`ltsft demo`)
+# One grammar, realised as languages that share no surface form: each concept becomes a pseudo-word in the
+# language's own script, so a language the base never saw starts from embedding rows it never trained, as
+# AmericasNLI's languages do for XLM-R. Everything below is drawn from one seed (`ltsft demo --seed N`).
+
+SCRIPTS = {  # (consonants, vowels): disjoint alphabets, so no token is shared between two languages
+    "src1": ("bdfgklmnprstvz", "aeiou"),
+    "src2": ("βγδζθκλμνξπρστφχ", "αεηιουω"),
+    "tgt": ("бвгджзклмнпрстфхцчш", "аеиоуыэюя"),
+}
+CLASSES = ("animal", "tool", "food")  # the task's labels: the class of the object noun
+_PLACES, _TIMES, _GENERAL_VERBS, _GENERAL_ADJECTIVES, _NAMES_PER_GENDER, _NOUNS_PER_CLASS = 6, 4, 4, 4, 8, 12
+_VERBS_PER_CLASS, _ADJECTIVES_PER_CLASS = 3, 3
+
+
+def _concepts() -> list[str]:
+    """Every word of the grammar, as a concept id (one pseudo-word per concept and language)."""
+    words = [f"name.{g}{i}" for g in "mf" for i in range(_NAMES_PER_GENDER)]
+    words += ["pron.m", "pron.f", "pron.pl", "art.sg", "art.pl", "and"]
+    words += [f"noun.{c}{i}.{n}" for c in CLASSES for i in range(_NOUNS_PER_CLASS) for n in ("sg", "pl")]
+    verbs = [f"{c}{i}" for c in CLASSES for i in range(_VERBS_PER_CLASS)] + [f"any{i}" for i in range(_GENERAL_VERBS)]
+    words += [f"verb.{v}.{n}" for v in verbs for n in ("sg", "pl")]
+    words += [f"adj.{c}{i}" for c in CLASSES for i in range(_ADJECTIVES_PER_CLASS)]
+    words += [f"adj.any{i}" for i in range(_GENERAL_ADJECTIVES)]
+    return words + [f"place{i}" for i in range(_PLACES)] + [f"time{i}" for i in range(_TIMES)]
+
+
+def lexicon(language: str, seed: int = 0) -> dict[str, str]:
+    """Concept id -> this language's pseudo-word (2-3 syllables of its script, all distinct)."""
+    if language not in SCRIPTS:
+        raise ValueError(f"no generated language {language!r}; available: {', '.join(SCRIPTS)}")
+    consonants, vowels = SCRIPTS[language]
+    rng = random.Random(f"{seed}/{language}")
+    words: dict[str, str] = {}
+    taken: set[str] = set()
+    for concept in _concepts():
+        word = ""
+        while not word or word in taken:
+            word = "".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(rng.choice((2, 2, 3))))
+        taken.add(word)
+        words[concept] = word
+    return words
+
+
+def _clause(rng: random.Random, label: str, pronoun: str | None = None) -> tuple[list[str], str]:
+    """(concepts of a subject-verb-object clause whose object is of class `label`, the subject's pronoun);
+    the subject is `pronoun` when given, else a name or a pronoun."""
+    if pronoun is None and rng.random() < 0.7:
+        gender = rng.choice("mf")
+        subject, pronoun = f"name.{gender}{rng.randrange(_NAMES_PER_GENDER)}", f"pron.{gender}"
+    else:
+        pronoun = pronoun or rng.choice(("pron.m", "pron.f", "pron.pl"))
+        subject = pronoun
+    number = "pl" if pronoun == "pron.pl" else "sg"  # the verb agrees with its subject
+    verb = (f"{label}{rng.randrange(_VERBS_PER_CLASS)}" if rng.random() < 0.4
+            else f"any{rng.randrange(_GENERAL_VERBS)}")  # some verbs take one class of object only
+    obj_number = rng.choice(("sg", "pl"))
+    words = [subject, f"verb.{verb}.{number}", f"art.{obj_number}"]
+    roll = rng.random()
+    if roll < 0.3:
+        words.append(f"adj.{label}{rng.randrange(_ADJECTIVES_PER_CLASS)}")
+    elif roll < 0.6:
+        words.append(f"adj.any{rng.randrange(_GENERAL_ADJECTIVES)}")
+    words.append(f"noun.{label}{rng.randrange(_NOUNS_PER_CLASS)}.{obj_number}")
+    return words, pronoun
+
+
+def _sentence(rng: random.Random, label: str, second_clause: bool) -> list[str]:
+    words, pronoun = _clause(rng, label)
+    if rng.random() < 0.5:
+        words.append(f"place{rng.randrange(_PLACES)}")
+    if rng.random() < 0.5:
+        words.append(f"time{rng.randrange(_TIMES)}")
+    if second_clause and rng.random() < 0.3:  # "and he/she/they ...": pronouns agree with the first subject
+        words += ["and", *_clause(rng, rng.choice(CLASSES), pronoun)[0]]
+    return words
+
+
+def generated_text(language: str, n: int, seed: int = 0, stream: str = "text") -> list[str]:
+    """`n` sentences of running text (one or two clauses) in a generated language."""
+    words, rng = lexicon(language, seed), random.Random(f"{seed}/{stream}/{language}")
+    return [" ".join(words[c] for c in _sentence(rng, rng.choice(CLASSES), True)) for _ in range(n)]
+
+
+def object_class_examples(language: str, n: int, seed: int = 0, stream: str = "task") -> list[tuple[str, str]]:
+    """`n` (sentence, label) pairs: one-clause sentences labelled with the class of their object noun, which
+    only content words tell (the noun, and some verbs and adjectives); the labels are balanced and no sentence
+    length or function word depends on them."""
+    words, rng = lexicon(language, seed), random.Random(f"{seed}/{stream}/{language}")
+    out = []
+    for i in range(n):
+        label = CLASSES[i % len(CLASSES)]
+        out.append((" ".join(words[c] for c in _sentence(rng, label, False)), label))
+    rng.shuffle(out)
+    return out

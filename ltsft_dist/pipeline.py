@@ -36,7 +36,12 @@ class BaseConfig:
         "help": "or: config values of a tiny model; its tokenizer is trained on the languages' text"})
     architecture: str = field(default="bert", metadata={"help": "for `tiny`: bert | xlm-roberta"})
     pretrain_steps: int = field(default=0, metadata={
-        "help": "tiny only: dense MLM steps on all languages' text, a stand-in for a pretrained base"})
+        "help": "tiny only: dense MLM steps on the languages' text, a stand-in for a pretrained base; each step "
+                "trains on one language and predicts its masked words among that language's own tokens"})
+    pretrain_languages: list[str] | None = field(default=None, metadata={
+        "help": "tiny only: the languages pretrained on (default: all); the others are unseen by the base, their "
+                "embedding rows stay as initialised (as a language XLM-R never saw)"})
+    pretrain_batch_size: int = field(default=32, metadata={"help": "tiny only: sentences per pretraining step"})
     pretrain_lr: float = field(default=1e-3, metadata={"help": "tiny only: learning rate of pretrain_steps"})
     seed: int = field(default=0, metadata={"help": "tiny only: seed of its initialisation and pretraining"})
 
@@ -268,8 +273,10 @@ def describe(stages: list[Stage]) -> str:
 
 
 def build_base(config: PipelineConfig, stage: Stage) -> None:
-    """The tiny base: tokenizer and model from the languages' text, optionally pretrained (dense MLM) on it so
-    that the languages share a model as a multilingual pretrained base would."""
+    """The tiny base: tokenizer and model from the languages' text, optionally pretrained (dense MLM) on some of
+    them so that they share a model as a multilingual pretrained base would. A language's masked words are
+    scored among its own tokens only, and random replacements stay inside it, so the rows of a language left
+    out of pretraining get no gradient at all (with tied embeddings, a full softmax would push them around)."""
     import torch
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
@@ -279,22 +286,42 @@ def build_base(config: PipelineConfig, stage: Stage) -> None:
     from ltsft_dist.tasks.mlm import encode_text
     from ltsft_dist.training_data import read_source
 
-    texts = [t for source in config.languages.values() for t in read_source(source, "mlm").records]
     b = config.base
+    pretrained = b.pretrain_languages or list(config.languages)
+    unknown = sorted(set(pretrained) - set(config.languages))
+    if unknown:
+        raise LtsftError(f"base.pretrain_languages: {unknown} are not in `languages` ({', '.join(config.languages)})"
+                         "; list languages whose text the pipeline has")
+    texts = {lang: read_source(source, "mlm").records for lang, source in config.languages.items()}
     model_dir = stage.directory / "model"
-    save_tiny_base(model_dir, ModelConfig(tiny=b.tiny, architecture=b.architecture), texts, seed=b.seed)
-    if b.pretrain_steps:
-        from tqdm import tqdm
+    save_tiny_base(model_dir, ModelConfig(tiny=b.tiny, architecture=b.architecture),
+                   [t for lines in texts.values() for t in lines], seed=b.seed)
+    if not b.pretrain_steps:
+        return
+    from tqdm import tqdm
 
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        model = AutoModelForMaskedLM.from_pretrained(str(model_dir))
-        examples = encode_text(tokenizer, texts, min(64, int(b.tiny.get("max_position_embeddings", 64)))).examples
-        order = StepOrder(examples, 32, 32, 0, 1, b.seed)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=b.pretrain_lr)
-        model.train()
-        for step in tqdm(range(b.pretrain_steps), desc="pretraining the tiny base"):
-            loss = model(**order.batch_at(step, 0)).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        model.save_pretrained(str(model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    torch.manual_seed(b.seed)
+    model = AutoModelForMaskedLM.from_pretrained(str(model_dir))
+    longest = max(len(ids) for lang in pretrained for ids in tokenizer(texts[lang])["input_ids"])
+    max_len = min(longest, int(b.tiny.get("max_position_embeddings", 64)))
+    orders, own = {}, {}
+    for i, lang in enumerate(pretrained):
+        examples = encode_text(tokenizer, texts[lang], max_len).examples
+        own[lang] = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+        own[lang][examples.tensors["input_ids"].unique()] = True
+        own[lang][tokenizer.mask_token_id] = True
+        orders[lang] = StepOrder(examples, b.pretrain_batch_size, b.pretrain_batch_size, 0, 1, b.seed * 1000 + i)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=b.pretrain_lr, weight_decay=0.0)  # unseen rows stay put
+    model.train()
+    for step in tqdm(range(b.pretrain_steps), desc="pretraining the tiny base"):
+        lang = pretrained[step % len(pretrained)]
+        batch = orders[lang].batch_at(step // len(pretrained), 0)
+        labels = batch.pop("labels")
+        batch["input_ids"] = batch["input_ids"].masked_fill(~own[lang][batch["input_ids"]], tokenizer.mask_token_id)
+        logits = model(**batch).logits.masked_fill(~own[lang], float("-inf"))
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(str(model_dir))

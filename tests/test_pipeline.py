@@ -40,17 +40,17 @@ def finished(tmp_path_factory):
 def test_the_stages_run_in_order_and_write_the_table(finished):
     config, result = finished
     stages = plan(load_pipeline(config))
-    assert [s.name for s in stages] == ["base", "lang:en", "lang:de", "task", "eval"]
+    assert [s.name for s in stages] == ["base", "lang:src1", "lang:src2", "task", "eval"]
     assert all(s.done for s in stages)
     starts = [result.stdout.index(f"== stage {s.name}:") for s in stages]
     assert starts == sorted(starts)
     root = config.parent
     table = (root / "results.md").read_text()
-    assert "| en | 40 |" in table and "| de | 40 |" in table and "TA-only" in table
+    assert "| src1 | 40 |" in table and "| src2 | 40 |" in table and "TA-only" in table
     assert f"results: {root / 'results.md'}" in result.stdout
     task = SparseFineTuning.from_pretrained(stages[3].directory / "sft")
-    assert task.metadata.training_config["language_sfts"] == {"en": str(stages[1].directory / "sft"),
-                                                               "de": str(stages[2].directory / "sft")}
+    assert task.metadata.training_config["language_sfts"] == {"src1": str(stages[1].directory / "sft"),
+                                                               "src2": str(stages[2].directory / "sft")}
 
 
 def test_a_rerun_skips_finished_stages_and_a_change_reruns_what_depends_on_it(finished):
@@ -67,7 +67,7 @@ def test_a_rerun_skips_finished_stages_and_a_change_reruns_what_depends_on_it(fi
     changed.write_text(yaml.safe_dump(data, sort_keys=False))
     dry = pipeline(changed, "--dry-run")
     after = {s.name: s for s in plan(load_pipeline(changed))}
-    assert [n for n, s in after.items() if s.directory == before[n][0]] == ["base", "lang:en", "lang:de"]
+    assert [n for n, s in after.items() if s.directory == before[n][0]] == ["base", "lang:src1", "lang:src2"]
     assert not after["task"].done and "to run" in dry.stdout
     assert not after["task"].directory.exists()  # --dry-run runs nothing
 
@@ -115,6 +115,6 @@ def test_the_demo_command_writes_its_data_and_plans_every_stage(tmp_path, capsys
 
     assert main(["demo", "--dry-run", "--output-dir", str(tmp_path / "demo")]) == 0
     plan = capsys.readouterr().out
-    for stage in ("base", "lang:en", "lang:de", "lang:es", "task", "eval"):
+    for stage in ("base", "lang:src1", "lang:src2", "lang:tgt", "task", "eval"):
         assert stage in plan, plan
-    assert (tmp_path / "demo" / "data" / "nli_test.es.tsv").is_file()
+    assert (tmp_path / "demo" / "data" / "task_test.tgt.jsonl").is_file()
