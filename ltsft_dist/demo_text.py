@@ -1,7 +1,7 @@
-"""A small multilingual corpus written for this project, generated from a parallel lexicon.
+"""Text written for this project, generated offline.
 
-It lets the embedded demo and the tests train on real-looking text in several languages with no
-download: the same sentence skeletons in English, German and Spanish.
+A small parallel lexicon gives the tests real-looking sentences in English, German and Spanish; the generated
+languages below (one grammar, disjoint scripts) are the embedded demo's data.
 """
 
 from __future__ import annotations
@@ -57,28 +57,6 @@ def sentences(language: str, n: int, seed: int = 0) -> list[str]:
             subject = NAMES[rng.randrange(len(NAMES))]
         out.append(f"{subject} {lex['verbs'][verb]} {art} {lex['nouns'][b]} {lex['places'][place]} "
                    f"{lex['times'][time]} .")
-    return out
-
-
-NLI_LABELS = ("entailment", "neutral", "contradiction")
-
-
-def nli_examples(language: str, n: int, seed: int = 0) -> list[tuple[str, str, str]]:
-    """`n` (premise, hypothesis, label) triples, parallel across languages for the same seed. People are named
-    (names are shared across languages, as in real text); the hypothesis drops the place (entailment), adds a
-    time the premise does not give (neutral) or names someone else (contradiction)."""
-    if language not in LEXICON:
-        raise ValueError(f"no demo text for {language!r}; available: {', '.join(LANGUAGES)}")
-    lex, rng = LEXICON[language], random.Random(seed)
-    out = []
-    for _ in range(n):
-        a, b, other = rng.sample(NAMES, 3)
-        verb, place, time = rng.choice(lex["verbs"]), rng.choice(lex["places"]), rng.choice(lex["times"])
-        label = NLI_LABELS[rng.randrange(3)]
-        premise = f"{a} {verb} {b} {place} ."
-        core = f"{a} {verb} {other if label == 'contradiction' else b}"
-        hypothesis = f"{core} {time} ." if label == "neutral" else f"{core} ."
-        out.append((premise, hypothesis, label))
     return out
 
 
