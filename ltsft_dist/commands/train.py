@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ltsft_dist.errors import LtsftError
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -29,6 +31,7 @@ def train_command(args: argparse.Namespace) -> int:
     if not args.config:
         raise SystemExit("ltsft train: give a CONFIG file (or --help-config)")
     config = load_config(args.config, args.overrides)  # validated before any process group or model exists
+    preflight_config(config, args.config)
 
     from ltsft_dist.training import EXIT_REQUEUE, train
 
@@ -48,3 +51,16 @@ def train_command(args: argparse.Namespace) -> int:
         print(f"TensorBoard logs in {out / 'tensorboard'}  (view: tensorboard --logdir {out / 'tensorboard'})")
     return 0
 
+
+
+def preflight_config(config, path: str) -> None:
+    """The config's own problems at the launcher's world size, named by its file, before DeepSpeed is imported
+    (the run repeats them with the environment's and the run directory's in `preflight.before_training`)."""
+    from ltsft_dist import preflight
+    from ltsft_dist.launch_env import discover
+
+    try:
+        world = discover(use_mpi4py=False).world_size
+    except LtsftError:  # ranks only mpi4py can tell: the run's own preflight has the world size
+        return
+    preflight.require(preflight.check_training(config, world, path))
