@@ -209,6 +209,18 @@ def test_rendezvous_and_collective_timeouts_are_bounded_and_set_separately():
                 read({var: bad})
 
 
+def test_sbatch_scripts_request_a_gpu_per_rank_by_default_and_say_how_to_run_on_cpus():
+    scripts = sorted((REPO / "slurm").glob("*.sbatch"))
+    assert len(scripts) == 5
+    for script in scripts:
+        text = script.read_text()
+        options = dict(line.split()[1].lstrip("-").partition("=")[::2] for line in text.splitlines()
+                       if line.startswith("#SBATCH "))
+        assert options.get("gres") == f"gpu:{options['ntasks-per-node']}", script.name
+        assert "sbatch --gres=none" in text and "SBATCH_GRES=none" in text, script.name
+    assert "SBATCH_GRES=none" in (REPO / "slurm" / "pipeline.sh").read_text()
+
+
 # --------------------------------------------------------------------------------------------- real processes
 
 def clean_env(**extra: str) -> dict:
