@@ -226,6 +226,23 @@ def test_check_lists_every_stage_problem_once_and_exits_1(tmp_path, capsys):
     assert "preflight found 2 problems" in capsys.readouterr().err and not (tmp_path / "runs").exists()
 
 
+def test_a_stage_under_a_launcher_is_checked_alone_at_the_launchers_world_size(tmp_path, monkeypatch, capsys):
+    config = yaml.safe_load((CONFIGS / "paper_qa_xquad.yaml").read_text())
+    config["ranks"] = 1
+    path = tmp_path / "qa.yaml"
+    path.write_text(yaml.safe_dump(config))
+    for var in [v for v in os.environ if v.startswith(("SLURM_", "OMPI_", "PMI_"))]:
+        monkeypatch.delenv(var)
+    for var, value in dict(RANK="0", WORLD_SIZE="8", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT="29999").items():
+        monkeypatch.setenv(var, value)  # as srun/deepspeed would start `--stage` on 8 ranks
+    assert main(["pipeline", "--check", str(path), "--stage", "lang:de"]) == 1
+    err = capsys.readouterr().err
+    assert "language_sft.micro_batch_size: batch_size=8 is not a multiple of micro_batch_size × ranks = 2 × 8" in err
+    assert "task_sft" not in err  # not this stage's
+    assert main(["pipeline", "--check", str(path), "--stage", "eval"]) == 0  # evaluation: no batch split to check
+
+
 def test_ltsft_train_names_the_config_file_before_starting(tmp_path):
     config = write_tiny_run(tmp_path)
     ds = ds_file(tmp_path, bf16={"enabled": True}, zero_optimization={"stage": 1},

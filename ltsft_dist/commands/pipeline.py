@@ -95,9 +95,10 @@ def _world(config, args) -> tuple[int, int]:
 
 
 def check(stages, config, args) -> list:
-    """The preflight's problems for every stage at the ranks it will run on (`_world`)."""
+    """The preflight's problems for the stages to run (all, or --stage's) at the ranks they run on (`_world`)."""
     ranks, local = _world(config, args)
-    return preflight.check_pipeline(stages, ranks, args.config, local_ranks=local)
+    chosen = [s for s in stages if s.name == args.stage] if args.stage else stages
+    return preflight.check_pipeline(chosen, ranks, args.config, local_ranks=local)
 
 
 def _launch():
