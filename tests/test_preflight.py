@@ -303,3 +303,36 @@ def test_before_training_on_two_ranks_checks_the_shared_run_directory(tmp_path):
         assert left == []
         assert "batch_size=16 is not a multiple of micro_batch_size × ranks = 16 × 2" in result["train"], result
     assert results[0]["not shared"] == results[1]["not shared"]  # every rank stops with the same list
+
+
+def _shards_under_bf16_zero1(grad_accum_dtypes: list) -> dict:
+    """What building ltsft's view of the shards does under bf16 ZeRO-1, per data_types.grad_accum_dtype."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from ltsft_dist.engine import build_engine
+    from ltsft_dist.shards import Shards
+
+    out = {}
+    for accumulate in grad_accum_dtypes:
+        model = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                           intermediate_size=32))
+        ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": 1,
+              "bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}
+        if accumulate:
+            ds["data_types"] = {"grad_accum_dtype": accumulate}
+        try:
+            engine = build_engine(model, ds, 1e-3, 0.0)
+            Shards(engine, model)
+            out[accumulate] = f"ok: {type(engine.optimizer).__name__}"
+        except Exception as err:  # what a run would meet without the preflight
+            out[accumulate] = f"{type(err).__name__}: {err}"
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_what_the_preflight_refuses_under_bf16_zero1_is_what_breaks():
+    """The refusal is needed (DeepSpeed's BF16_Optimizer, unknown to shards.py) and the alternative works."""
+    result = run_ranks(_shards_under_bf16_zero1, 1, ["fp32", None], timeout=600)[0]
+    assert result["fp32"].startswith("AttributeError: 'BF16_Optimizer' object has no attribute"), result
+    assert result[None] == "ok: DeepSpeedZeroOptimizer", result
