@@ -391,6 +391,13 @@ def discover(environ: Mapping[str, str] | None = None, *, use_mpi4py: bool = Tru
                      num_nodes=nodes, master_addr=addr, master_port=port, source=source)
 
 
+def timeouts_help() -> str:
+    """The timeout variables, for the commands' --help."""
+    return (f"environment: {RENDEZVOUS_TIMEOUT_VAR} (default {DEFAULT_RENDEZVOUS_TIMEOUT_S:g} s): how long ranks wait "
+            f"for each other to start; {COLLECTIVE_TIMEOUT_VAR} (default {DEFAULT_COLLECTIVE_TIMEOUT_S:g} s): how long "
+            f"one collective waits for a rank that stopped answering ({LEGACY_TIMEOUT_VAR}: the default of both)")
+
+
 def rendezvous_timeout(environ: Mapping[str, str] | None = None) -> datetime.timedelta:
     """How long a rank waits for the others to join the process group before the job fails with the missing
     ranks named (torch's own default is 30 minutes)."""

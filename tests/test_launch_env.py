@@ -209,6 +209,17 @@ def test_rendezvous_and_collective_timeouts_are_bounded_and_set_separately():
                 read({var: bad})
 
 
+@pytest.mark.parametrize("command", ["train", "pipeline"])
+def test_help_names_both_timeouts(command, capsys):
+    from ltsft_dist.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "LTSFT_RENDEZVOUS_TIMEOUT_S (default 600 s)" in text
+    assert "LTSFT_COLLECTIVE_TIMEOUT_S (default 1800 s)" in text
+
+
 def test_sbatch_scripts_request_a_gpu_per_rank_by_default_and_say_how_to_run_on_cpus():
     scripts = sorted((REPO / "slurm").glob("*.sbatch"))
     assert len(scripts) == 5

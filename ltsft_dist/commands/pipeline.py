@@ -14,6 +14,8 @@ from ltsft_dist.errors import LtsftError
 
 
 def register(subparsers) -> None:
+    from ltsft_dist.launch_env import timeouts_help
+
     p = subparsers.add_parser(
         "pipeline", help="run the whole recipe from one config: language SFTs, task SFT, zero-shot evaluation",
         description="Run every stage of a pipeline config (see ltsft_dist/configs/paper_*.yaml and "
@@ -21,7 +23,8 @@ def register(subparsers) -> None:
                     "Each stage's directory under output_dir is named by a hash of its inputs: finished stages "
                     "are skipped, an interrupted stage resumes from its checkpoints. Started alone, each stage "
                     "runs on `ranks` local processes (the deepspeed launcher); started by a launcher (srun, "
-                    "mpirun, deepspeed) with --stage, that stage runs on the launcher's ranks.")
+                    "mpirun, deepspeed) with --stage, that stage runs on the launcher's ranks.",
+        epilog=timeouts_help())
     p.add_argument("config", nargs="?", metavar="CONFIG", help="pipeline config (YAML); see --help-config")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
     p.add_argument("--dry-run", action="store_true", help="print the stages, their directories and state; run nothing")

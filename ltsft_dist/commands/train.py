@@ -10,10 +10,13 @@ from ltsft_dist.errors import LtsftError
 
 
 def register(subparsers) -> None:
+    from ltsft_dist.launch_env import timeouts_help
+
     p = subparsers.add_parser(
         "train", help="run one LT-SFT (phase 1 -> select -> rewind -> phase 2) from a config file",
         description="Run one LT-SFT from a YAML/JSON config. Start it under a launcher for several ranks, e.g. "
-                    "`deepspeed --num_gpus 2 --module ltsft_dist.cli train CONFIG`; alone it is a 1-rank run.")
+                    "`deepspeed --num_gpus 2 --module ltsft_dist.cli train CONFIG`; alone it is a 1-rank run.",
+        epilog=timeouts_help())
     p.add_argument("config", nargs="?", metavar="CONFIG", help="training config (YAML or JSON); see "
                                                                "ltsft_dist/configs/ and --help-config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
