@@ -199,7 +199,9 @@ def test_paper_pipelines_pass_the_check_at_their_configured_ranks(name, capsys):
     ranks = yaml.safe_load((CONFIGS / name).read_text())["ranks"]
     assert ranks == 4
     assert main(["pipeline", "--check", str(CONFIGS / name)]) == 0
-    assert f"preflight: no problems at {ranks} ranks" in capsys.readouterr().out
+    languages = len(yaml.safe_load((CONFIGS / name).read_text())["languages"])
+    assert f"preflight: no problems at {ranks} ranks ({languages + 1} training stages: batch split" \
+        in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name", PAPER)

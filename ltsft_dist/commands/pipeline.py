@@ -66,7 +66,10 @@ def pipeline_command(args: argparse.Namespace) -> int:
             print(f"preflight: {len(problems)} problem{'s' if len(problems) > 1 else ''}:\n"
                   f"{preflight.describe(problems)}", file=sys.stderr)
             return 1
-        print(f"preflight: no problems at {_world(config, args)[0]} ranks", flush=True)
+        trained = sum(1 for s in stages if s.config is not None and s.name != "eval" and args.stage in (None, s.name))
+        print(f"preflight: no problems at {_world(config, args)[0]} ranks ({trained} training stage"
+              f"{'s' if trained != 1 else ''}: batch split, precision/ZeRO/optimizer; this machine's GPUs and "
+              "dependency versions)", flush=True)
         return 0
     if args.dry_run:
         return 0
