@@ -45,5 +45,5 @@ def demo_command(args: argparse.Namespace) -> int:
     from ltsft_dist.commands.pipeline import pipeline_command
 
     config = write_demo(Path(args.output_dir).resolve())
-    return pipeline_command(argparse.Namespace(config=str(config), help_config=False, dry_run=args.dry_run,
+    return pipeline_command(argparse.Namespace(config=str(config), help_config=False, dry_run=args.dry_run, check=False,
                                                stage=None, ranks=args.ranks, master_port=args.master_port))
