@@ -43,8 +43,25 @@ class ModelConfig:
     name_or_path: str | None = field(default=None, metadata=field_help("a hub id or a local transformers directory"))
     tiny: dict | None = field(default=None, metadata=field_help(
         "or: build a randomly initialised model from these config values (offline tests, demo)"))
-    architecture: str = field(default="bert", metadata=field_help("for `tiny`: bert | xlm-roberta"))
+    architecture: str = field(default="bert", metadata=field_help(
+        "for `tiny`: bert | xlm-roberta (encoders) | llama | qwen2 | mistral | gemma (decoders: task clm)"))
     tokenizer: str | None = field(default=None, metadata=field_help("tokenizer directory; defaults to name_or_path"))
+
+    def check_architecture(self, task, where: str) -> None:
+        """A tiny model's architecture is known and of the kind the task trains (a decoder or an encoder)."""
+        from ltsft_dist.models import TINY_CONFIGS, is_decoder
+        from ltsft_dist.tasks import get_task, task_names
+
+        if self.architecture not in TINY_CONFIGS:
+            raise LtsftError(f"{where}: model.architecture: {self.architecture!r} is not one of "
+                             f"{', '.join(TINY_CONFIGS)}")
+        if is_decoder(self.architecture) != task.decoder:
+            have, need = ("an encoder", "decoder") if task.decoder else ("a decoder", "encoder")
+            other = [n for n in task_names(kind=task.kind) if get_task(n).decoder != task.decoder]
+            fix = f"set task: {other[0]} to train this architecture, or " if other else ""
+            fitting = ", ".join(a for a in TINY_CONFIGS if is_decoder(a) == task.decoder)
+            raise LtsftError(f"{where}: model.architecture: {self.architecture!r} is {have}, and task {task.name} "
+                             f"trains {need} models only: {fix}set model.architecture to one of {fitting}")
 
 
 @dataclass
@@ -167,6 +184,8 @@ class TrainConfig:
         if (self.model.name_or_path is None) == (self.model.tiny is None):
             bad("model", "give exactly one of model.name_or_path or model.tiny")
         task = get_task(full.task, f"{where}: task")
+        if self.model.tiny is not None:
+            self.model.check_architecture(task, where)
         if (self.kind == "language") != (task.kind == "language"):
             bad("task", f"language SFTs train task {' or '.join(task_names(kind='language'))}, and task {full.task} "
                         f"trains a {task.kind} SFT: set kind: {task.kind}")

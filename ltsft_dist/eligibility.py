@@ -17,7 +17,9 @@ import torch
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.naming import body_prefix, module_type_and_layer
 
-LAYER_NORM = r"(LayerNorm|layer_norm|layernorm|\.ln_)"
+# Normalisation weights, frozen in language SFTs: BERT's LayerNorm, GPT-2's ln_*, Llama-style RMSNorms
+# (input_layernorm, post_attention_layernorm, the final model.norm) and per-head q_norm/k_norm (Qwen3, Gemma 3).
+LAYER_NORM = r"(LayerNorm|layer_norm|layernorm|\.ln_|(^|[._])norm\.)"
 POOLER = r"\.pooler\."
 
 
@@ -38,6 +40,8 @@ def _outside_body(model) -> str:
 
 
 def default_rules(kind: str, model) -> EligibilityConfig:
+    # A language SFT (the paper; for decoders as its authors advise): everything is eligible, input embeddings
+    # included, except the norms and the output embeddings (untied from the input ones by the task's model).
     if kind == "language":
         excluded = [LAYER_NORM]
         out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
