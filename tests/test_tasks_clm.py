@@ -213,7 +213,10 @@ def test_ltsft_train_clm_on_two_ranks_keeps_the_best_phi_by_held_out_perplexity(
         "phase1": {"steps": 4, "lr": 3e-3}, "phase2": {"steps": 6, "lr": 3e-3}, "batch_size": 8,
         "micro_batch_size": 4, "deepspeed": "zero3.json", "log_every": 2})
     result = train(path, ranks=2)
-    assert "model.embed_tokens" in result.stdout and "lm_head" in result.stdout  # the eligibility table
+    table = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()
+             if line.startswith(("model.embed_tokens ", "lm_head ", "model.norm "))}  # the eligibility table
+    assert table == {"model.embed_tokens": ["4000", "0", "0"], "lm_head": ["0", "0", "4000"],
+                     "model.norm": ["0", "0", "20"]}  # real sizes, although ZeRO-3 has partitioned the model
     results = json.loads((out / "results.json").read_text())
     assert results["frozen_drift"] == 0
     evals = results["eval_losses"]["phase2"]
@@ -228,3 +231,12 @@ def test_ltsft_train_clm_on_two_ranks_keeps_the_best_phi_by_held_out_perplexity(
     assert held_out_loss_of(path, out / "sft", out / "tokenizer") == pytest.approx(best["all"], rel=1e-5)
     tokenizer = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
     assert tokenizer.pad_token == "<pad>" and tokenizer.eos_token == "</s>"
+
+
+def test_the_demo_clm_config_loads(tmp_path):
+    text = tmp_path / "en.txt"
+    text.write_text("\n".join(LINES) + "\n")
+    demo = Path(__file__).resolve().parents[1] / "ltsft_dist" / "configs" / "demo_clm.yaml"
+    config = load_config(demo, [f"data.train_file={text}"])
+    assert (config.kind, config.task, config.model.architecture) == ("language", "clm", "llama")
+    assert config.deepspeed_path().name == "zero3.json"
