@@ -84,7 +84,7 @@ class SourceConfig:
 @dataclass
 class DataConfig:
     train_file: str = field(default="", metadata=field_help(
-        "single source: mlm: one text per line; classification: JSON lines with text, [text_pair,] label; nli: an "
+        "single source: mlm/clm: one text per line; classification: JSON lines with text, [text_pair,] label; nli: an "
         "XNLI/AmericasNLI TSV or MultiNLI JSONL; qa: SQuAD JSON (relative: from the config's folder where it "
         "exists there)"))
     format: str = field(default="auto", metadata=field_help("how to read train_file (see data.sources[].format)"))
@@ -93,7 +93,7 @@ class DataConfig:
     max_seq_length: int = field(default=64, metadata=field_help("tokens per model input"))
     mlm_probability: float = field(default=0.15, metadata=field_help("mlm: fraction of tokens masked"))
     packed: bool = field(default=False, metadata=field_help(
-        "mlm: concatenate lines and cut into max_seq_length blocks (else one line per row)"))
+        "mlm: concatenate lines and cut into max_seq_length blocks (else one line per row); clm always packs"))
     doc_stride: int = field(default=32, metadata=field_help("qa: context tokens shared by consecutive windows of a "
                                                        "long context"))
     max_query_length: int = field(default=24, metadata=field_help("qa: question tokens kept"))
@@ -109,7 +109,8 @@ class DataConfig:
 class TrainConfig:
     kind: str = field(default="language", metadata=field_help("language | task | bitfit"))
     task: str | None = field(default=None, metadata=field_help(
-        "mlm | classification | nli | qa | ner | pos (default: mlm for language SFTs, else classification)"))
+        "mlm | clm (decoders) | classification | nli | qa | ner | pos (default: mlm for language SFTs, else "
+        "classification)"))
     languages: list[str] = field(default_factory=list, metadata=field_help("language code(s), recorded in the SFT"))
     output_dir: str = field(default="runs/ltsft", metadata=field_help(
         "where the SFT, checkpoints, tokenizer and logs go"))
