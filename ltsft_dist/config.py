@@ -109,8 +109,8 @@ class DataConfig:
 class TrainConfig:
     kind: str = field(default="language", metadata=field_help("language | task | bitfit"))
     task: str | None = field(default=None, metadata=field_help(
-        "mlm | clm (decoders) | classification | nli | qa | ner | pos (default: mlm for language SFTs, else "
-        "classification)"))
+        "mlm | clm (decoders) | classification | nli | qa | ner | pos (default: mlm for language SFTs, clm for those "
+        "of a tiny decoder, else classification)"))
     languages: list[str] = field(default_factory=list, metadata=field_help("language code(s), recorded in the SFT"))
     output_dir: str = field(default="runs/ltsft", metadata=field_help(
         "where the SFT, checkpoints, tokenizer and logs go"))
@@ -150,9 +150,17 @@ class TrainConfig:
         "stop: fail naming the step and the last checkpoint | skip: skip such steps"))
 
     def complete(self) -> TrainConfig:
-        """A copy with the keys that default from others filled in: task from kind, selection `all` for BitFit."""
-        task = self.task or ("mlm" if self.kind == "language" else "classification")
+        """A copy with the keys that default from others filled in: task from kind (a language SFT of a tiny decoder
+        trains the decoders' language task, clm), selection `all` for BitFit."""
+        task = self.task or (self._language_task() if self.kind == "language" else "classification")
         return dataclasses.replace(copy.deepcopy(self), task=task, selection="all" if self.kind == "bitfit" else self.selection)
+
+    def _language_task(self) -> str:
+        from ltsft_dist.models import is_decoder
+        from ltsft_dist.tasks import get_task, task_names
+
+        decoder = self.model.tiny is not None and is_decoder(self.model.architecture)
+        return next(name for name in task_names(kind="language") if get_task(name).decoder == decoder)
 
     def validate(self, where: str = "config") -> None:
         """Raise `LtsftError` naming the key and the fix; checks `complete()`'s values and changes nothing."""

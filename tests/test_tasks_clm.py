@@ -138,14 +138,23 @@ def test_decoder_and_encoder_mismatches_fail_at_config_load(tmp_path, changes, m
 def test_a_decoder_language_sft_config_loads(tmp_path):
     config = load_config(_config(tmp_path, **{"model.architecture": "gemma"}))
     assert config.task == "clm" and config.model.architecture == "gemma"
+    path = _config(tmp_path, **{"model.architecture": "mistral"})
+    config = yaml.safe_load(path.read_text())
+    del config["task"]  # a language SFT of a tiny decoder trains clm by default, of an encoder mlm
+    path.write_text(yaml.safe_dump(config))
+    assert load_config(path).task == "clm"
+    config["model"]["architecture"] = "xlm-roberta"
+    path.write_text(yaml.safe_dump(config))
+    assert load_config(path).task == "mlm"
 
 
 @pytest.mark.parametrize("architecture", DECODERS)
 def test_each_decoder_trains_and_its_sft_reproduces_the_trained_logits(architecture, tok, tmp_path):
     """A few steps of both phases (the single-process Algorithm 1), then the SFT saved, loaded and applied to a
     fresh base: the trained model's logits; reverted: the base's logits, bit for bit."""
-    cfg = clm_config("zero0.json", model=ModelConfig(tiny=dict(SIZES, vocab_size=len(tok)), architecture=architecture),
-                     density=0.2, batch_size=8, phase1=PhaseConfig(steps=3, lr=1e-2), phase2=PhaseConfig(steps=3, lr=1e-2))
+    model = ModelConfig(tiny=dict(SIZES, vocab_size=len(tok)), architecture=architecture)
+    cfg = clm_config("zero0.json", model=model, density=0.2, batch_size=8, phase1=PhaseConfig(steps=3, lr=1e-2),
+                     phase2=PhaseConfig(steps=3, lr=1e-2))
     examples = get_task("clm").encode(tok, LINES, Encoding(max_seq_length=16)).examples
     trained = build_model(cfg.model, "clm", seed=0)
     base = build_model(cfg.model, "clm", seed=0).eval()
