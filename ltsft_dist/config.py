@@ -152,15 +152,10 @@ class TrainConfig:
     def complete(self) -> TrainConfig:
         """A copy with the keys that default from others filled in: task from kind (a language SFT of a tiny decoder
         trains the decoders' language task, clm), selection `all` for BitFit."""
-        task = self.task or (self._language_task() if self.kind == "language" else "classification")
+        from ltsft_dist.models import language_task
+
+        task = self.task or (language_task(self.model) if self.kind == "language" else "classification")
         return dataclasses.replace(copy.deepcopy(self), task=task, selection="all" if self.kind == "bitfit" else self.selection)
-
-    def _language_task(self) -> str:
-        from ltsft_dist.models import is_decoder
-        from ltsft_dist.tasks import get_task, task_names
-
-        decoder = self.model.tiny is not None and is_decoder(self.model.architecture)
-        return next(name for name in task_names(kind="language") if get_task(name).decoder == decoder)
 
     def validate(self, where: str = "config") -> None:
         """Raise `LtsftError` naming the key and the fix; checks `complete()`'s values and changes nothing."""

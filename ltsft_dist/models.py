@@ -18,6 +18,13 @@ def is_decoder(architecture: str) -> bool:
     return architecture in DECODERS
 
 
+def language_task(cfg: ModelConfig) -> str:
+    """The task a language SFT of this model trains by default: the decoders' (clm) for a tiny decoder, else the
+    encoders' (mlm)."""
+    decoder = cfg.tiny is not None and is_decoder(cfg.architecture)
+    return next(name for name in task_names(kind="language") if get_task(name).decoder == decoder)
+
+
 def tiny_tokenizer(cfg: ModelConfig, texts: list[str]):
     """The tokenizer of a tiny model, trained on `texts`: WordPiece framed for an encoder or for a decoder."""
     from ltsft_dist.data import train_wordpiece
@@ -78,9 +85,7 @@ def save_tiny_base(directory, cfg: ModelConfig, texts: list[str], seed: int = 0)
 
     directory = Path(directory)
     tokenizer = tiny_tokenizer(cfg, texts)
-    decoder = is_decoder(cfg.architecture)
-    task = next(name for name in task_names(kind="language") if get_task(name).decoder == decoder)
-    model = build_model(cfg, task, vocab_size=len(tokenizer), seed=seed)
+    model = build_model(cfg, language_task(cfg), vocab_size=len(tokenizer), seed=seed)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     model.save_pretrained(tmp)
