@@ -93,16 +93,16 @@ def encode_sources(config: TrainConfig, tokenizer, sources: list[Source]) -> Tra
 
 
 def build_tokenizer(config: TrainConfig, sources: list[Source]):
-    """The configured tokenizer; a tiny model without one gets a WordPiece tokenizer trained on the sources."""
+    """The configured tokenizer; a tiny model without one gets a WordPiece tokenizer trained on the sources (an
+    encoder's or a decoder's, by `model.architecture`)."""
     from transformers import AutoTokenizer
 
-    from ltsft_dist.data import train_wordpiece
+    from ltsft_dist.models import tiny_tokenizer
 
     path = config.model.tokenizer or config.model.name_or_path
     if path is None:
         task = get_task(config.task)
-        texts = [t for s in sources for t in task.texts(s.records)]
-        return train_wordpiece(texts, vocab_size=int(config.model.tiny.get("vocab_size", 1000)))
+        return tiny_tokenizer(config.model, [t for s in sources for t in task.texts(s.records)])
     try:
         return AutoTokenizer.from_pretrained(path)
     except OSError as err:
