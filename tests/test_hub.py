@@ -1,0 +1,249 @@
+"""A base may be a hub id or a directory in every stage (train, eval, export, pipeline), offline from a Hugging Face
+cache populated here; under a launcher rank 0 downloads first and every rank fails alike, with one message."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx2
+import huggingface_hub
+import pytest
+import torch
+import yaml
+from distributed import run_ranks
+from huggingface_hub import errors as hub_errors
+from pipelines import tiny_pipeline
+
+from ltsft_dist import hub
+from ltsft_dist.config import ModelConfig
+from ltsft_dist.demo_text import sentences
+from ltsft_dist.errors import LtsftError
+from ltsft_dist.launch_env import free_port
+from ltsft_dist.models import save_tiny_base
+
+HUB_ID = "ltsft-test/tiny-xlmr"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+TINY_XLMR = {"vocab_size": 500, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "intermediate_size": 64, "max_position_embeddings": 64, "pad_token_id": 0}
+
+
+def populate_cache(cache: Path, repo_id: str = HUB_ID) -> Path:
+    """The layout `snapshot_download` leaves: models--org--name/refs/main naming a commit whose snapshot holds a
+    tiny XLM-R-shaped model and its tokenizer (save_pretrained). Returns the snapshot directory."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / COMMIT
+    texts = [t for lang in ("en", "de", "es") for t in sentences(lang, 300, seed=1)]
+    save_tiny_base(snapshot, ModelConfig(tiny=TINY_XLMR, architecture="xlm-roberta"), texts, seed=0)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    return snapshot
+
+
+@pytest.fixture(scope="module")
+def hf_home(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("hf_home")
+    populate_cache(home / "hub")
+    return home
+
+
+@pytest.fixture
+def offline(hf_home, monkeypatch) -> Path:
+    """HF_HOME at the populated cache and HF_HUB_OFFLINE=1, in this process and in the processes it starts."""
+    for key, value in {"HF_HOME": str(hf_home), "HF_HUB_CACHE": str(hf_home / "hub"), "HF_HUB_OFFLINE": "1",
+                       "HF_DATASETS_CACHE": str(hf_home / "datasets")}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return hf_home
+
+
+def snapshot(home: Path) -> Path:
+    return home / "hub" / ("models--" + HUB_ID.replace("/", "--")) / "snapshots" / COMMIT
+
+
+# ---------------------------------------------------------------------------------------------- the rule
+
+
+def test_a_directory_is_itself_and_a_hub_id_its_cached_snapshot(offline, tmp_path):
+    assert hub.resolve(tmp_path, "--base") == tmp_path
+    found = hub.resolve(HUB_ID, "--base")
+    assert found == snapshot(offline) and (found / "config.json").is_file() and (found / "model.safetensors").is_file()
+    assert hub.hub_id_or_dir("xlm-roberta-base", "--base", "a model directory") == "xlm-roberta-base"
+
+
+@pytest.mark.parametrize("name", ["/no/such/dir", "./relative", "~/missing", "a/b/c", "two words"])
+def test_a_name_that_is_neither_a_directory_nor_a_hub_id_is_refused(name):
+    with pytest.raises(LtsftError, match=r"--base .*: not a model directory \(and not a hub id"):
+        hub.resolve(name, "--base")
+
+
+def test_a_file_is_not_a_directory(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(LtsftError, match="not an SFT directory"):
+        hub.resolve(tmp_path / "config.json", kind="an SFT directory")
+
+
+def test_a_repository_missing_offline_says_the_hub_is_unreachable_and_not_cached(offline):
+    with pytest.raises(LtsftError) as err:
+        hub.resolve("ltsft-test/not-there", "--base")
+    message = str(err.value)
+    assert message.startswith("--base 'ltsft-test/not-there' is not a local directory, and downloading it from the "
+                              "Hugging Face hub failed: the hub cannot be reached and it is not in the local cache")
+    assert "HF_HUB_OFFLINE" in message
+
+
+def _http_error(cls, status: int):
+    request = httpx2.Request("GET", "https://huggingface.co/api/models/o/n")
+    return cls(f"{status} for url", response=httpx2.Response(status, request=request))
+
+
+@pytest.mark.parametrize("err, kind", [
+    (_http_error(hub_errors.RepositoryNotFoundError, 404), "not found on the hub"),
+    (_http_error(hub_errors.GatedRepoError, 403), "access denied to a gated or private repository"),
+    (_http_error(hub_errors.HfHubHTTPError, 401), "access denied to a gated or private repository"),
+    (_http_error(hub_errors.RevisionNotFoundError, 404), "no such revision"),
+    (hub_errors.LocalEntryNotFoundError("cannot find"), "the hub cannot be reached and it is not in the local cache"),
+    (ValueError("BuilderConfig 'xx' not found"), "the dataset has no such config or split"),
+    (RuntimeError("disk on fire"), "unexpected error"),
+])
+def test_each_kind_of_failure_is_named_with_its_fix(err, kind):
+    message = hub.explain(err, "X failed")
+    assert message.startswith(f"X failed: {kind} ({type(err).__name__}: ")
+    assert ("check the language code" in message) == ("config" in kind)  # only where a language code is the cause
+
+
+# ---------------------------------------------------------------------------------------------- rank 0 first
+
+
+def _fetch_on_ranks(empty_cache: str):
+    """On every rank: a cached model (recording how each rank called the hub), a missing model and a missing
+    dataset (rank 0's failure on every rank), and a cache rank 1 cannot see."""
+    from ltsft_dist import comm
+    from ltsft_dist.tasks._io import load_hf_dataset
+
+    calls = []
+    real = huggingface_hub.snapshot_download
+
+    def spy(repo_id, **kwargs):
+        calls.append(kwargs.get("local_files_only", False))
+        return real(repo_id, **kwargs)
+
+    huggingface_hub.snapshot_download = spy
+    found = str(hub.resolve(HUB_ID, "--base"))
+    messages = {}
+    attempts = {"model": lambda: hub.resolve("ltsft-test/missing", "--base"),
+                "dataset": lambda: load_hf_dataset("ltsft-test/missing-data", "xx", "train")}
+    for name, attempt in attempts.items():
+        try:
+            attempt()
+            messages[name] = None
+        except LtsftError as err:
+            messages[name] = str(err)
+    if comm.rank() == 1:  # a node whose HF_HOME is not the one rank 0 filled
+        huggingface_hub.constants.HF_HUB_CACHE = empty_cache
+    try:
+        hub.resolve(HUB_ID, "--base")
+        messages["unshared"] = None
+    except LtsftError as err:
+        messages["unshared"] = str(err)
+    return found, calls, messages
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_rank_0_downloads_first_and_its_failure_reaches_every_rank_as_one_message(offline, tmp_path):
+    (tmp_path / "empty").mkdir()
+    ranks = run_ranks(_fetch_on_ranks, 2, str(tmp_path / "empty"), timeout=600)
+    (found0, calls0, messages0), (found1, calls1, messages1) = ranks
+    assert found0 == found1 == str(snapshot(offline))
+    assert calls0[0] is False and calls1[0] is True  # rank 0 may use the hub; rank 1 reads the cache only
+    assert messages0 == messages1  # the same message on both ranks, for every failure
+    assert messages0["model"].startswith("--base 'ltsft-test/missing' is not a local directory, and downloading it "
+                                         "from the Hugging Face hub failed: the hub cannot be reached")
+    assert messages0["dataset"].startswith("load_dataset('ltsft-test/missing-data', 'xx', split='train') failed: "
+                                           "the hub cannot be reached")
+    assert "check the language code" not in messages0["dataset"]
+    assert "(on rank 1, from the cache rank 0 filled" in messages0["unshared"] and "HF_HOME" in messages0["unshared"]
+
+
+# ---------------------------------------------------------------------------------------------- every stage
+
+
+def _ltsft(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID")}
+    env.update(OMP_NUM_THREADS="1", LTSFT_DIST_TIMEOUT_S="120", MASTER_PORT=str(free_port()))
+    result = subprocess.run([sys.executable, "-m", "ltsft_dist.cli", *args], capture_output=True, text=True,
+                            timeout=900, env=env, cwd=cwd)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _nli_files(directory: Path) -> dict[str, Path]:
+    from ltsft_dist.commands.demo import write_demo
+
+    write_demo(directory)
+    return {"train": directory / "data" / "nli.en.tsv", "test.en": directory / "data" / "nli_test.en.tsv",
+            "test.de": directory / "data" / "nli_test.de.tsv"}
+
+
+@pytest.mark.slow
+def test_train_eval_and_export_take_a_hub_id_as_the_base(offline, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from ltsft_dist.evaluation import EvalOptions, evaluate
+    from ltsft_dist.export import PROVENANCE, export_merged
+    from ltsft_dist.sft import SparseFineTuning
+
+    files = _nli_files(tmp_path)
+    out = tmp_path / "task"
+    config = {"kind": "task", "task": "nli", "output_dir": str(out), "languages": ["en"], "density": 0.05,
+              "model": {"name_or_path": HUB_ID}, "data": {"train_file": str(files["train"]), "max_seq_length": 40},
+              "phase1": {"steps": 3, "lr": 1e-3}, "phase2": {"steps": 3, "lr": 1e-3},
+              "batch_size": 8, "micro_batch_size": 8, "deepspeed": "zero2.json", "log_every": 2}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    _ltsft("train", str(tmp_path / "run.yaml"))
+    sft = SparseFineTuning.from_pretrained(out / "sft")
+    assert sft.metadata.base_model == HUB_ID and sft.nnz > 0
+    assert AutoTokenizer.from_pretrained(out / "tokenizer").get_vocab() == \
+        AutoTokenizer.from_pretrained(snapshot(offline)).get_vocab()  # the hub base's tokenizer, not a new one
+
+    data = {"en": str(files["test.en"]), "de": str(files["test.de"])}
+    options = EvalOptions(max_seq_length=40, limit=24, batch_size=8)
+    by_id = evaluate(HUB_ID, str(out / "sft"), data, task="nli", options=options, show_progress=False)
+    by_dir = evaluate(str(snapshot(offline)), str(out / "sft"), data, task="nli", options=options,
+                      show_progress=False)
+    assert by_id["base"] == HUB_ID  # the base fingerprint matched: the SFT was trained on this base
+    assert by_id["languages"] == by_dir["languages"] and by_id["languages"]["en"]["task-only"]["examples"] == 24
+
+    merged = export_merged(HUB_ID, [str(out / "sft")], "nli", tmp_path / "merged")
+    again = export_merged(str(snapshot(offline)), [str(out / "sft")], "nli", tmp_path / "merged-dir")
+    assert json.loads((merged / PROVENANCE).read_text())["base"] == HUB_ID
+    a, b = (AutoModelForSequenceClassification.from_pretrained(d).state_dict() for d in (merged, again))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (merged / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_a_pipeline_on_a_hub_base_runs_every_stage_offline(offline, tmp_path):
+    from ltsft_dist.export import export_merged
+    from ltsft_dist.pipeline import load_pipeline, plan
+
+    config = tiny_pipeline(tmp_path, base={"name_or_path": HUB_ID}, ranks=2)
+    data = yaml.safe_load(config.read_text())
+    data["evaluation"]["data"] = {"de": "data/nli_test.de.tsv"}
+    data["evaluation"]["limit"] = 16
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    stages = {s.name: s for s in plan(load_pipeline(config))}
+    assert list(stages) == ["lang:en", "lang:de", "task", "eval"] and stages["eval"].config["base"] == HUB_ID
+    result = _ltsft("pipeline", str(config), "--master-port", str(free_port()))
+    assert all(s.done for s in stages.values()), result.stdout[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["base"] == HUB_ID and results["languages"]["de"]["task+lang"]["examples"] == 16
+    merged = export_merged(HUB_ID, [str(stages["task"].directory / "sft"), str(stages["lang:de"].directory / "sft")],
+                           "nli", tmp_path / "merged")
+    assert (merged / "model.safetensors").is_file()
