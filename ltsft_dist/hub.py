@@ -5,12 +5,14 @@ A base model, tokenizer or SFT is named by a local directory or a Hugging Face h
 rank of a job needs the same repository, rank 0 fetches it alone while the others wait, and they then read it from
 the cache without the network (`local_files_only`): one download instead of W at once, and no reliance on file
 locks that shared filesystems often lack. A failure on rank 0 is sent to every rank, so all stop with one message
-saying what went wrong (network, access, not found) and what fixes it. The cache must be on a filesystem every
-node sees (HF_HOME / HF_HUB_CACHE), as the run directory must.
+saying what went wrong (network, access, not found) and what fixes it. Rank 0 downloads in a thread and tells the
+waiting ranks every HEARTBEAT_S that it still runs, so a download may take longer than the collective timeout. The
+cache must be on a filesystem every node sees (HF_HOME / HF_HUB_CACHE), as the run directory must.
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -92,11 +94,12 @@ def rank_zero_first(fetch: Callable[[bool], T], describe: str) -> T:
         return _plain(fetch, describe)
     result, error = None, None
     if comm.rank() == 0:
-        try:
-            result = fetch(False)
-        except Exception as err:  # the hub and datasets raise many types; every one becomes one message
-            error = explain(err, describe)
-    error = comm.broadcast_object(error)  # also the barrier: the others wait here for rank 0's download
+        result, error = _fetch_telling_the_others(fetch, describe)
+    else:
+        state = RUNNING
+        while state == RUNNING:  # one collective per heartbeat: each ends well within the process group's timeout
+            state = comm.broadcast_object(None)
+        error = state[1]
     if error is not None:
         raise LtsftError(error)
     if comm.rank() != 0:
@@ -109,6 +112,31 @@ def rank_zero_first(fetch: Callable[[bool], T], describe: str) -> T:
     if errors:
         raise LtsftError(errors[0])
     return result
+
+
+HEARTBEAT_S = 30.0  # how often rank 0 tells the waiting ranks that its download still runs
+RUNNING = ("running", None)
+
+
+def _fetch_telling_the_others(fetch: Callable[[bool], T], describe: str) -> tuple[T | None, str | None]:
+    """Rank 0's `fetch(False)` in a thread, while this one broadcasts RUNNING every HEARTBEAT_S and then
+    ("done", error message or None): a download of any length never meets the collective timeout."""
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["result"] = fetch(False)
+        except Exception as err:  # the hub and datasets raise many types; every one becomes one message
+            outcome["error"] = explain(err, describe)
+
+    worker = threading.Thread(target=run, name="ltsft-hub-fetch", daemon=True)
+    worker.start()
+    while True:
+        worker.join(HEARTBEAT_S)
+        if not worker.is_alive():
+            comm.broadcast_object(("done", outcome.get("error")))
+            return outcome.get("result"), outcome.get("error")
+        comm.broadcast_object(RUNNING)
 
 
 def _plain(fetch: Callable[[bool], T], describe: str) -> T:

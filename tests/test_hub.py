@@ -170,6 +170,29 @@ def test_rank_0_downloads_first_and_its_failure_reaches_every_rank_as_one_messag
     assert "(on rank 1, from the cache rank 0 filled" in messages0["unshared"] and "HF_HOME" in messages0["unshared"]
 
 
+def _slow_download(seconds: float, heartbeat: float):
+    """Rank 0's fetch outlasts the process group's timeout; the others return what they read afterwards."""
+    import time
+
+    hub.HEARTBEAT_S = heartbeat
+    marker = []
+
+    def fetch(local_only: bool):
+        if not local_only:
+            time.sleep(seconds)
+        marker.append(local_only)
+        return local_only
+
+    return hub.rank_zero_first(fetch, "slow"), marker
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_a_download_longer_than_the_collective_timeout_keeps_the_others_waiting(monkeypatch):
+    monkeypatch.setenv("LTSFT_DIST_TIMEOUT_S", "6")
+    assert run_ranks(_slow_download, 2, 15.0, 0.5, timeout=300) == [(False, [False]), (True, [True])]
+
+
 # ---------------------------------------------------------------------------------------------- every stage
 
 
