@@ -43,10 +43,35 @@ def populate_cache(cache: Path, repo_id: str = HUB_ID) -> Path:
     return snapshot
 
 
+def populate_dataset_cache(cache: Path, repo_id: str, config: str, split: str, rows: dict) -> None:
+    """The layout `datasets.load_dataset(repo_id, config, split=split)` prepares in HF_DATASETS_CACHE
+    (owner___name/config/version/hash: the split's Arrow stream and dataset_info.json), which it reads offline."""
+    import datasets
+    import pyarrow as pa
+
+    name = repo_id.split("/")[-1]
+    dataset = datasets.Dataset.from_dict(rows)
+    target = cache / repo_id.replace("/", "___") / config / "0.0.0" / ("0" * 16)
+    target.mkdir(parents=True)
+    with pa.OSFile(str(target / f"{name}-{split}.arrow"), "wb") as sink, \
+            pa.ipc.new_stream(sink, dataset.data.schema) as writer:
+        writer.write_table(dataset.data.table)
+    splits = datasets.SplitDict({split: datasets.SplitInfo(split, num_examples=len(dataset), dataset_name=name)})
+    datasets.DatasetInfo(features=dataset.features, config_name=config, dataset_name=name,
+                         splits=splits).write_to_directory(str(target))
+
+
+WIKI_ID, WIKI_CONFIG = "ltsft-test/tiny-wiki", "20231101.de"  # shaped like wikimedia/wikipedia
+
+
 @pytest.fixture(scope="module")
 def hf_home(tmp_path_factory) -> Path:
     home = tmp_path_factory.mktemp("hf_home")
     populate_cache(home / "hub")
+    text = sentences("de", 600, seed=1)
+    populate_dataset_cache(home / "datasets", WIKI_ID, WIKI_CONFIG, "train",
+                           {"id": [str(i) for i in range(len(text))], "url": [""] * len(text),
+                            "title": [f"t{i}" for i in range(len(text))], "text": text})
     return home
 
 
@@ -120,10 +145,17 @@ def test_each_kind_of_failure_is_named_with_its_fix(err, kind):
 
 
 def _fetch_on_ranks(empty_cache: str):
-    """On every rank: a cached model (recording how each rank called the hub), a missing model and a missing
-    dataset (rank 0's failure on every rank), and a cache rank 1 cannot see."""
+    """On every rank: a cached model (recording how each rank called the hub) and a cached dataset (when each
+    rank read it), a missing model and a missing dataset (rank 0's failure on every rank), and a cache rank 1
+    cannot see."""
+    import time
+
+    import datasets
+
     from ltsft_dist import comm
+    from ltsft_dist.config import SourceConfig
     from ltsft_dist.tasks._io import load_hf_dataset
+    from ltsft_dist.training_data import read_source
 
     calls = []
     real = huggingface_hub.snapshot_download
@@ -134,6 +166,17 @@ def _fetch_on_ranks(empty_cache: str):
 
     huggingface_hub.snapshot_download = spy
     found = str(hub.resolve(HUB_ID, "--base"))
+    loads, load = [], datasets.load_dataset
+
+    def timed_load(*args, **kwargs):
+        start = time.time()
+        dataset = load(*args, **kwargs)
+        loads.append((start, time.time()))
+        return dataset
+
+    datasets.load_dataset = timed_load
+    text = read_source(SourceConfig(language="de", hf_dataset=WIKI_ID, hf_config=WIKI_CONFIG), "mlm").records
+    read = (loads[0], text)
     messages = {}
     attempts = {"model": lambda: hub.resolve("ltsft-test/missing", "--base"),
                 "dataset": lambda: load_hf_dataset("ltsft-test/missing-data", "xx", "train")}
@@ -150,7 +193,7 @@ def _fetch_on_ranks(empty_cache: str):
         messages["unshared"] = None
     except LtsftError as err:
         messages["unshared"] = str(err)
-    return found, calls, messages
+    return found, calls, read, messages
 
 
 @pytest.mark.slow
@@ -158,9 +201,11 @@ def _fetch_on_ranks(empty_cache: str):
 def test_rank_0_downloads_first_and_its_failure_reaches_every_rank_as_one_message(offline, tmp_path):
     (tmp_path / "empty").mkdir()
     ranks = run_ranks(_fetch_on_ranks, 2, str(tmp_path / "empty"), timeout=600)
-    (found0, calls0, messages0), (found1, calls1, messages1) = ranks
+    (found0, calls0, read0, messages0), (found1, calls1, read1, messages1) = ranks
     assert found0 == found1 == str(snapshot(offline))
     assert calls0[0] is False and calls1[0] is True  # rank 0 may use the hub; rank 1 reads the cache only
+    assert read1[1] == read0[1] == sentences("de", 600, seed=1)
+    assert read1[0][0] >= read0[0][1]  # rank 1 loaded the dataset only once rank 0 had it
     assert messages0 == messages1  # the same message on both ranks, for every failure
     assert messages0["model"].startswith("--base 'ltsft-test/missing' is not a local directory, and downloading it "
                                          "from the Hugging Face hub failed: the hub cannot be reached")
@@ -253,16 +298,19 @@ def test_train_eval_and_export_take_a_hub_id_as_the_base(offline, tmp_path):
 @pytest.mark.slow
 @pytest.mark.multirank
 def test_a_pipeline_on_a_hub_base_runs_every_stage_offline(offline, tmp_path):
+    """At W=2, a hub base and one language's text from a hub dataset, as in the paper's configs."""
     from ltsft_dist.export import export_merged
     from ltsft_dist.pipeline import load_pipeline, plan
 
     config = tiny_pipeline(tmp_path, base={"name_or_path": HUB_ID}, ranks=2)
     data = yaml.safe_load(config.read_text())
+    data["languages"]["de"] = {"hf_dataset": WIKI_ID, "hf_config": WIKI_CONFIG, "split": "train"}
     data["evaluation"]["data"] = {"de": "data/nli_test.de.tsv"}
     data["evaluation"]["limit"] = 16
     config.write_text(yaml.safe_dump(data, sort_keys=False))
     stages = {s.name: s for s in plan(load_pipeline(config))}
     assert list(stages) == ["lang:en", "lang:de", "task", "eval"] and stages["eval"].config["base"] == HUB_ID
+    assert stages["lang:de"].config["data"]["sources"][0]["hf_dataset"] == WIKI_ID  # text from the hub cache too
     result = _ltsft("pipeline", str(config), "--master-port", str(free_port()))
     assert all(s.done for s in stages.values()), result.stdout[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())
