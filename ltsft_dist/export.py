@@ -35,7 +35,7 @@ def export_merged(base_dir, sft_locations: list[str], task: str, out, overwrite:
         raise LtsftError("no SFT to merge: pass --sft DIR (repeatable)")
     if out.exists() and not overwrite:
         raise LtsftError(f"-o {out}: already exists; choose another directory or pass --overwrite")
-    base = resolve(base_dir, "--base")
+    base = resolve(base_dir, "--base", collective=False)  # one process writes the export (rank 0 of a group, if any)
     if not (base / "config.json").is_file():
         raise LtsftError(f"--base {base_dir}: no config.json in {base}; pass a hub model or a directory written by "
                          "save_pretrained")
