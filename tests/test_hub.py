@@ -100,6 +100,30 @@ def test_a_directory_is_itself_and_a_hub_id_its_cached_snapshot(offline, tmp_pat
     assert hub.hub_id_or_dir("xlm-roberta-base", "--base", "a model directory") == "xlm-roberta-base"
 
 
+@pytest.mark.parametrize("remote, fetched", [
+    ({"config.json", "model.safetensors", "pytorch_model.bin", "tf_model.h5", "flax_model.msgpack",
+      "onnx/model.onnx", "tokenizer.json", "sentencepiece.bpe.model"},
+     {"config.json", "model.safetensors", "tokenizer.json", "sentencepiece.bpe.model"}),
+    ({"config.json", "pytorch_model.bin", "tf_model.h5", "training_args.bin", "vocab.txt"},
+     {"config.json", "pytorch_model.bin", "vocab.txt"}),
+])
+def test_a_model_download_takes_the_pytorch_weights_and_tokenizer_only(monkeypatch, tmp_path, remote, fetched):
+    """Model repositories often hold TF/Flax/ONNX copies too; the PyTorch .bin only when there is no safetensors."""
+    import fnmatch
+
+    def fake_snapshot(repo_id, allow_patterns, **kwargs):
+        directory = tmp_path / "snapshot"
+        for name in remote:
+            if any(fnmatch.fnmatch(name, pattern) for pattern in allow_patterns):
+                (directory / name).parent.mkdir(parents=True, exist_ok=True)
+                (directory / name).write_text(name)
+        return str(directory)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    found = hub.resolve("owner/model", "--base")
+    assert {str(p.relative_to(found)) for p in found.rglob("*") if p.is_file()} == fetched
+
+
 @pytest.mark.parametrize("name", ["/no/such/dir", "./relative", "~/missing", "a/b/c", "two words"])
 def test_a_name_that_is_neither_a_directory_nor_a_hub_id_is_refused(name):
     with pytest.raises(LtsftError, match=r"--base .*: not a model directory \(and not a hub id"):
