@@ -12,6 +12,7 @@ cache must be on a filesystem every node sees (HF_HOME / HF_HUB_CACHE), as the r
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -84,6 +85,20 @@ def _snapshot(repo_id: str, local_only: bool, kwargs: dict) -> str:
 
 def _has_weights(directory: Path) -> bool:
     return any(directory.glob("*.safetensors")) or any(directory.glob("pytorch_model*.bin"))
+
+
+@contextlib.contextmanager
+def datasets_offline():
+    """`datasets` in offline mode for the calls inside (its switch is read from HF_HUB_OFFLINE at import): it
+    loads a hub dataset's prepared copy from HF_DATASETS_CACHE and asks the hub nothing."""
+    import datasets.config
+
+    saved = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE = saved
 
 
 def rank_zero_first(fetch: Callable[[bool], T], describe: str) -> T:

@@ -191,11 +191,12 @@ def _fetch_on_ranks(empty_cache: str):
     huggingface_hub.snapshot_download = spy
     found = str(hub.resolve(HUB_ID, "--base"))
     loads, load = [], datasets.load_dataset
+    datasets.config.HF_HUB_OFFLINE = False  # as online: rank 0 asks the hub (here refused: HF_HUB_OFFLINE=1 for it)
 
     def timed_load(*args, **kwargs):
-        start = time.time()
+        start, offline = time.time(), datasets.config.HF_HUB_OFFLINE
         dataset = load(*args, **kwargs)
-        loads.append((start, time.time()))
+        loads.append((start, time.time(), offline))
         return dataset
 
     datasets.load_dataset = timed_load
@@ -229,7 +230,8 @@ def test_rank_0_downloads_first_and_its_failure_reaches_every_rank_as_one_messag
     assert found0 == found1 == str(snapshot(offline))
     assert calls0[0] is False and calls1[0] is True  # rank 0 may use the hub; rank 1 reads the cache only
     assert read1[1] == read0[1] == sentences("de", 600, seed=1)
-    assert read1[0][0] >= read0[0][1]  # rank 1 loaded the dataset only once rank 0 had it
+    assert read1[0][0] >= read0[0][1]  # rank 1 loaded the dataset only once rank 0 had it,
+    assert (read0[0][2], read1[0][2]) == (False, True)  # from the cache alone
     assert messages0 == messages1  # the same message on both ranks, for every failure
     assert messages0["model"].startswith("--base 'ltsft-test/missing' is not a local directory, and downloading it "
                                          "from the Hugging Face hub failed: the hub cannot be reached")
