@@ -344,3 +344,116 @@ def test_a_pipeline_on_a_hub_base_runs_every_stage_offline(offline, tmp_path):
     merged = export_merged(HUB_ID, [str(stages["task"].directory / "sft"), str(stages["lang:de"].directory / "sft")],
                            "nli", tmp_path / "merged")
     assert (merged / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- the paper's pipelines
+
+PAPER_RUN = """
+import sys
+from ltsft_dist.export import export_merged
+from ltsft_dist.pipeline import load_pipeline, mark_done, plan, run_stage_here
+
+config = load_pipeline(sys.argv[1])
+stages = plan(config)
+for stage in stages:
+    stage.directory.mkdir(parents=True, exist_ok=True)
+    assert run_stage_here(config, stage, 0) == 0, stage.name
+    mark_done(stage)
+by_name = {s.name: s for s in stages}
+target = sorted(config.evaluation.data)[0]
+export_merged(config.base.name_or_path, [str(by_name["task"].directory / "sft"),
+                                         str(by_name["lang:" + target].directory / "sft")],
+              config.task_sft["task"], sys.argv[2])
+"""
+
+
+def _paper_data(root: Path, home: Path, config: dict) -> None:
+    """Tiny stand-ins, in the formats the paper config names, for its hub datasets (in the offline cache) and its
+    local files (beside the config)."""
+    from ltsft_dist.demo_text import nli_examples
+
+    text = sentences("en", 200, seed=1) + sentences("de", 200, seed=1)
+    for source in list(config["languages"].values()) + config["task_sft"]["data"]["sources"]:
+        if source.get("train_file"):
+            path = root / source["train_file"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("\n".join(text) + "\n")
+            continue
+        name, subset, split = source["hf_dataset"], source.get("hf_config"), source["split"]
+        where = home / "datasets" / name.replace("/", "___") / (subset or "default")
+        if where.exists():
+            continue
+        if config["task_sft"]["task"] == "nli" and name != "wikimedia/wikipedia":
+            pairs = nli_examples("en", 64, seed=2)
+            rows = {"premise": [p for p, _, _ in pairs], "hypothesis": [h for _, h, _ in pairs],
+                    "label": [label for _, _, label in pairs]}
+        elif name != "wikimedia/wikipedia":  # squad-like
+            contexts = sentences("en", 64, seed=2)
+            words = [c.split()[1] for c in contexts]
+            rows = {"id": [f"q{i}" for i in range(64)], "title": ["t"] * 64, "context": contexts,
+                    "question": [f"who {c.split()[0]}" for c in contexts],
+                    "answers": [{"text": [w], "answer_start": [c.index(w)]} for w, c in zip(words, contexts)]}
+        else:
+            rows = {"id": [str(i) for i in range(len(text))], "url": [""] * len(text),
+                    "title": ["t"] * len(text), "text": text}
+        populate_dataset_cache(home / "datasets", name, subset or "default", split, rows)
+    for language, path in config["evaluation"]["data"].items():
+        path = root / path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if config["task_sft"]["task"] == "nli":  # AmericasNLI's test.tsv: all languages in one file
+            rows = ["id\tlanguage\tpremise\thypothesis\tlabel"]
+            rows += [f"{lang}{i}\t{lang}\t{p}\t{h}\t{label}" for lang in config["evaluation"]["data"]
+                     for i, (p, h, label) in enumerate(nli_examples("en", 8, seed=3))]
+            path.write_text("\n".join(rows) + "\n")
+        else:  # XQuAD's SQuAD-format JSON
+            contexts = sentences("en", 8, seed=3)
+            paragraphs = [{"context": c, "qas": [{"id": f"{language}{i}", "question": f"who {c.split()[0]}",
+                                                  "answers": [{"text": c.split()[1],
+                                                               "answer_start": c.index(c.split()[1])}]}]}
+                          for i, c in enumerate(contexts)]
+            path.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": paragraphs}]}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["paper_qa_xquad", "paper_nli_americasnli"])
+def test_the_paper_pipelines_run_every_stage_on_a_tiny_hub_cached_xlmr(offline, tmp_path, monkeypatch, name):
+    """Each paper config as shipped (its stages, languages, hub ids for the base and the data, file formats), with
+    only the sizes cut (steps, K, lengths, bf16 off): every stage's plan runs offline from the HF cache, then the
+    export. The base's hub id is the config's own: `xlm-roberta-base`, cached here as a tiny XLM-R."""
+    import shutil
+
+    from transformers import AutoConfig
+
+    from ltsft_dist.pipeline import load_pipeline, plan
+
+    paper = yaml.safe_load((Path(__file__).resolve().parents[1] / "ltsft_dist" / "configs" / f"{name}.yaml")
+                           .read_text())
+    home = tmp_path / "hf"
+    shutil.copytree(offline, home)
+    for key, value in {"HF_HOME": home, "HF_HUB_CACHE": home / "hub", "HF_DATASETS_CACHE": home / "datasets"}.items():
+        monkeypatch.setenv(key, str(value))
+    populate_cache(home / "hub", paper["base"]["name_or_path"])
+    small = {"phase1": {"steps": 2, "lr": 1e-3}, "phase2": {"steps": 2, "lr": 1e-3}, "density": 0.05,
+             "batch_size": 8, "micro_batch_size": 8, "deepspeed": "zero2.json", "checkpoint_every": 100}
+    for key in ("language_sft", "task_sft"):
+        paper[key].pop("k")
+        paper[key].update(small)
+    paper["language_sft"]["data"].update(max_seq_length=32, eval_every=2)
+    paper["task_sft"]["data"].update(max_seq_length=48, **({"doc_stride": 16, "max_query_length": 16}
+                                                           if paper["task_sft"]["task"] == "qa" else {}))
+    paper["evaluation"].update(max_seq_length=48, batch_size=8, limit=8,
+                               **({"stride": 16} if paper["task_sft"]["task"] == "qa" else {}))
+    _paper_data(tmp_path, home, paper)
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(paper, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID")}
+    done = subprocess.run([sys.executable, "-c", PAPER_RUN, str(config), str(tmp_path / "merged")], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    stages = plan(load_pipeline(config))
+    assert all(s.done for s in stages) and len(stages) == len(paper["languages"]) + 2
+    results = json.loads((stages[-1].directory / "results.json").read_text())
+    assert results["base"] == "xlm-roberta-base"
+    assert set(results["languages"]) == set(paper["evaluation"]["data"])
+    assert all(set(by) == {"task+lang", "task-only"} for by in results["languages"].values())
+    assert AutoConfig.from_pretrained(tmp_path / "merged").model_type == "xlm-roberta"
