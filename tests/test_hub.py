@@ -330,12 +330,13 @@ def test_a_pipeline_on_a_hub_base_runs_every_stage_offline(offline, tmp_path):
 
     config = tiny_pipeline(tmp_path, base={"name_or_path": HUB_ID}, ranks=2)
     data = yaml.safe_load(config.read_text())
-    data["languages"]["de"] = {"hf_dataset": WIKI_ID, "hf_config": WIKI_CONFIG, "split": "train"}
+    data["languages"] = {"de": {"hf_dataset": WIKI_ID, "hf_config": WIKI_CONFIG, "split": "train"}}
+    data["task_sft"]["data"]["sources"] = [s for s in data["task_sft"]["data"]["sources"] if s["language"] == "de"]
     data["evaluation"]["data"] = {"de": "data/nli_test.de.tsv"}
     data["evaluation"]["limit"] = 16
     config.write_text(yaml.safe_dump(data, sort_keys=False))
     stages = {s.name: s for s in plan(load_pipeline(config))}
-    assert list(stages) == ["lang:en", "lang:de", "task", "eval"] and stages["eval"].config["base"] == HUB_ID
+    assert list(stages) == ["lang:de", "task", "eval"] and stages["eval"].config["base"] == HUB_ID
     assert stages["lang:de"].config["data"]["sources"][0]["hf_dataset"] == WIKI_ID  # text from the hub cache too
     result = _ltsft("pipeline", str(config), "--master-port", str(free_port()))
     assert all(s.done for s in stages.values()), result.stdout[-2000:]
