@@ -51,14 +51,17 @@ def build_model(cfg: ModelConfig, task: str, num_labels: int | None = None, voca
     else:
         from transformers.utils import logging as hf_logging
 
+        from ltsft_dist.hub import resolve
+
+        directory = resolve(cfg.name_or_path, "model.name_or_path")  # a hub id: rank 0 downloads it first
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # its load report lists the base's MLM head as unused for task models
         try:
             torch.manual_seed(seed)
-            model = auto.from_pretrained(cfg.name_or_path, **extra)
+            model = auto.from_pretrained(directory, **extra)
         except (OSError, ValueError) as err:
-            raise LtsftError(f"model.name_or_path: cannot load {cfg.name_or_path!r} ({err}). Offline? Point it at "
-                             "a local directory, or set HF_HUB_OFFLINE=1 with the model in the cache.") from None
+            raise LtsftError(f"model.name_or_path: cannot load {cfg.name_or_path!r} from {directory} ({err}); "
+                             "point it at a directory written by save_pretrained or a hub model") from None
         finally:
             hf_logging.set_verbosity(verbosity)
     spec.prepare_model(model)
