@@ -1,7 +1,8 @@
 """Run a function on W local ranks (spawned processes, gloo) and collect what each returns.
 
-The same idea as tests/distributed.py, kept separate so the benchmarks do not depend on the test suite.
-Every launch is a fresh set of processes: memory high-water marks measured in them start clean.
+The one launcher of the benchmarks and the tests (tests/distributed.py runs it with the ranks joining through
+`ltsft_dist.engine.init_distributed`). Every launch is a fresh set of processes: memory high-water marks measured
+in them start clean.
 """
 
 from __future__ import annotations
@@ -10,14 +11,9 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
-import socket
 import traceback
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ltsft_dist.launch_env import free_port
 
 
 def _child(fn, rank, world_size, port, threads, use_deepspeed, args, out):

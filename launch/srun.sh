@@ -11,7 +11,9 @@
 #   VENV                  virtual environment to run from (default: .venv in the repo)
 #   LTSFT_SRUN_ARGS       extra srun options, e.g. "--mpi=pmi2" or "--cpu-bind=cores" (word-split)
 #   LTSFT_COMMAND         the ltsft subcommand to run (default: train)
-#   LTSFT_DIST_TIMEOUT_S  how long ranks wait for each other (default 600)
+#   LTSFT_RENDEZVOUS_TIMEOUT_S  how long ranks wait for each other to start (default 600 s)
+#   LTSFT_COLLECTIVE_TIMEOUT_S  how long a collective waits for a rank that stopped answering (default 1800 s;
+#                               longer than a rank 0 download or checkpoint write the others wait for)
 # `exec` makes srun replace this shell, so signals sent to it (e.g. scancel --signal, --signal=B:USR1) go to
 # srun, which forwards them to every task.
 set -euo pipefail

@@ -71,6 +71,14 @@ def collective_device(device: torch.device, backends: dict[str, str]) -> torch.d
     return torch.device("cpu")
 
 
+def set_collective_timeout(timeout) -> None:
+    """Bound every later collective of the group by `timeout` (a `datetime.timedelta`), apart from the rendezvous
+    that formed it. torch has one timeout for both at `init_process_group`; `_set_pg_timeout` (torch >= 2.3, the
+    versions pyproject.toml allows) changes it afterwards for the gloo and NCCL backends."""
+    if is_distributed():
+        dist.distributed_c10d._set_pg_timeout(timeout)
+
+
 def _runs_on(tensor: torch.Tensor) -> torch.device:
     return collective_device(tensor.device, backend_devices())
 

@@ -43,8 +43,25 @@ class ModelConfig:
     name_or_path: str | None = field(default=None, metadata=field_help("a hub id or a local transformers directory"))
     tiny: dict | None = field(default=None, metadata=field_help(
         "or: build a randomly initialised model from these config values (offline tests, demo)"))
-    architecture: str = field(default="bert", metadata=field_help("for `tiny`: bert | xlm-roberta"))
+    architecture: str = field(default="bert", metadata=field_help(
+        "for `tiny`: bert | xlm-roberta (encoders) | llama | qwen2 | mistral | gemma (decoders: task clm)"))
     tokenizer: str | None = field(default=None, metadata=field_help("tokenizer directory; defaults to name_or_path"))
+
+    def check_architecture(self, task, where: str) -> None:
+        """A tiny model's architecture is known and of the kind the task trains (a decoder or an encoder)."""
+        from ltsft_dist.models import TINY_CONFIGS, is_decoder
+        from ltsft_dist.tasks import get_task, task_names
+
+        if self.architecture not in TINY_CONFIGS:
+            raise LtsftError(f"{where}: model.architecture: {self.architecture!r} is not one of "
+                             f"{', '.join(TINY_CONFIGS)}")
+        if is_decoder(self.architecture) != task.decoder:
+            have, need = ("an encoder", "decoder") if task.decoder else ("a decoder", "encoder")
+            other = [n for n in task_names(kind=task.kind) if get_task(n).decoder != task.decoder]
+            fix = f"set task: {other[0]} to train this architecture, or " if other else ""
+            fitting = ", ".join(a for a in TINY_CONFIGS if is_decoder(a) == task.decoder)
+            raise LtsftError(f"{where}: model.architecture: {self.architecture!r} is {have}, and task {task.name} "
+                             f"trains {need} models only: {fix}set model.architecture to one of {fitting}")
 
 
 @dataclass
@@ -67,7 +84,7 @@ class SourceConfig:
 @dataclass
 class DataConfig:
     train_file: str = field(default="", metadata=field_help(
-        "single source: mlm: one text per line; classification: JSON lines with text, [text_pair,] label; nli: an "
+        "single source: mlm/clm: one text per line; classification: JSON lines with text, [text_pair,] label; nli: an "
         "XNLI/AmericasNLI TSV or MultiNLI JSONL; qa: SQuAD JSON (relative: from the config's folder where it "
         "exists there)"))
     format: str = field(default="auto", metadata=field_help("how to read train_file (see data.sources[].format)"))
@@ -76,7 +93,7 @@ class DataConfig:
     max_seq_length: int = field(default=64, metadata=field_help("tokens per model input"))
     mlm_probability: float = field(default=0.15, metadata=field_help("mlm: fraction of tokens masked"))
     packed: bool = field(default=False, metadata=field_help(
-        "mlm: concatenate lines and cut into max_seq_length blocks (else one line per row)"))
+        "mlm: concatenate lines and cut into max_seq_length blocks (else one line per row); clm always packs"))
     doc_stride: int = field(default=32, metadata=field_help("qa: context tokens shared by consecutive windows of a "
                                                        "long context"))
     max_query_length: int = field(default=24, metadata=field_help("qa: question tokens kept"))
@@ -92,7 +109,8 @@ class DataConfig:
 class TrainConfig:
     kind: str = field(default="language", metadata=field_help("language | task | bitfit"))
     task: str | None = field(default=None, metadata=field_help(
-        "mlm | classification | nli | qa | ner | pos (default: mlm for language SFTs, else classification)"))
+        "mlm | clm (decoders) | classification | nli | qa | ner | pos (default: mlm for language SFTs, clm for those "
+        "of a tiny decoder, else classification)"))
     languages: list[str] = field(default_factory=list, metadata=field_help("language code(s), recorded in the SFT"))
     output_dir: str = field(default="runs/ltsft", metadata=field_help(
         "where the SFT, checkpoints, tokenizer and logs go"))
@@ -132,8 +150,11 @@ class TrainConfig:
         "stop: fail naming the step and the last checkpoint | skip: skip such steps"))
 
     def complete(self) -> TrainConfig:
-        """A copy with the keys that default from others filled in: task from kind, selection `all` for BitFit."""
-        task = self.task or ("mlm" if self.kind == "language" else "classification")
+        """A copy with the keys that default from others filled in: task from kind (a language SFT of a tiny decoder
+        trains the decoders' language task, clm), selection `all` for BitFit."""
+        from ltsft_dist.models import language_task
+
+        task = self.task or (language_task(self.model) if self.kind == "language" else "classification")
         return dataclasses.replace(copy.deepcopy(self), task=task, selection="all" if self.kind == "bitfit" else self.selection)
 
     def validate(self, where: str = "config") -> None:
@@ -167,6 +188,8 @@ class TrainConfig:
         if (self.model.name_or_path is None) == (self.model.tiny is None):
             bad("model", "give exactly one of model.name_or_path or model.tiny")
         task = get_task(full.task, f"{where}: task")
+        if self.model.tiny is not None:
+            self.model.check_architecture(task, where)
         if (self.kind == "language") != (task.kind == "language"):
             bad("task", f"language SFTs train task {' or '.join(task_names(kind='language'))}, and task {full.task} "
                         f"trains a {task.kind} SFT: set kind: {task.kind}")

@@ -14,6 +14,9 @@ import torch
 from ltsft_dist.errors import LtsftError
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# A decoder's tokenizer: text starts with <s>, documents end with </s>, and a pad token (lm-eval and batched
+# generation need one; a vocabulary grown later would change the model's embeddings).
+CAUSAL_SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]
 
 
 @dataclass
@@ -56,16 +59,18 @@ def bert_mask(ids: torch.Tensor, spec: MLMSpec, g: torch.Generator,
     return inputs, torch.where(chosen, ids, torch.full_like(ids, -100))
 
 
-def train_wordpiece(lines: list[str], vocab_size: int):
+def train_wordpiece(lines: list[str], vocab_size: int, causal: bool = False):
     """A small WordPiece tokenizer built locally, for tiny models without the hub: the special tokens, the most
     frequent characters (alone and as ##continuations) and then the most frequent words. Built from counts with
     a fixed tie-break, so the same text always gives the same tokenizer (the `tokenizers` trainer does not: its
-    hash maps are seeded per process, which made every run's token ids differ)."""
+    hash maps are seeded per process, which made every run's token ids differ). `causal`: a decoder's tokenizer
+    (<s> text, with </s> and <pad>), else an encoder's ([CLS] text [SEP], with [MASK] and [PAD])."""
     from collections import Counter
 
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
+    special = CAUSAL_SPECIAL if causal else SPECIAL
     normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
     words = Counter(word for line in lines
                     for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line)))
@@ -74,13 +79,20 @@ def train_wordpiece(lines: list[str], vocab_size: int):
         for c in word:
             chars[c] += n
     by_count = lambda counts: sorted(counts, key=lambda t: (-counts[t], t))  # noqa: E731
-    room = max(0, vocab_size - len(SPECIAL))
+    room = max(0, vocab_size - len(special))
     kept_chars = by_count(chars)[:room // 2]
-    vocab = list(SPECIAL) + kept_chars + ["##" + c for c in kept_chars]
+    vocab = list(special) + kept_chars + ["##" + c for c in kept_chars]
     known = set(vocab)
     vocab += [w for w in by_count(words) if w not in known and len(w) > 1][:max(0, vocab_size - len(vocab))]
-    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token=special[1]))
     tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
+    if causal:
+        tok.decoder = decoders.WordPiece()  # generated ids read back as words
+        pad, unk, bos, eos = special
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {eos} $B:1", special_tokens=[(bos, 2), (eos, 3)])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, pad_token=pad, bos_token=bos,
+                                       eos_token=eos)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",

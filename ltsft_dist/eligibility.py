@@ -8,6 +8,7 @@ Every parameter gets exactly one role, decided in this order:
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,8 +17,11 @@ import torch
 
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.naming import body_prefix, module_type_and_layer
+from ltsft_dist.shards import param_shape
 
-LAYER_NORM = r"(LayerNorm|layer_norm|layernorm|\.ln_)"
+# Normalisation weights, frozen in language SFTs: BERT's LayerNorm, GPT-2's ln_*, Llama-style RMSNorms
+# (input_layernorm, post_attention_layernorm, the final model.norm) and per-head q_norm/k_norm (Qwen3, Gemma 3).
+LAYER_NORM = r"(LayerNorm|layer_norm|layernorm|\.ln_|(^|[._])norm\.)"
 POOLER = r"\.pooler\."
 
 
@@ -38,6 +42,8 @@ def _outside_body(model) -> str:
 
 
 def default_rules(kind: str, model) -> EligibilityConfig:
+    # A language SFT (the paper; for decoders as its authors advise): everything is eligible, input embeddings
+    # included, except the norms and the output embeddings (untied from the input ones by the task's model).
     if kind == "language":
         excluded = [LAYER_NORM]
         out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -54,6 +60,11 @@ def default_rules(kind: str, model) -> EligibilityConfig:
     raise LtsftError(f"unknown SFT kind {kind!r}: use 'language', 'task' or 'bitfit'")
 
 
+def _numel(p: torch.Tensor) -> int:
+    """Elements of a parameter, also once ZeRO-3 has partitioned it (its local tensor is then empty)."""
+    return math.prod(param_shape(p))
+
+
 @dataclass
 class Eligibility:
     rules: EligibilityConfig
@@ -64,14 +75,14 @@ class Eligibility:
 
     def count(self, model, role: str) -> int:
         params = dict(model.named_parameters())
-        return sum(params[n].numel() for n in self.names(role))
+        return sum(_numel(params[n]) for n in self.names(role))
 
     def table(self, model) -> str:
         """Elements per module type and role: shown at start so nobody trains the wrong parameters."""
         params = dict(model.named_parameters())
         counts: Counter = Counter()
         for name, role in self.roles.items():
-            counts[(module_type_and_layer(name)[0], role)] += params[name].numel()
+            counts[(module_type_and_layer(name)[0], role)] += _numel(params[name])
         types = sorted({t for t, _ in counts})
         width = max(len(t) for t in types)
         lines = [f"{'module type':<{width}}  {'sparse':>10} {'head':>10} {'frozen':>10}"]

@@ -19,7 +19,8 @@ NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "layernorm.weight")
 
 def init_distributed() -> None:
     """Join the process group described by whichever launcher started us (deepspeed/torchrun, srun, mpiexec;
-    none is a world of 1), with a bounded timeout so a missing rank fails the job instead of hanging it.
+    none is a world of 1), with bounded waits so a missing rank fails the job instead of hanging it: the
+    rendezvous within LTSFT_RENDEZVOUS_TIMEOUT_S, each collective after it within LTSFT_COLLECTIVE_TIMEOUT_S.
     Does nothing in a process that has joined one already."""
     import deepspeed
     import torch.distributed as dist
@@ -27,11 +28,13 @@ def init_distributed() -> None:
     if dist.is_initialized():
         return
 
+    from ltsft_dist import comm
     from ltsft_dist.devices import bind_accelerator
-    from ltsft_dist.launch_env import discover, dist_timeout, process_group_backend
+    from ltsft_dist.launch_env import (RENDEZVOUS_TIMEOUT_VAR, collective_timeout, discover, process_group_backend,
+                                       rendezvous_timeout)
     from ltsft_dist.shards import disable_shm_allreduce
 
-    timeout = dist_timeout()
+    timeout, per_collective = rendezvous_timeout(), collective_timeout()
     env = discover()
     env.export(os.environ)  # what env:// rendezvous and DeepSpeed read
     device = bind_accelerator(env.local_rank)
@@ -43,7 +46,8 @@ def init_distributed() -> None:
         raise LtsftError(
             f"{env.describe()}: could not form the process group within {timeout.total_seconds():g} s ({err}). "
             f"Check that all {env.world_size} ranks started (launcher logs), that {env.master_addr} resolves and "
-            f"port {env.master_port} is reachable from every node; LTSFT_DIST_TIMEOUT_S sets the wait") from err
+            f"port {env.master_port} is reachable from every node; {RENDEZVOUS_TIMEOUT_VAR} sets the wait") from err
+    comm.set_collective_timeout(per_collective)
     # A clean exit. Now and then a rank that finished dies in gloo's C++ teardown (static destructors at exit;
     # destroy_process_group() first does not help): "terminate called without an active exception", SIGABRT,
     # failing a job that succeeded. `leave_cleanly` skips that teardown; the CLI calls it as soon as a command
@@ -61,8 +65,6 @@ def init_distributed() -> None:
 
     sys.exit, sys.excepthook = recording_exit, recording_excepthook
     atexit.register(lambda: leave_cleanly() if _outcome["status"] == 0 else None)
-    from ltsft_dist import comm
-
     _peers[:] = comm.all_gather_object((socket.gethostname(), os.getpid()))
     if env.rank == 0:  # the pids let a launcher's "PID n ... KILLED" be read as a rank
         pids = " ".join(f"{rank}={pid}" for rank, (_, pid) in enumerate(_peers))
@@ -136,12 +138,20 @@ def ds_config_for(config, world_size: int) -> dict:
                           world_size=world_size, max_grad_norm=config.max_grad_norm)
 
 
-def load_ds_config(path: Path, *, micro_batch_size: int, accumulation: int, world_size: int,
-                   max_grad_norm: float) -> dict:
+def read_ds_config(path: Path) -> dict:
+    """A DeepSpeed config file as it is, "auto" values and all."""
     try:
-        ds = json.loads(path.read_text())
+        ds = json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
         raise LtsftError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(ds, dict):
+        raise LtsftError(f"{path}: expected a JSON object of DeepSpeed settings")
+    return ds
+
+
+def load_ds_config(path: Path, *, micro_batch_size: int, accumulation: int, world_size: int,
+                   max_grad_norm: float) -> dict:
+    ds = read_ds_config(path)
     ours = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": accumulation,
             "train_batch_size": micro_batch_size * accumulation * world_size, "gradient_clipping": max_grad_norm}
     for key, value in ours.items():

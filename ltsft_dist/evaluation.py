@@ -20,6 +20,7 @@ from ltsft_dist.devices import inference_device, to_device
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.naming import body_prefix
 from ltsft_dist.files import write_atomically
+from ltsft_dist.hub import resolve
 from ltsft_dist.sft import SparseFineTuning, base_fingerprint
 from ltsft_dist.tasks import FORMAT_NAMES, Encoding, Task, format_problem, get_task, task_names
 from ltsft_dist.tasks.qa import QA_METRICS
@@ -70,7 +71,7 @@ class EvalConfig(EvalOptions):
     a pipeline's `evaluation` section (which sets base, task_sft, task and lang_sft itself)."""
 
     base: str | None = field(default=None, metadata=field_help(
-        "base model directory written by save_pretrained, with its tokenizer"))
+        "base model: a hub id or a directory written by save_pretrained, with its tokenizer"))
     task_sft: str | None = field(default=None, metadata=field_help("the task SFT, with its dense task head"))
     task: str | None = field(default=None, metadata=field_help(
         "default: the task the SFT was trained for, else told by its head parameters"))
@@ -189,6 +190,7 @@ class _Inputs:
     """Everything an evaluation needs, checked before any model runs (so every rank fails alike, and early)."""
 
     task: str
+    base: Path  # the base's local directory (a hub id's snapshot in the cache)
     task_sft: SparseFineTuning
     lang_sfts: dict[str, SparseFineTuning]
     examples: dict[str, list]
@@ -203,12 +205,13 @@ def _load_inputs(base_dir, task_sft: str, data: dict[str, str], lang_sfts: dict[
     if no_data:
         raise LtsftError(f"--lang-sft {no_data[0]}=... has no --data {no_data[0]}=PATH; add the evaluation file of "
                          "that language or drop its language SFT")
-    if not (Path(base_dir) / "config.json").is_file():
-        raise LtsftError(f"--base {base_dir}: no config.json there; pass a directory written by save_pretrained "
-                         "(model and tokenizer)")
     options.check()
+    base = resolve(base_dir, "--base")  # a hub id: rank 0 downloads it first
+    if not (base / "config.json").is_file():
+        raise LtsftError(f"--base {base_dir}: no config.json in {base}; pass a hub model or a directory written by "
+                         "save_pretrained (model and tokenizer)")
     sft = load_sft_flag(task_sft, "--task-sft", "task")
-    task = task or infer_task(sft, base_dir)
+    task = task or infer_task(sft, base)
     spec = get_task(task, "--task", evaluated=True)
     spec.check_eval(options, list(data))
     languages = {}
@@ -220,7 +223,7 @@ def _load_inputs(base_dir, task_sft: str, data: dict[str, str], lang_sfts: dict[
     labels = spec.head_labels(sft.metadata.training_config, f"--task-sft {task_sft}")
     examples = {lang: read_eval_data(task, lang, path, options.format, options.limit)
                 for lang, path in data.items()}
-    return _Inputs(task, sft, languages, examples, labels)
+    return _Inputs(task, base, sft, languages, examples, labels)
 
 
 def _load_model(base_dir, inputs: _Inputs, task_sft: str, lang_sfts: dict[str, str]):
@@ -230,11 +233,11 @@ def _load_model(base_dir, inputs: _Inputs, task_sft: str, lang_sfts: dict[str, s
     from ltsft_dist.models import load_task_model
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        tokenizer = AutoTokenizer.from_pretrained(inputs.base)
     except (OSError, ValueError) as err:
         raise LtsftError(f"--base {base_dir}: no usable tokenizer there ({err}); save the base's tokenizer "
                          "into it (tokenizer.save_pretrained)") from None
-    model = load_task_model(base_dir, inputs.task, len(inputs.labels) if inputs.labels else None)
+    model = load_task_model(inputs.base, inputs.task, len(inputs.labels) if inputs.labels else None)
     require_same_base(inputs.task_sft, model, f"--task-sft {task_sft}", base_dir)
     for lang, lang_sft in inputs.lang_sfts.items():
         require_same_base(lang_sft, model, f"--lang-sft {lang}={lang_sfts[lang]}", base_dir)

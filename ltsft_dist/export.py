@@ -12,6 +12,7 @@ import torch
 from ltsft_dist.devices import inference_device
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.evaluation import head_names, load_sft_flag, require_same_base
+from ltsft_dist.hub import resolve
 from ltsft_dist.sft import compose
 from ltsft_dist.tasks import get_task
 
@@ -34,13 +35,15 @@ def export_merged(base_dir, sft_locations: list[str], task: str, out, overwrite:
         raise LtsftError("no SFT to merge: pass --sft DIR (repeatable)")
     if out.exists() and not overwrite:
         raise LtsftError(f"-o {out}: already exists; choose another directory or pass --overwrite")
-    if not (Path(base_dir) / "config.json").is_file():
-        raise LtsftError(f"--base {base_dir}: no config.json there; pass a directory written by save_pretrained")
+    base = resolve(base_dir, "--base", collective=False)  # one process writes the export (rank 0 of a group, if any)
+    if not (base / "config.json").is_file():
+        raise LtsftError(f"--base {base_dir}: no config.json in {base}; pass a hub model or a directory written by "
+                         "save_pretrained")
     target = inference_device(device)
     sfts = [load_sft_flag(location, "--sft") for location in sft_locations]
     task_sft = next((s for s in sfts if s.metadata.kind == "task"), None)  # it records the label names
     labels = spec.head_labels(task_sft.metadata.training_config if task_sft else {}, f"--task {task}: the task SFT")
-    model = load_task_model(base_dir, task, len(labels) if labels else None)
+    model = load_task_model(base, task, len(labels) if labels else None)
     if labels:
         model.config.id2label = dict(enumerate(labels))
         model.config.label2id = {name: i for i, name in enumerate(labels)}
@@ -56,7 +59,7 @@ def export_merged(base_dir, sft_locations: list[str], task: str, out, overwrite:
                              f"a {task} model: {skipped or 'nothing'}): add the task SFT or pass the --task it "
                              "was trained for")
     _separate_shared_parameters(model)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer = AutoTokenizer.from_pretrained(base)
     out.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:

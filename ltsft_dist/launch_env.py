@@ -27,8 +27,12 @@ from typing import Callable, Mapping, MutableMapping
 from ltsft_dist.errors import LtsftError
 
 DEFAULT_PORT = 29500
-DEFAULT_TIMEOUT_S = 600.0
-TIMEOUT_VAR = "LTSFT_DIST_TIMEOUT_S"
+# Two waits, bounded separately: the rendezvous (every rank started and reached rank 0's address; nodes of one job
+# can start minutes apart) and each collective after it (a rank may legitimately sit in a barrier while rank 0
+# downloads a model or writes a checkpoint, so this one is longer).
+RENDEZVOUS_TIMEOUT_VAR, DEFAULT_RENDEZVOUS_TIMEOUT_S = "LTSFT_RENDEZVOUS_TIMEOUT_S", 600.0
+COLLECTIVE_TIMEOUT_VAR, DEFAULT_COLLECTIVE_TIMEOUT_S = "LTSFT_COLLECTIVE_TIMEOUT_S", 1800.0
+LEGACY_TIMEOUT_VAR = "LTSFT_DIST_TIMEOUT_S"  # the older single setting: the default of both
 _FIX_STALE = ("unset RANK WORLD_SIZE LOCAL_RANK in the job script or shell that starts the ranks (launch/srun.sh and "
               "launch/mpirun.sh do), or start as many tasks as WORLD_SIZE says")
 
@@ -387,19 +391,36 @@ def discover(environ: Mapping[str, str] | None = None, *, use_mpi4py: bool = Tru
                      num_nodes=nodes, master_addr=addr, master_port=port, source=source)
 
 
-def dist_timeout(environ: Mapping[str, str] | None = None) -> datetime.timedelta:
-    """Bounded wait for the rendezvous and every collective: a missing or dead rank fails the job instead of
-    hanging it (torch's own default is 30 minutes)."""
-    env = os.environ if environ is None else environ
-    raw = env.get(TIMEOUT_VAR, "").strip()
+def timeouts_help() -> str:
+    """The timeout variables, for the commands' --help."""
+    return (f"environment: {RENDEZVOUS_TIMEOUT_VAR} (default {DEFAULT_RENDEZVOUS_TIMEOUT_S:g} s): how long ranks wait "
+            f"for each other to start; {COLLECTIVE_TIMEOUT_VAR} (default {DEFAULT_COLLECTIVE_TIMEOUT_S:g} s): how long "
+            f"one collective waits for a rank that stopped answering ({LEGACY_TIMEOUT_VAR}: the default of both)")
+
+
+def rendezvous_timeout(environ: Mapping[str, str] | None = None) -> datetime.timedelta:
+    """How long a rank waits for the others to join the process group before the job fails with the missing
+    ranks named (torch's own default is 30 minutes)."""
+    return _timeout(os.environ if environ is None else environ, RENDEZVOUS_TIMEOUT_VAR, DEFAULT_RENDEZVOUS_TIMEOUT_S)
+
+
+def collective_timeout(environ: Mapping[str, str] | None = None) -> datetime.timedelta:
+    """How long one collective (a barrier, an all-reduce) waits for a rank that stopped answering, e.g. one that
+    died, before the job fails instead of hanging."""
+    return _timeout(os.environ if environ is None else environ, COLLECTIVE_TIMEOUT_VAR, DEFAULT_COLLECTIVE_TIMEOUT_S)
+
+
+def _timeout(env: Mapping[str, str], var: str, default_s: float) -> datetime.timedelta:
+    name = var if env.get(var, "").strip() else LEGACY_TIMEOUT_VAR
+    raw = env.get(name, "").strip()
     if not raw:
-        return datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)
+        return datetime.timedelta(seconds=default_s)
     try:
         seconds = float(raw)
     except ValueError:
         seconds = -1.0
     if seconds <= 0:
-        raise LtsftError(f"{TIMEOUT_VAR}={raw!r}: expected a positive number of seconds")
+        raise LtsftError(f"{name}={raw!r}: expected a positive number of seconds")
     return datetime.timedelta(seconds=seconds)
 
 
@@ -419,6 +440,17 @@ def device_index(local_rank: int, visible: int) -> int:
         return local_rank
     raise LtsftError(f"local rank {local_rank} but only {visible} GPUs are visible on this node: start at most "
                      f"{visible} ranks per node, or bind one GPU per task (srun --gpus-per-task=1)")
+
+
+def allocated_gpus(environ: Mapping[str, str] | None = None) -> str | None:
+    """The GPUs a SLURM allocation gave this process, as its variable says them ("SLURM_STEP_GPUS=0,1"), or None.
+    CUDA_VISIBLE_DEVICES is no evidence: the DeepSpeed launcher sets it on CPU-only machines too."""
+    env = os.environ if environ is None else environ
+    for name in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE"):
+        value = env.get(name, "").strip()
+        if value and value not in ("0", "none", "(null)"):
+            return f"{name}={value}"
+    return None
 
 
 def process_group_backend(device_type: str) -> str:

@@ -3,13 +3,34 @@
 from __future__ import annotations
 
 import torch
-from transformers import BertConfig, XLMRobertaConfig
+from transformers import BertConfig, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config, XLMRobertaConfig
 
 from ltsft_dist.config import ModelConfig
 from ltsft_dist.errors import LtsftError
-from ltsft_dist.tasks import get_task
+from ltsft_dist.tasks import get_task, task_names
 
-TINY_CONFIGS = {"bert": BertConfig, "xlm-roberta": XLMRobertaConfig}
+TINY_CONFIGS = {"bert": BertConfig, "xlm-roberta": XLMRobertaConfig,
+                "llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "gemma": GemmaConfig}
+DECODERS = ("llama", "qwen2", "mistral", "gemma")  # causal LMs: the tasks with `Task.decoder` train them
+
+
+def is_decoder(architecture: str) -> bool:
+    return architecture in DECODERS
+
+
+def language_task(cfg: ModelConfig) -> str:
+    """The task a language SFT of this model trains by default: the decoders' (clm) for a tiny decoder, else the
+    encoders' (mlm)."""
+    decoder = cfg.tiny is not None and is_decoder(cfg.architecture)
+    return next(name for name in task_names(kind="language") if get_task(name).decoder == decoder)
+
+
+def tiny_tokenizer(cfg: ModelConfig, texts: list[str]):
+    """The tokenizer of a tiny model, trained on `texts`: WordPiece framed for an encoder or for a decoder."""
+    from ltsft_dist.data import train_wordpiece
+
+    return train_wordpiece(texts, vocab_size=int(cfg.tiny.get("vocab_size", 1000)),
+                           causal=is_decoder(cfg.architecture))
 
 
 def build_model(cfg: ModelConfig, task: str, num_labels: int | None = None, vocab_size: int | None = None,
@@ -30,14 +51,17 @@ def build_model(cfg: ModelConfig, task: str, num_labels: int | None = None, voca
     else:
         from transformers.utils import logging as hf_logging
 
+        from ltsft_dist.hub import resolve
+
+        directory = resolve(cfg.name_or_path, "model.name_or_path")  # a hub id: rank 0 downloads it first
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # its load report lists the base's MLM head as unused for task models
         try:
             torch.manual_seed(seed)
-            model = auto.from_pretrained(cfg.name_or_path, **extra)
+            model = auto.from_pretrained(directory, **extra)
         except (OSError, ValueError) as err:
-            raise LtsftError(f"model.name_or_path: cannot load {cfg.name_or_path!r} ({err}). Offline? Point it at "
-                             "a local directory, or set HF_HUB_OFFLINE=1 with the model in the cache.") from None
+            raise LtsftError(f"model.name_or_path: cannot load {cfg.name_or_path!r} from {directory} ({err}); "
+                             "point it at a directory written by save_pretrained or a hub model") from None
         finally:
             hf_logging.set_verbosity(verbosity)
     spec.prepare_model(model)
@@ -53,21 +77,28 @@ def untie_output_embeddings(model: torch.nn.Module) -> None:
 
 
 def save_tiny_base(directory, cfg: ModelConfig, texts: list[str], seed: int = 0) -> None:
-    """A tiny masked LM and a WordPiece tokenizer trained on `texts`, saved as a HF directory: the shared base
-    θ⁰ that language and task SFTs of an offline run (demo, tests) are trained on and composed over."""
+    """A tiny language model (a masked LM, or a causal LM for a decoder architecture) and a WordPiece tokenizer
+    trained on `texts`, saved as a HF directory: the shared base θ⁰ that language and task SFTs of an offline run
+    (demo, tests) are trained on and composed over."""
     import shutil
     import tempfile
     from pathlib import Path
 
-    from ltsft_dist.data import train_wordpiece
+    from transformers import AutoTokenizer
 
     directory = Path(directory)
-    tokenizer = train_wordpiece(texts, vocab_size=int(cfg.tiny.get("vocab_size", 1000)))
-    model = build_model(cfg, "mlm", vocab_size=len(tokenizer), seed=seed)
+    tokenizer = tiny_tokenizer(cfg, texts)
+    model = build_model(cfg, language_task(cfg), vocab_size=len(tokenizer), seed=seed)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    reloaded = AutoTokenizer.from_pretrained(tmp)
+    if reloaded(texts[:16])["input_ids"] != tokenizer(texts[:16])["input_ids"]:
+        shutil.rmtree(tmp)
+        raise LtsftError(f"model.architecture: transformers loads the tokenizer of a tiny {cfg.architecture} base as "
+                         f"{type(reloaded).__name__}, which tokenizes differently; build the tiny base as another "
+                         "architecture of its kind (e.g. llama)")
     if directory.exists():
         shutil.rmtree(directory)
     tmp.replace(directory)

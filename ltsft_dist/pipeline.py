@@ -239,8 +239,13 @@ def run_stage_here(config: PipelineConfig, stage: Stage, rank: int) -> int:
 
     if rank == 0:
         stage_argv(stage)  # the stage's config, written beside its outputs as a record
-    result = train(_train_config(stage.config, f"stage {stage.name}"))
+    result = train(train_stage_config(stage))
     return EXIT_REQUEUE if result.preempted is not None else 0
+
+
+def train_stage_config(stage: Stage) -> TrainConfig:
+    """A training stage's `TrainConfig`, validated."""
+    return _train_config(stage.config, f"stage {stage.name}")
 
 
 def _evaluate_stage(stage: Stage) -> int:

@@ -35,6 +35,7 @@ from ltsft_dist.monitor import Monitor, density_scalars, mask_overlap, peak_memo
 from ltsft_dist.shards import Shards
 from ltsft_dist.sft import SFTMetadata, SparseFineTuning, base_fingerprint
 from ltsft_dist.snapshot import Snapshot
+from ltsft_dist.tasks import get_task
 from ltsft_dist.topk import random_scores, select_topk
 
 FLOAT_MAX = torch.finfo(torch.float32).max
@@ -203,10 +204,15 @@ class LTSFTRecipe:
 
     def _evaluate(self, phase: str, step: int) -> None:
         losses = self.held_out.loss(self.engine)
-        self.stats.eval_losses.setdefault(phase, []).append({"step": step, **losses})
+        scores = {score + ("" if lang == "all" else f"_{lang}"): value for lang, loss in losses.items()
+                  for score, value in get_task(self.config.task).held_out_scores(loss).items()}  # clm: perplexity
+        self.stats.eval_losses.setdefault(phase, []).append({"step": step, **losses, **scores})
         self.monitor.scalars({f"eval/{phase}/loss" + ("" if lang == "all" else f"/{lang}"): value
                               for lang, value in losses.items()}, self.global_step)
-        self.monitor.line("eval", phase=phase, step=step, **{f"loss_{lang}": v for lang, v in losses.items()})
+        self.monitor.scalars({f"eval/{phase}/{name.replace('_', '/', 1)}": value for name, value in scores.items()},
+                             self.global_step)
+        self.monitor.line("eval", phase=phase, step=step, **{f"loss_{lang}": v for lang, v in losses.items()},
+                          **scores)
         if self.best is None or losses["all"] < self.best["loss"]:
             self.best = {"step": step, "loss": losses["all"],
                          "selected": [self.shards.master(f)[sel].clone() for f, sel in zip(self.sparse, self.selected)],

@@ -24,6 +24,7 @@ import torch
 
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.files import write_atomically
+from ltsft_dist.hub import resolve
 from ltsft_dist.naming import body_prefix, module_type_and_layer
 
 FORMAT_VERSION = 1
@@ -168,7 +169,7 @@ class SparseFineTuning:
         hub_kwargs.setdefault(
             "allow_patterns", [CONFIG_NAME, WEIGHTS_NAME, composable_format.SFT_FILE_NAME, "config.json"]
         )
-        directory = _resolve(dir_or_hub_id, hub_kwargs)
+        directory = resolve(dir_or_hub_id, kind="an SFT directory", **hub_kwargs)
         if not (directory / CONFIG_NAME).exists() and (directory / composable_format.SFT_FILE_NAME).exists():
             return composable_format.load_composable_sft(directory)
         return cls._load_native(directory)
@@ -358,25 +359,6 @@ def _swap_head(param: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- files
-
-
-def _resolve(dir_or_hub_id, hub_kwargs: dict) -> Path:
-    path = Path(dir_or_hub_id).expanduser()
-    if path.is_dir():
-        return path
-    text = str(dir_or_hub_id)
-    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise LtsftError(f"{text}: not an SFT directory (and not a hub id of the form owner/name)")
-    import huggingface_hub
-
-    try:
-        return Path(huggingface_hub.snapshot_download(text, **hub_kwargs))
-    except Exception as err:  # offline, unknown repo, bad revision...: all mean "cannot get it"
-        reason = str(err).splitlines()[0] if str(err) else "no details"
-        raise LtsftError(
-            f"{text!r} is not a local directory, and downloading it from the Hugging Face hub failed "
-            f"({type(err).__name__}: {reason}); check the path or hub id and your connection"
-        ) from None
 
 
 def _read_config(path: Path) -> dict:

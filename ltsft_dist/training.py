@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ltsft_dist import comm
+from ltsft_dist import comm, preflight
 from ltsft_dist.config import TrainConfig
 from ltsft_dist.errors import LtsftError
 
@@ -56,7 +56,6 @@ class TrainingRun:
     def setup(self) -> None:
         from transformers import AutoTokenizer
 
-        from ltsft_dist.data import accumulation_steps
         from ltsft_dist.engine import ds_config_for, init_distributed
         from ltsft_dist.heldout import HeldOut
         from ltsft_dist.models import build_model
@@ -66,7 +65,7 @@ class TrainingRun:
         config, out = self.config, self.output_dir
         init_distributed()
         self.rank, world = comm.rank(), comm.world_size()
-        accumulation_steps(config.batch_size, config.micro_batch_size, world)  # before any data is read
+        preflight.before_training(config, world)  # collective; before any data or model is read
         out.mkdir(parents=True, exist_ok=True)
         sources = read_sources(config)
         if not config.languages:

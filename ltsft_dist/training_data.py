@@ -93,17 +93,23 @@ def encode_sources(config: TrainConfig, tokenizer, sources: list[Source]) -> Tra
 
 
 def build_tokenizer(config: TrainConfig, sources: list[Source]):
-    """The configured tokenizer; a tiny model without one gets a WordPiece tokenizer trained on the sources."""
+    """The configured tokenizer (a directory or hub id); a tiny model without one gets a WordPiece tokenizer
+    trained on the sources (an encoder's or a decoder's, by `model.architecture`). Called on rank 0 alone (the
+    others read the copy it saves), so it downloads alone."""
     from transformers import AutoTokenizer
 
-    from ltsft_dist.data import train_wordpiece
+    from ltsft_dist.models import tiny_tokenizer
 
     path = config.model.tokenizer or config.model.name_or_path
     if path is None:
         task = get_task(config.task)
-        texts = [t for s in sources for t in task.texts(s.records)]
-        return train_wordpiece(texts, vocab_size=int(config.model.tiny.get("vocab_size", 1000)))
+        return tiny_tokenizer(config.model, [t for s in sources for t in task.texts(s.records)])
+    from ltsft_dist.hub import TOKENIZER_FILES, resolve
+
+    key = "model.tokenizer" if config.model.tokenizer else "model.name_or_path"
+    directory = resolve(path, key, collective=False, allow_patterns=TOKENIZER_FILES)
     try:
-        return AutoTokenizer.from_pretrained(path)
-    except OSError as err:
-        raise LtsftError(f"model.tokenizer: cannot load a tokenizer from {path!r} ({err})") from None
+        return AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as err:
+        raise LtsftError(f"{key}: cannot load a tokenizer from {path!r} ({err}); point model.tokenizer at a "
+                         "directory or hub id with one") from None

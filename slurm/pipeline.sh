@@ -12,6 +12,9 @@
 #   BASE_SBATCH_ARGS, LANG_SBATCH_ARGS, TASK_SBATCH_ARGS, EVAL_SBATCH_ARGS
 #                    extra sbatch options per stage, e.g. TASK_SBATCH_ARGS="--nodes=4 --time=48:00:00"
 # Stages that are already done finish at once, so resubmitting after a failure reruns only what is missing.
+# Nothing is submitted when `ltsft pipeline --check` finds a problem at the config's `ranks` (make each stage's
+# job run that many ranks). The jobs request GPUs (slurm/pipeline_stage.sbatch); for CPUs, export
+# SBATCH_GRES=none before running this script: every sbatch here obeys it.
 # A failed stage cancels the stages after it (--kill-on-invalid-dep=yes) instead of leaving them pending forever.
 set -euo pipefail
 if [ $# -ne 1 ]; then
@@ -22,6 +25,10 @@ CONFIG=$1
 here=$(dirname "$0")
 source "$here/../launch/_venv.sh"
 export LTSFT_REPO=${LTSFT_REPO:-$REPO}  # the jobs find launch/ here, wherever they were submitted from
+if ! "$PY" -m ltsft_dist.cli pipeline --check "$CONFIG" >/dev/null; then
+  echo "$0: the preflight above found problems in $CONFIG: nothing submitted" >&2
+  exit 1
+fi
 stages=$("$PY" -c 'import sys
 from ltsft_dist.pipeline import load_pipeline, plan
 print(" ".join(s.name for s in plan(load_pipeline(sys.argv[1]))))' "$CONFIG")

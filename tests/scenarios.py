@@ -8,7 +8,7 @@ import tempfile
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from ltsft_dist.config import PhaseConfig, TrainConfig
+from ltsft_dist.config import ModelConfig, PhaseConfig, TrainConfig
 from ltsft_dist.data import Examples
 from ltsft_dist.engine import ds_config_for
 from ltsft_dist.hooks import StepHook
@@ -16,6 +16,12 @@ from ltsft_dist.sft import SFTMetadata, SparseFineTuning, base_fingerprint
 
 TINY = dict(vocab_size=61, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=30,
             max_position_embeddings=20, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+# A Llama-shaped decoder: grouped-query attention (1 key/value head), RMSNorms, untied output head. Its numels
+# (1220, 400, 200, 600, 20) leave ZeRO-3 padding at W=3, and 1220 at W=3 and 4 is not a multiple of 4 either.
+TINY_LLAMA = dict(vocab_size=61, hidden_size=20, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                  intermediate_size=30, max_position_embeddings=24)
 
 
 def tiny_classifier(seed: int = 0) -> BertForSequenceClassification:
@@ -36,6 +42,32 @@ def tiny_model(kind: str = "task", seed: int = 0):
     model = BertForMaskedLM(BertConfig(**TINY))
     untie_output_embeddings(model)
     return model
+
+
+def model_for(cfg: TrainConfig, seed: int = 0):
+    """The scenario's model: a tiny decoder built as `ltsft train` builds it (`models.build_model`, which unties
+    its output head), else the tiny BERT of its kind."""
+    from ltsft_dist.models import build_model, is_decoder
+
+    if is_decoder(cfg.model.architecture):
+        return build_model(cfg.model, cfg.task, seed=seed)
+    return tiny_model(cfg.kind, seed)
+
+
+def clm_examples(n: int = 48, length: int = 12, seed: int = 4) -> Examples:
+    """Full causal-LM blocks as the clm task makes them: <s> (id 2) then random tokens of the tiny vocabulary."""
+    from ltsft_dist.tasks.clm import causal_examples
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, TINY_LLAMA["vocab_size"], (n, length), generator=g)
+    ids[:, 0] = 2
+    return causal_examples(ids)
+
+
+def clm_config(stage_file: str = "zero2.json", **overrides) -> TrainConfig:
+    """A language SFT of the tiny Llama (task clm)."""
+    overrides = {"model": ModelConfig(tiny=dict(TINY_LLAMA), architecture="llama"), "weight_decay": 0.05, **overrides}
+    return task_config(stage_file, kind="language", task="clm", **overrides)
 
 
 def mlm_examples(n: int = 48, length: int = 12, seed: int = 2) -> Examples:
@@ -102,13 +134,13 @@ def run_cases(cases: list[tuple[str, TrainConfig, Examples, int]], world_size: i
     for name, cfg, examples, accumulation in cases:
         cfg = copy.deepcopy(cfg)
         cfg.micro_batch_size = cfg.batch_size // (world_size * accumulation)
-        model = tiny_model(cfg.kind)
+        model = model_for(cfg)
         recipe = LTSFTRecipe(model, examples, cfg, ds_config_for(cfg, world_size), show_progress=False)
         sft = recipe.run()
         diffs = sft.diffs if sft is not None else None
         diffs = [diffs]
         dist.broadcast_object_list(diffs, src=0)
-        theta0 = dict(tiny_model(cfg.kind).named_parameters())
+        theta0 = dict(model_for(cfg).named_parameters())
         drift = working_weight_drift(model, theta0, diffs[0], recipe.eligibility.roles)
         if sft is not None:
             results[name] = {"diffs": sft.diffs, "heads": sft.heads, "stats": dict(recipe.stats.__dict__),

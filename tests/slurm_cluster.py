@@ -79,6 +79,7 @@ class SlurmCluster:
         # Our cluster only: no variables of an allocation this process may itself be running in.
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SALLOC_"))}
         self.env["SLURM_CONF"] = str(self.conf)
+        self.env["SBATCH_GRES"] = "none"  # no GPUs here: what slurm/*.sbatch (which request GPUs) say for CPUs
         self.procs: dict[str, subprocess.Popen] = {}
         self._hosts_added = False
         self._mark = f"{HOSTS_MARK} {self.root}"

@@ -15,7 +15,8 @@ import torch
 
 from distributed import run_ranks
 from oracle import oracle_ltsft
-from scenarios import classification_examples, mlm_examples, run_cases, task_config, tiny_model
+from scenarios import (classification_examples, clm_config, clm_examples, mlm_examples, model_for, run_cases,
+                       task_config, tiny_model)
 from ltsft_dist.config import PhaseConfig
 
 STAGES = (0, 1, 2, 3)
@@ -37,6 +38,12 @@ def _cases():
         l1 = task_config(f"zero{stage}.json", batch_size=24, phase1=PhaseConfig(steps=4, lr=3e-3, l1=0.1),
                          phase2=PhaseConfig(steps=4, lr=3e-3, l1=0.1))
         cases.append((f"l1-accum-z{stage}", l1, base, 2))
+    # A language SFT of a tiny Llama (task clm): next-token loss over full blocks, norms and the untied head frozen.
+    for stage in (0, 2, 3):
+        cases.append((f"clm-z{stage}", clm_config(f"zero{stage}.json"), clm_examples(), 1))
+    clm_l1 = clm_config("zero3.json", batch_size=24, phase1=PhaseConfig(steps=4, lr=3e-3, l1=0.1),
+                        phase2=PhaseConfig(steps=4, lr=3e-3, l1=0.1))
+    cases.append(("clm-l1-accum-z3", clm_l1, clm_examples(), 2))
     return cases
 
 
@@ -56,7 +63,7 @@ def distributed(launches):
 @functools.lru_cache(maxsize=None)
 def oracle(case: str):
     cfg, examples, _ = CASES[case]
-    return oracle_ltsft(tiny_model(cfg.kind), examples, cfg)
+    return oracle_ltsft(model_for(cfg), examples, cfg)
 
 
 def _mask_indices(mask: torch.Tensor) -> torch.Tensor:
@@ -177,6 +184,16 @@ def test_language_sft_freezes_layernorm_and_output_embeddings(distributed):
     assert got["heads"] == {}
 
 
+def test_clm_language_sft_freezes_norms_and_the_untied_output_head(distributed):
+    """Decoders follow the method's language-SFT rules: input embeddings eligible, RMSNorms and lm_head frozen."""
+    got = distributed(2)["clm-z2"]
+    assert not any("norm" in n or n == "lm_head.weight" for n in got["diffs"])
+    assert "model.embed_tokens.weight" in got["diffs"]
+    assert {n.rsplit(".", 2)[-2] for n in got["diffs"]} >= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj"}
+    assert got["heads"] == {}
+
+
 def _run_cases_on_recycled_memory(cases, world_size):
     """`run_cases` with `torch.empty` returning NaN-filled memory, as a caching allocator's recycled blocks may:
     DeepSpeed allocates ZeRO-3 partitions, padding included, with `torch.empty`."""
@@ -186,7 +203,7 @@ def _run_cases_on_recycled_memory(cases, world_size):
 
 def test_zero3_padding_never_counts_as_drift():
     """At W=3 several parameters' numel is not a multiple of 3, so the last rank's partitions end in padding."""
-    names = ("language-z3", "base-z3")
+    names = ("language-z3", "base-z3", "clm-z3")
     cases = [(n, *CASES[n]) for n in names]
     got = run_ranks(_run_cases_on_recycled_memory, 3, cases, 3)[0]
     for name in names:

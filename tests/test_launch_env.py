@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from conftest import IN_CI, mpiexec_available
+from distributed import run_ranks
 from slurm_cluster import write_tiny_run
 
 from ltsft_dist import launch_env
 from ltsft_dist.errors import LtsftError
-from ltsft_dist.launch_env import LaunchEnv, discover, dist_timeout, first_host, slurm_node_addr
+from ltsft_dist.launch_env import LaunchEnv, discover, first_host, slurm_node_addr
 from ltsft_dist.sft import SparseFineTuning
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,13 +193,43 @@ def test_export_writes_what_torch_distributed_reads():
                        "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "15007"}
 
 
-def test_process_group_timeout_is_bounded_and_configurable():
-    assert dist_timeout({}) == datetime.timedelta(seconds=launch_env.DEFAULT_TIMEOUT_S) <= datetime.timedelta(
-        minutes=10)
-    assert dist_timeout({"LTSFT_DIST_TIMEOUT_S": "7.5"}) == datetime.timedelta(seconds=7.5)
-    for bad in ("0", "-3", "soon"):
-        with pytest.raises(LtsftError, match="LTSFT_DIST_TIMEOUT_S"):
-            dist_timeout({"LTSFT_DIST_TIMEOUT_S": bad})
+def test_rendezvous_and_collective_timeouts_are_bounded_and_set_separately():
+    rendezvous, collective = launch_env.rendezvous_timeout, launch_env.collective_timeout
+    assert rendezvous({}) == datetime.timedelta(minutes=10) < collective({}) == datetime.timedelta(minutes=30)
+    env = {"LTSFT_RENDEZVOUS_TIMEOUT_S": "7.5", "LTSFT_COLLECTIVE_TIMEOUT_S": "90"}
+    assert (rendezvous(env), collective(env)) == (datetime.timedelta(seconds=7.5), datetime.timedelta(seconds=90))
+    # the older single variable is the default of both; a specific one wins over it
+    legacy = {"LTSFT_DIST_TIMEOUT_S": "120", "LTSFT_COLLECTIVE_TIMEOUT_S": "3000"}
+    assert (rendezvous(legacy), collective(legacy)) == (datetime.timedelta(seconds=120),
+                                                        datetime.timedelta(seconds=3000))
+    for var, read in (("LTSFT_RENDEZVOUS_TIMEOUT_S", rendezvous), ("LTSFT_COLLECTIVE_TIMEOUT_S", collective),
+                      ("LTSFT_DIST_TIMEOUT_S", collective)):
+        for bad in ("0", "-3", "soon"):
+            with pytest.raises(LtsftError, match=f"{var}='{bad}': expected a positive number of seconds"):
+                read({var: bad})
+
+
+@pytest.mark.parametrize("command", ["train", "pipeline"])
+def test_help_names_both_timeouts(command, capsys):
+    from ltsft_dist.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "LTSFT_RENDEZVOUS_TIMEOUT_S (default 600 s)" in text
+    assert "LTSFT_COLLECTIVE_TIMEOUT_S (default 1800 s)" in text
+
+
+def test_sbatch_scripts_request_a_gpu_per_rank_by_default_and_say_how_to_run_on_cpus():
+    scripts = sorted((REPO / "slurm").glob("*.sbatch"))
+    assert len(scripts) == 5
+    for script in scripts:
+        text = script.read_text()
+        options = dict(line.split()[1].lstrip("-").partition("=")[::2] for line in text.splitlines()
+                       if line.startswith("#SBATCH "))
+        assert options.get("gres") == f"gpu:{options['ntasks-per-node']}", script.name
+        assert "sbatch --gres=none" in text and "SBATCH_GRES=none" in text, script.name
+    assert "SBATCH_GRES=none" in (REPO / "slurm" / "pipeline.sh").read_text()
 
 
 # --------------------------------------------------------------------------------------------- real processes
@@ -207,7 +238,7 @@ def clean_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_")) and k not in (
                "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update({"VENV": sys.prefix, "OMP_NUM_THREADS": "1", "LTSFT_DIST_TIMEOUT_S": "120", **extra})
+    env.update({"VENV": sys.prefix, "OMP_NUM_THREADS": "1", "LTSFT_RENDEZVOUS_TIMEOUT_S": "120", **extra})
     return env
 
 
@@ -216,11 +247,40 @@ def clean_env(**extra: str) -> dict:
 def test_a_missing_rank_fails_fast_with_a_clear_error(tmp_path):
     config = write_tiny_run(tmp_path)
     res = subprocess.run([sys.executable, "-m", "ltsft_dist.cli", "train", str(config)], capture_output=True,
-                         text=True, timeout=120, env=clean_env(RANK="0", WORLD_SIZE="2", LTSFT_DIST_TIMEOUT_S="3",
+                         text=True, timeout=120, env=clean_env(RANK="0", WORLD_SIZE="2",
+                                                               LTSFT_RENDEZVOUS_TIMEOUT_S="3",
                                                                MASTER_PORT=str(launch_env.free_port())))
     assert res.returncode == 2, res.stderr[-3000:]
     assert "could not form the process group within 3 s" in res.stderr
     assert "Check that all 2 ranks started" in res.stderr
+
+
+def _barrier_without_rank_1() -> tuple[str, float]:
+    """Rank 0 waits in a barrier that rank 1 never enters (it is busy for longer than the collective timeout)."""
+    import time
+
+    from ltsft_dist import comm
+
+    start = time.monotonic()
+    if comm.rank() == 1:
+        time.sleep(20)
+        return "slept", time.monotonic() - start
+    try:
+        comm.barrier()
+        outcome = "passed"
+    except RuntimeError as err:
+        outcome = f"failed: {err}"
+    return outcome, time.monotonic() - start
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_the_collective_timeout_bounds_a_barrier_separately_from_the_rendezvous(monkeypatch):
+    monkeypatch.setenv("LTSFT_COLLECTIVE_TIMEOUT_S", "3")
+    monkeypatch.setenv("LTSFT_RENDEZVOUS_TIMEOUT_S", "300")  # start-up may take long; the barrier may not
+    (outcome, waited), (slept, _) = run_ranks(_barrier_without_rank_1, 2, timeout=300)
+    assert slept == "slept" and outcome.startswith("failed"), outcome
+    assert 2.5 < waited < 15, waited  # the 3 s collective timeout, not the rendezvous' 300 s nor rank 1's 20 s
 
 
 @pytest.fixture(scope="module")

@@ -45,10 +45,11 @@ def _overrides(task: type[Task], *names: str) -> list[str]:
     return [name for name in names if getattr(task, name) is not getattr(Task, name)]
 
 
-def test_the_six_tasks_are_registered_with_what_the_interface_requires():
-    assert sorted(task_names()) == ["classification", "mlm", "ner", "nli", "pos", "qa"]
+def test_the_seven_tasks_are_registered_with_what_the_interface_requires():
+    assert sorted(task_names()) == ["classification", "clm", "mlm", "ner", "nli", "pos", "qa"]
     assert sorted(task_names(evaluated=True)) == ["classification", "ner", "nli", "pos", "qa"]
-    assert task_names(kind="language") == ["mlm"]
+    assert task_names(kind="language") == ["mlm", "clm"]
+    assert [name for name in task_names() if get_task(name).decoder] == ["clm"]
     for name in task_names():
         task = get_task(name)
         assert task.name == name and task.kind in ("language", "task")

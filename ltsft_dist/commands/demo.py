@@ -62,7 +62,7 @@ def demo_command(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per rank: two were ~6x slower on shared cores
     out = Path(args.output_dir).resolve()
     config = write_demo(out, args.seed)
-    status = pipeline_command(argparse.Namespace(config=str(config), help_config=False, dry_run=args.dry_run,
+    status = pipeline_command(argparse.Namespace(config=str(config), help_config=False, dry_run=args.dry_run, check=False,
                                                  stage=None, ranks=args.ranks, master_port=args.master_port))
     if status == 0 and not args.dry_run:
         from ltsft_dist.report import plot, verdict

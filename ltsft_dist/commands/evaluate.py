@@ -24,8 +24,8 @@ def register(subparsers) -> None:
                     help="optional YAML/JSON file holding any of these options under their names with '_' for '-' "
                          "(base, task_sft, lang_sft, data, max_seq_length, ...; lang_sft and data as LANG: PATH "
                          "mappings); flags on the command line take precedence")
-    ev.add_argument("--base", metavar="DIR", help="base model directory written by save_pretrained, with its "
-                                                   "tokenizer (required)")
+    ev.add_argument("--base", metavar="DIR|HUB_ID", help="the base model with its tokenizer: a directory written by "
+                                                      "save_pretrained or a hub id, e.g. xlm-roberta-base (required)")
     ev.add_argument("--task-sft", metavar="DIR", help="the task SFT, with its dense task head (required)")
     ev.add_argument("--task", choices=task_names(evaluated=True),
                     help="the task (default: the task the SFT was trained for, else told by its head parameters)")
@@ -62,8 +62,8 @@ def register(subparsers) -> None:
         description="Apply the SFTs (composed: their differences summed, heads taken from the task SFT) to the "
                     "base and save the result with the base's tokenizer, so that "
                     "transformers.AutoModelFor...from_pretrained(OUT) loads it without ltsft.")
-    ex.add_argument("--base", required=True, metavar="DIR",
-                    help="base model directory written by save_pretrained, with its tokenizer")
+    ex.add_argument("--base", required=True, metavar="DIR|HUB_ID",
+                    help="the base model with its tokenizer: a directory written by save_pretrained or a hub id")
     ex.add_argument("--sft", dest="sfts", action="append", required=True, metavar="DIR",
                     help="SFT to merge (repeatable), e.g. a task SFT and a language SFT")
     ex.add_argument("--task", choices=task_names(), required=True,

@@ -9,10 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ltsft_dist import preflight
 from ltsft_dist.errors import LtsftError
 
 
 def register(subparsers) -> None:
+    from ltsft_dist.launch_env import timeouts_help
+
     p = subparsers.add_parser(
         "pipeline", help="run the whole recipe from one config: language SFTs, task SFT, zero-shot evaluation",
         description="Run every stage of a pipeline config (see ltsft_dist/configs/paper_*.yaml and "
@@ -20,10 +23,16 @@ def register(subparsers) -> None:
                     "Each stage's directory under output_dir is named by a hash of its inputs: finished stages "
                     "are skipped, an interrupted stage resumes from its checkpoints. Started alone, each stage "
                     "runs on `ranks` local processes (the deepspeed launcher); started by a launcher (srun, "
-                    "mpirun, deepspeed) with --stage, that stage runs on the launcher's ranks.")
+                    "mpirun, deepspeed) with --stage, that stage runs on the launcher's ranks.",
+        epilog=timeouts_help())
     p.add_argument("config", nargs="?", metavar="CONFIG", help="pipeline config (YAML); see --help-config")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
     p.add_argument("--dry-run", action="store_true", help="print the stages, their directories and state; run nothing")
+    p.add_argument("--check", action="store_true",
+                   help="run the preflight for every stage at its ranks (batch split, precision/ZeRO/optimizer, GPUs, "
+                        "dependency versions) and exit 0 (none found) or 1 (the list); downloads and runs nothing. "
+                        "The same checks run before any stage starts, and at the start of every training stage with "
+                        "the run directory's shared-file-system check")
     p.add_argument("--stage", metavar="NAME",
                    help="run only this stage (base, lang:<xx>, task or eval), on the ranks of the current launcher "
                         "if there is one (what the slurm/ chain does)")
@@ -51,8 +60,20 @@ def pipeline_command(args: argparse.Namespace) -> int:
     if args.stage and args.stage not in by_name:
         raise LtsftError(f"--stage {args.stage!r}: not a stage of this pipeline ({', '.join(by_name)})")
     print(f"pipeline {args.config} -> {config.output_dir}\n{pl.describe(stages)}", flush=True)
+    problems = check(stages, config, args)
+    if args.check:
+        if problems:
+            print(f"preflight: {len(problems)} problem{'s' if len(problems) > 1 else ''}:\n"
+                  f"{preflight.describe(problems)}", file=sys.stderr)
+            return 1
+        trained = sum(1 for s in stages if s.config is not None and s.name != "eval" and args.stage in (None, s.name))
+        print(f"preflight: no problems at {_world(config, args)[0]} ranks ({trained} training stage"
+              f"{'s' if trained != 1 else ''}: batch split, precision/ZeRO/optimizer; this machine's GPUs and "
+              "dependency versions)", flush=True)
+        return 0
     if args.dry_run:
         return 0
+    preflight.require(problems)
     if args.stage:
         stage = by_name[args.stage]
         if stage.done:
@@ -68,6 +89,22 @@ def pipeline_command(args: argparse.Namespace) -> int:
                   "stages are skipped and this one resumes", file=sys.stderr)
             return status
     return report(config, by_name["eval"])
+
+
+def _world(config, args) -> tuple[int, int]:
+    """(ranks, ranks on this node) a stage runs on: the enclosing launcher's for `--stage` under one, else the
+    config's `ranks` (or --ranks) on this machine."""
+    if args.stage and under_launcher():
+        env = _launch()
+        return env.world_size, env.local_size
+    return config.ranks, config.ranks
+
+
+def check(stages, config, args) -> list:
+    """The preflight's problems for the stages to run (all, or --stage's) at the ranks they run on (`_world`)."""
+    ranks, local = _world(config, args)
+    chosen = [s for s in stages if s.name == args.stage] if args.stage else stages
+    return preflight.check_pipeline(chosen, ranks, args.config, local_ranks=local)
 
 
 def _launch():

@@ -6,12 +6,17 @@ from __future__ import annotations
 import argparse
 import json
 
+from ltsft_dist.errors import LtsftError
+
 
 def register(subparsers) -> None:
+    from ltsft_dist.launch_env import timeouts_help
+
     p = subparsers.add_parser(
         "train", help="run one LT-SFT (phase 1 -> select -> rewind -> phase 2) from a config file",
         description="Run one LT-SFT from a YAML/JSON config. Start it under a launcher for several ranks, e.g. "
-                    "`deepspeed --num_gpus 2 --module ltsft_dist.cli train CONFIG`; alone it is a 1-rank run.")
+                    "`deepspeed --num_gpus 2 --module ltsft_dist.cli train CONFIG`; alone it is a 1-rank run.",
+        epilog=timeouts_help())
     p.add_argument("config", nargs="?", metavar="CONFIG", help="training config (YAML or JSON); see "
                                                                "ltsft_dist/configs/ and --help-config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -29,6 +34,7 @@ def train_command(args: argparse.Namespace) -> int:
     if not args.config:
         raise SystemExit("ltsft train: give a CONFIG file (or --help-config)")
     config = load_config(args.config, args.overrides)  # validated before any process group or model exists
+    preflight_config(config, args.config)
 
     from ltsft_dist.training import EXIT_REQUEUE, train
 
@@ -48,3 +54,16 @@ def train_command(args: argparse.Namespace) -> int:
         print(f"TensorBoard logs in {out / 'tensorboard'}  (view: tensorboard --logdir {out / 'tensorboard'})")
     return 0
 
+
+
+def preflight_config(config, path: str) -> None:
+    """The config's own problems at the launcher's world size, named by its file, before DeepSpeed is imported
+    (the run repeats them with the environment's and the run directory's in `preflight.before_training`)."""
+    from ltsft_dist import preflight
+    from ltsft_dist.launch_env import discover
+
+    try:
+        world = discover(use_mpi4py=False).world_size
+    except LtsftError:  # ranks only mpi4py can tell: the run's own preflight has the world size
+        return
+    preflight.require(preflight.check_training(config, world, path))

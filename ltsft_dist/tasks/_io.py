@@ -84,12 +84,18 @@ def require_keys(record: dict, keys: tuple[str, ...], where: str, fix: str) -> N
 
 
 def load_hf_dataset(path: str, config: str | None, split: str):
-    """`datasets.load_dataset` with one clear error; returns the dataset and a name for it in later messages."""
+    """`datasets.load_dataset`, rank 0 first (the other ranks then load its prepared copy from the cache, offline),
+    failing alike on every rank with one message that says why; returns the dataset and a name for it in later
+    messages."""
     import datasets
 
+    from ltsft_dist.hub import datasets_offline, rank_zero_first
+
+    def fetch(local_only: bool):
+        if not local_only:
+            return datasets.load_dataset(path, config, split=split)
+        with datasets_offline():
+            return datasets.load_dataset(path, config, split=split)
+
     source = f"load_dataset({path!r}, {config!r}, split={split!r})"
-    try:
-        return datasets.load_dataset(path, config, split=split), source
-    except Exception as err:  # the hub / cache raises many types; all are fixed by the user
-        raise LtsftError(f"{source} failed ({type(err).__name__}: {err}); check the language code or config name, "
-                         "the dataset name and the split, and that the hub or a local cache is reachable") from err
+    return rank_zero_first(fetch, f"{source} failed"), source

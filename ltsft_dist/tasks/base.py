@@ -5,6 +5,7 @@ peft's `register_peft_method` does for methods. The rest of the package looks ta
 never branches on a task's name. Its parts:
 
 - `kind`: the kind of SFT it trains (a language SFT learns a language, a task SFT a task);
+- `decoder`: whether its models are decoders (causal LMs: Llama, Qwen2, ...) rather than encoders (BERT, XLM-R);
 - `model_class`: the `transformers` Auto class of its model, `prepare_model` for what that model needs first;
 - `formats`: its readers, keyed by format name from one vocabulary (`FORMAT_NAMES`), and one rule that tells the
   format of a file (`sniff`);
@@ -78,6 +79,7 @@ class Task:
 
     name: ClassVar[str]
     kind: ClassVar[str] = "task"  # the SFT kind that trains it: language | task
+    decoder: ClassVar[bool] = False  # trains decoder models (causal LMs), else encoders
     model_class: ClassVar[str]  # a transformers Auto class, e.g. "AutoModelForSequenceClassification"
     formats: ClassVar[dict[str, Format]]
     labelled: ClassVar[bool] = False  # the head's outputs are named labels (recorded as data.labels)
@@ -157,6 +159,10 @@ class Task:
     def held_out(self, encoded: Encoded, seed: int) -> Encoded:
         """Held-out examples as the eval loss needs them (e.g. fixed masks), from their encoding."""
         return encoded
+
+    def held_out_scores(self, loss: float) -> dict[str, float]:
+        """Scores reported beside a held-out loss (clm: perplexity); the best φ is still chosen by the loss."""
+        return {}
 
     # --- evaluation --------------------------------------------------------------------------------------------
 

@@ -62,17 +62,49 @@ def _special_frame(tokenizer) -> tuple[list[int], list[int]]:
     raise LtsftError("cannot find the tokenizer's special-token template; use a tokenizer with a post-processor")
 
 
-def _rows(tokenizer, bodies: list[list[int]], max_len: int) -> dict[str, torch.Tensor]:
-    prefix, suffix = _special_frame(tokenizer)
+def _rows(tokenizer, rows: list[list[int]], max_len: int) -> dict[str, torch.Tensor]:
     if tokenizer.pad_token_id is None:
         raise LtsftError("the tokenizer has no pad token; set one (e.g. tokenizer.pad_token = ...)")
-    ids = torch.full((len(bodies), max_len), tokenizer.pad_token_id)
-    mask = torch.zeros((len(bodies), max_len), dtype=torch.long)
-    for r, body in enumerate(bodies):
-        row = prefix + body + suffix
+    ids = torch.full((len(rows), max_len), tokenizer.pad_token_id)
+    mask = torch.zeros((len(rows), max_len), dtype=torch.long)
+    for r, row in enumerate(rows):
         ids[r, :len(row)] = torch.tensor(row)
         mask[r, :len(row)] = 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+@dataclass
+class TokenRows:
+    rows: list[list[int]]  # token ids, each row framed by the tokenizer's special tokens, at most max_len long
+    truncated: int = 0  # lines cut to max_len (line-by-line mode)
+    empty: int = 0  # lines with no tokens, left out
+    dropped: int = 0  # tokens of a last partial block left out (full_blocks)
+
+
+def token_rows(tokenizer, lines: list[str], max_len: int, packed: bool = False, separator: int | None = None,
+               full_blocks: bool = False) -> TokenRows:
+    """Lines as rows of at most `max_len` tokens: one per line (truncated), or `packed`: the lines' tokens
+    concatenated in order (each line followed by `separator`, if given) and cut into blocks, each framed by the
+    special tokens. `full_blocks`: a last partial block is left out, so every row is exactly `max_len` long."""
+    prefix, suffix = _special_frame(tokenizer)
+    room = max_len - len(prefix) - len(suffix)
+    if room <= 0:
+        raise LtsftError(f"max_len={max_len} leaves no room for text after the special tokens; raise it")
+    tokens = tokenizer(lines, add_special_tokens=False)["input_ids"]
+    empty = sum(1 for t in tokens if not t)
+    tokens = [t for t in tokens if t]
+    if not tokens:
+        raise LtsftError("no tokens in the given lines: the text is empty for this tokenizer")
+    truncated = dropped = 0
+    if packed:
+        end = [] if separator is None else [separator]
+        stream = [i for t in tokens for i in t + end]
+        bodies = [stream[s:s + room] for s in range(0, len(stream), room)]
+        if full_blocks and len(bodies[-1]) < room:
+            dropped = len(bodies.pop())
+    else:
+        bodies, truncated = [t[:room] for t in tokens], sum(1 for t in tokens if len(t) > room)
+    return TokenRows([prefix + body + suffix for body in bodies], truncated, empty, dropped)
 
 
 @dataclass
@@ -86,21 +118,9 @@ def encode_text(tokenizer, lines: list[str], max_len: int, packed: bool = False,
                 probability: float = 0.15) -> EncodedText:
     """Fixed-length MLM rows: one per line (truncated), or `packed`: the lines' tokens concatenated in order
     and cut into blocks, each framed by the special tokens (the last block padded)."""
-    room = max_len - sum(map(len, _special_frame(tokenizer)))
-    if room <= 0:
-        raise LtsftError(f"max_len={max_len} leaves no room for text after the special tokens; raise it")
-    tokens = tokenizer(lines, add_special_tokens=False)["input_ids"]
-    empty = sum(1 for t in tokens if not t)
-    tokens = [t for t in tokens if t]
-    if not tokens:
-        raise LtsftError("encode_text: no tokens in the given lines")
-    if packed:
-        stream = [i for t in tokens for i in t]
-        bodies, truncated = [stream[s:s + room] for s in range(0, len(stream), room)], 0
-    else:
-        bodies, truncated = [t[:room] for t in tokens], sum(1 for t in tokens if len(t) > room)
+    rows = token_rows(tokenizer, lines, max_len, packed)
     spec = MLMSpec(tokenizer.mask_token_id, tuple(tokenizer.all_special_ids), len(tokenizer), probability)
-    return EncodedText(Examples(_rows(tokenizer, bodies, max_len), mlm=spec), truncated, empty)
+    return EncodedText(Examples(_rows(tokenizer, rows.rows, max_len), mlm=spec), rows.truncated, rows.empty)
 
 
 def fixed_masks(examples: Examples, seed: int = 0) -> Examples:
@@ -140,6 +160,13 @@ def build_mlm_data(tokenizer, lines: list[str], max_len: int, packed: bool = Fal
     return MLMData(train.examples, fixed_masks(held.examples, seed), report)
 
 
+# Monolingual text, what every language SFT reads: a file of lines, or a HF dataset's text column.
+TEXT_FORMATS = {
+    "text": Format(lambda s: read_text_lines(s.train_file), suffixes=(".txt",)),
+    "hf": Format(lambda s: load_hf_lines(s.hf_dataset, s.hf_config, s.split, s.column)),
+}
+
+
 @register_task
 class MaskedLM(Task):
     """Masked language modelling of one language's text: what a language SFT learns."""
@@ -147,10 +174,7 @@ class MaskedLM(Task):
     name = "mlm"
     kind = "language"
     model_class = "AutoModelForMaskedLM"
-    formats = {
-        "text": Format(lambda s: read_text_lines(s.train_file), suffixes=(".txt",)),
-        "hf": Format(lambda s: load_hf_lines(s.hf_dataset, s.hf_config, s.split, s.column)),
-    }
+    formats = TEXT_FORMATS
 
     def prepare_model(self, model) -> None:
         from ltsft_dist.models import untie_output_embeddings
