@@ -193,6 +193,9 @@ class TrainConfig:
         if (self.kind == "language") != (task.kind == "language"):
             bad("task", f"language SFTs train task {' or '.join(task_names(kind='language'))}, and task {full.task} "
                         f"trains a {task.kind} SFT: set kind: {task.kind}")
+        if self.eligibility.tie_output_embeddings and self.kind != "language":
+            bad("eligibility.tie_output_embeddings", f"ties a language SFT's prediction head, and a {self.kind} SFT "
+                                                     "has none: remove it")
         if self.language_sfts and self.kind == "language":
             bad("language_sfts", "language SFTs are activated while training task SFTs only: remove them")
         data = self.data

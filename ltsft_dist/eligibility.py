@@ -34,6 +34,10 @@ class EligibilityConfig:
     exclude: list[str] | None = field(default=None, metadata={"help": "never changed, even if included"})
     head: list[str] | None = field(default=None, metadata={"help": "trained densely and stored densely (task "
                                                                    "heads)"})
+    tie_output_embeddings: bool = field(default=False, metadata={"help": (
+        "language SFTs: keep the output embedding tied to the input one, so the masked-word loss reaches a word's "
+        "embedding row from the input and the prediction side, and freeze the rest of the prediction head (the "
+        "default, false, is the paper's: untied, output embedding frozen)")})
 
 
 def _outside_body(model) -> str:
@@ -44,10 +48,14 @@ def _outside_body(model) -> str:
 def default_rules(kind: str, model) -> EligibilityConfig:
     # A language SFT (the paper; for decoders as its authors advise): everything is eligible, input embeddings
     # included, except the norms and the output embeddings (untied from the input ones by the task's model).
+    # Kept tied (eligibility.tie_output_embeddings), the output matrix IS the input one and stays eligible; the
+    # rest of the prediction head, outside the body, is frozen instead.
     if kind == "language":
         excluded = [LAYER_NORM]
         out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if out is not None:
+        if out is not None and out.weight is model.get_input_embeddings().weight:
+            excluded.append(_outside_body(model))
+        elif out is not None:
             name = next(n for n, p in model.named_parameters() if p is out.weight)
             excluded.append("^" + re.escape(name) + "$")
         return EligibilityConfig(include=[".*"], exclude=excluded, head=[])

@@ -34,7 +34,7 @@ def tiny_tokenizer(cfg: ModelConfig, texts: list[str]):
 
 
 def build_model(cfg: ModelConfig, task: str, num_labels: int | None = None, vocab_size: int | None = None,
-                seed: int = 0) -> torch.nn.Module:
+                seed: int = 0, tie_output_embeddings: bool = False) -> torch.nn.Module:
     """The task's model class over the base; a task head missing from a base checkpoint starts from the
     seeded initialisation (the same on every rank)."""
     spec = get_task(task)
@@ -64,12 +64,17 @@ def build_model(cfg: ModelConfig, task: str, num_labels: int | None = None, voca
                              "point it at a directory written by save_pretrained or a hub model") from None
         finally:
             hf_logging.set_verbosity(verbosity)
-    spec.prepare_model(model)
+    spec.prepare_model(model, tie_output_embeddings)
+    out = model.get_output_embeddings() if tie_output_embeddings else None
+    if out is not None and out.weight is not model.get_input_embeddings().weight:
+        raise LtsftError("eligibility.tie_output_embeddings: this base's output embedding is a matrix of its own "
+                         "(tie_word_embeddings: false in its config), so there is nothing to keep tied; set it to false")
     return model
 
 
 def untie_output_embeddings(model: torch.nn.Module) -> None:
-    """Language SFTs decouple the output embedding from the input one (and then freeze it)."""
+    """Language SFTs decouple the output embedding from the input one (and then freeze it), unless
+    eligibility.tie_output_embeddings keeps them one matrix."""
     out = model.get_output_embeddings()
     if out is not None and out.weight is model.get_input_embeddings().weight:
         out.weight = torch.nn.Parameter(out.weight.detach().clone())

@@ -83,7 +83,8 @@ class TrainingRun:
             for language, report in data.report.items():
                 print(f"data [{language}]: " + ", ".join(f"{k}={v}" for k, v in report.items()), flush=True)
         model = build_model(config.model, config.task, num_labels=len(data.labels) if data.labels else None,
-                            vocab_size=len(tokenizer), seed=config.seed)
+                            vocab_size=len(tokenizer), seed=config.seed,
+                            tie_output_embeddings=config.eligibility.tie_output_embeddings)
         order, hooks, swap = None, [], None
         if len(data.train) > 1 or sfts:  # one source language (and its SFT) per optimizer step
             from ltsft_dist.multisource import build_multisource

@@ -83,3 +83,40 @@ def test_paired_bootstrap_intervals_and_the_verdict():
     assert "| xx | 600 |" in gains_table(_results(composed, task_only))
     with pytest.raises(ValueError, match="same examples"):
         paired_bootstrap([1, 0], [1])
+
+
+TINY = {"vocab_size": 60, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "intermediate_size": 32, "max_position_embeddings": 16}
+
+
+def test_tie_output_embeddings_keeps_one_word_matrix_eligible_and_freezes_the_rest_of_the_head(tmp_path):
+    """The demo's language SFTs: tied, the MLM loss reaches the word embeddings from both sides; untied (the
+    default, the paper's) the output copy is frozen."""
+    from ltsft_dist.config import ModelConfig, TrainConfig
+    from ltsft_dist.eligibility import EligibilityConfig, resolve
+    from ltsft_dist.errors import LtsftError
+    from ltsft_dist.models import build_model
+
+    cfg = ModelConfig(tiny=TINY)
+    tied = build_model(cfg, "mlm", tie_output_embeddings=True)
+    assert tied.get_output_embeddings().weight is tied.get_input_embeddings().weight
+    roles = resolve(tied, "language", EligibilityConfig(tie_output_embeddings=True)).roles
+    assert roles["bert.embeddings.word_embeddings.weight"] == "sparse"
+    head = {n: r for n, r in roles.items() if n.startswith("cls.")}
+    assert head and set(head.values()) == {"frozen"}, head
+    loss = tied(input_ids=torch.tensor([[2, 7, 9, 3]]), labels=torch.tensor([[-100, 7, -100, -100]])).loss
+    loss.backward()  # the label's row gets gradient from the prediction side even where it is not an input
+    assert tied.get_input_embeddings().weight.grad[7].abs().sum() > 0
+
+    untied = build_model(cfg, "mlm")
+    assert untied.get_output_embeddings().weight is not untied.get_input_embeddings().weight
+    roles = resolve(untied, "language").roles
+    assert roles["cls.predictions.decoder.weight"] == "frozen"
+    assert roles["cls.predictions.transform.dense.weight"] == "sparse"
+
+    untied.save_pretrained(tmp_path / "untied")  # a base whose config says its output matrix is its own
+    with pytest.raises(LtsftError, match="eligibility.tie_output_embeddings: .*set it to false"):
+        build_model(ModelConfig(name_or_path=str(tmp_path / "untied")), "mlm", tie_output_embeddings=True)
+    task = TrainConfig(kind="task", density=0.1, model=cfg, eligibility=EligibilityConfig(tie_output_embeddings=True))
+    with pytest.raises(LtsftError, match="eligibility.tie_output_embeddings: .*remove it"):
+        task.validate()

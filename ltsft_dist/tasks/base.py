@@ -92,8 +92,9 @@ class Task:
 
         return getattr(transformers, self.model_class)
 
-    def prepare_model(self, model: torch.nn.Module) -> None:
-        """What the model needs before training or loading an SFT of this task (nothing by default)."""
+    def prepare_model(self, model: torch.nn.Module, tie_output_embeddings: bool = False) -> None:
+        """What the model needs before training or loading an SFT of this task (nothing by default);
+        `tie_output_embeddings` is a language SFT's eligibility.tie_output_embeddings."""
 
     # --- data --------------------------------------------------------------------------------------------------
 

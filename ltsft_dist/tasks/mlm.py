@@ -176,10 +176,11 @@ class MaskedLM(Task):
     model_class = "AutoModelForMaskedLM"
     formats = TEXT_FORMATS
 
-    def prepare_model(self, model) -> None:
+    def prepare_model(self, model, tie_output_embeddings: bool = False) -> None:
         from ltsft_dist.models import untie_output_embeddings
 
-        untie_output_embeddings(model)
+        if not tie_output_embeddings:
+            untie_output_embeddings(model)
 
     def texts(self, records: list[str]) -> list[str]:
         return records
