@@ -278,10 +278,11 @@ def describe(stages: list[Stage]) -> str:
 
 
 def build_base(config: PipelineConfig, stage: Stage) -> None:
-    """The tiny base: tokenizer and model from the languages' text, optionally pretrained (dense MLM) on some of
-    them so that they share a model as a multilingual pretrained base would. A language's masked words are
-    scored among its own tokens only, and random replacements stay inside it, so the rows of a language left
-    out of pretraining get no gradient at all (with tied embeddings, a full softmax would push them around)."""
+    """The tiny base: tokenizer and model from the languages' text, optionally pretrained (dense MLM, input and
+    output embeddings tied) on some of them so that they share a model as a multilingual pretrained base would. A
+    language's masked words are scored among its own tokens only, and random replacements stay inside it, so the
+    rows of a language left out of pretraining get no gradient at all (with tied embeddings, a full softmax would
+    push them around)."""
     import torch
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
@@ -308,6 +309,10 @@ def build_base(config: PipelineConfig, stage: Stage) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     torch.manual_seed(b.seed)
     model = AutoModelForMaskedLM.from_pretrained(str(model_dir))
+    # One word matrix for input and output, as BERT and XLM-R are pretrained (the saved tiny base holds an untied
+    # copy, still equal to the input embedding); language SFTs may keep it tied (eligibility.tie_output_embeddings).
+    model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    model.config.tie_word_embeddings = True
     longest = max(len(ids) for lang in pretrained for ids in tokenizer(texts[lang])["input_ids"])
     max_len = min(longest, int(b.tiny.get("max_position_embeddings", 64)))
     orders, own = {}, {}

@@ -35,7 +35,8 @@ def test_task_labels_are_balanced_and_no_length_tells_them():
 
 
 def test_the_base_never_trains_the_rows_of_a_language_left_out_of_pretraining(tmp_path):
-    """Pretrained on src1 only: src1's embedding rows move, tgt's stay bit-identical to the initialisation."""
+    """Pretrained on src1 only (embeddings tied): src1's embedding rows move, tgt's stay bit-identical to the
+    initialisation."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     path = write_demo(tmp_path, seed=0)
@@ -56,6 +57,7 @@ def test_the_base_never_trains_the_rows_of_a_language_left_out_of_pretraining(tm
                        for i in ids})
 
     before, after = initial.get_input_embeddings().weight, trained.get_input_embeddings().weight
+    assert trained.get_output_embeddings().weight is after  # pretrained with one word matrix, as BERT is
     assert torch.equal(before[rows("tgt")], after[rows("tgt")])
     assert not torch.equal(before[rows("src1")], after[rows("src1")])
 
