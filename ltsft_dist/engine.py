@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -12,9 +13,15 @@ from pathlib import Path
 
 import torch
 
+from ltsft_dist.eligibility import LAYER_NORM
 from ltsft_dist.errors import LtsftError
 
-NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "layernorm.weight")
+
+
+def decays(name: str) -> bool:
+    """Whether AdamW's weight decay applies to a parameter: not to biases and normalisation weights (BERT's
+    LayerNorm, Llama's RMSNorms)."""
+    return not (name.endswith("bias") or re.search(LAYER_NORM, name))
 
 
 def init_distributed() -> None:
@@ -170,7 +177,7 @@ def build_engine(model: torch.nn.Module, ds_config: dict, lr: float, weight_deca
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if name.endswith(NO_DECAY) else decay).append(p)
+            (decay if decays(name) else no_decay).append(p)
     groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=lr)

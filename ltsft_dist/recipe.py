@@ -92,6 +92,7 @@ class LTSFTRecipe:
         With `held_out`, phase 2 is evaluated every `data.eval_every` steps and at its end, and φ is taken from
         the evaluation with the lowest loss."""
         self.config, self.examples, self.log_dir = config, examples, log_dir
+        self.task = get_task(config.task)
         self.held_out = held_out
         self.best: dict | None = None  # phase 2's best evaluation so far: step, loss, selected values, heads
         self.show_progress = show_progress
@@ -205,7 +206,7 @@ class LTSFTRecipe:
     def _evaluate(self, phase: str, step: int) -> None:
         losses = self.held_out.loss(self.engine)
         scores = {score + ("" if lang == "all" else f"_{lang}"): value for lang, loss in losses.items()
-                  for score, value in get_task(self.config.task).held_out_scores(loss).items()}  # clm: perplexity
+                  for score, value in self.task.held_out_scores(loss).items()}  # clm: perplexity
         self.stats.eval_losses.setdefault(phase, []).append({"step": step, **losses, **scores})
         self.monitor.scalars({f"eval/{phase}/loss" + ("" if lang == "all" else f"/{lang}"): value
                               for lang, value in losses.items()}, self.global_step)
@@ -271,7 +272,7 @@ class LTSFTRecipe:
     def train_step(self, step: int, mask: GradientMask | None, l1: L1Pull) -> float:
         """One optimizer step; returns this rank's share of the global mean loss."""
         batches = [self.order.batch_at(step, micro) for micro in range(self.order.accumulation)]
-        scale = self._mlm_loss_scale(batches)
+        scale = self._token_loss_scale(batches)
         self.tokens_seen += sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                                 for b in batches)
         device = engine_device(self.engine)
@@ -287,6 +288,8 @@ class LTSFTRecipe:
                 else:
                     labels = batch.pop("labels")
                     logits = self.engine(**batch).logits
+                    if self.task.decoder:  # position t predicts token t+1
+                        logits, labels = logits[:, :-1], labels[:, 1:]
                     loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum") * scale
                 finite = finite and math.isfinite(loss.item())
                 self.engine.backward(loss)
@@ -339,11 +342,12 @@ class LTSFTRecipe:
                           skipped_steps=self.stats.skipped_steps)
         return True
 
-    def _mlm_loss_scale(self, batches: list[dict]) -> float | None:
-        """MLM batches hold different numbers of masked tokens per rank. Normalising each token's loss by the
-        step's global token count (DeepSpeed then averages over ranks and accumulation steps) makes the
-        gradient the mean over all masked tokens of the global batch, whatever the world size."""
-        if self.examples.mlm is None:
+    def _token_loss_scale(self, batches: list[dict]) -> float | None:
+        """A task with a per-token loss (`Task.token_loss`: masked tokens, tags, responses) has different numbers
+        of labelled tokens per micro-batch. Normalising each token's loss by the step's global token count
+        (DeepSpeed then averages over ranks and accumulation steps) makes the gradient the mean over all labelled
+        tokens of the global batch, whatever the world size."""
+        if not self.task.token_loss:
             return None
         tokens = torch.tensor([sum(int((b["labels"] != -100).sum()) for b in batches)])
         if self.shards.world_size > 1:

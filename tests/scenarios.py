@@ -70,6 +70,24 @@ def clm_config(stage_file: str = "zero2.json", **overrides) -> TrainConfig:
     return task_config(stage_file, kind="language", task="clm", **overrides)
 
 
+def instruct_examples(n: int = 48, length: int = 12, seed: int = 5) -> Examples:
+    """Instruction rows as the instruct task makes them: <s> (id 2), a prompt, a response ended by </s> (id 3),
+    right-padded (id 0); labels on the response and </s> only. Prompt and response lengths vary, so micro-batches
+    hold different numbers of labelled tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, TINY_LLAMA["vocab_size"], (n, length), generator=g)
+    prompt = torch.randint(2, length // 2, (n,), generator=g)
+    response = torch.randint(1, length // 2, (n,), generator=g)
+    positions = torch.arange(length)[None, :]
+    ends = (prompt + response)[:, None]  # the </s> position
+    ids[:, 0] = 2
+    ids = torch.where(positions == ends, 3, ids)
+    attention = (positions <= ends).long()
+    ids = ids * attention
+    labels = torch.where((positions >= prompt[:, None]) & (positions <= ends), ids, -100)
+    return Examples({"input_ids": ids, "attention_mask": attention, "labels": labels})
+
+
 def mlm_examples(n: int = 48, length: int = 12, seed: int = 2) -> Examples:
     from ltsft_dist.data import MLMSpec
 

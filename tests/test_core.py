@@ -15,9 +15,9 @@ import torch
 
 from distributed import run_ranks
 from oracle import oracle_ltsft
-from scenarios import (classification_examples, clm_config, clm_examples, mlm_examples, model_for, run_cases,
-                       task_config, tiny_model)
-from ltsft_dist.config import PhaseConfig
+from scenarios import (classification_examples, clm_config, clm_examples, instruct_examples, mlm_examples, model_for,
+                       run_cases, task_config, tiny_model, TINY_LLAMA)
+from ltsft_dist.config import ModelConfig, PhaseConfig
 
 STAGES = (0, 1, 2, 3)
 
@@ -44,6 +44,11 @@ def _cases():
     clm_l1 = clm_config("zero3.json", batch_size=24, phase1=PhaseConfig(steps=4, lr=3e-3, l1=0.1),
                         phase2=PhaseConfig(steps=4, lr=3e-3, l1=0.1))
     cases.append(("clm-l1-accum-z3", clm_l1, clm_examples(), 2))
+    # A task SFT of the tiny Llama on instructions (task instruct): the loss on responses of varying lengths only.
+    for stage in (2, 3):
+        instruct = task_config(f"zero{stage}.json", task="instruct", batch_size=24, weight_decay=0.05,
+                               model=ModelConfig(tiny=dict(TINY_LLAMA), architecture="llama"))
+        cases.append((f"instruct-accum-z{stage}", instruct, instruct_examples(), 2))
     return cases
 
 

@@ -39,11 +39,6 @@ class CausalLM(Task):
     model_class = "AutoModelForCausalLM"
     formats = TEXT_FORMATS
 
-    def prepare_model(self, model) -> None:
-        from ltsft_dist.models import untie_output_embeddings
-
-        untie_output_embeddings(model)  # the output head stays frozen at θ⁰ (the eligibility default)
-
     def texts(self, records: list[str]) -> list[str]:
         return records
 

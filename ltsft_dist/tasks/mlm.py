@@ -173,6 +173,7 @@ class MaskedLM(Task):
 
     name = "mlm"
     kind = "language"
+    token_loss = True
     model_class = "AutoModelForMaskedLM"
     formats = TEXT_FORMATS
 
