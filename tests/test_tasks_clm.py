@@ -123,8 +123,8 @@ def _config(tmp_path: Path, **changes) -> Path:
     ({"task": "mlm"}, r"model.architecture: 'llama' is a decoder, and task mlm trains encoder models only: set "
                       r"task: clm to train this architecture, or set model.architecture to one of bert, xlm-roberta"),
     ({"kind": "task", "task": "qa", "model.architecture": "qwen2"},
-     r"model.architecture: 'qwen2' is a decoder, and task qa trains encoder models only: set model.architecture to "
-     r"one of bert, xlm-roberta"),
+     r"model.architecture: 'qwen2' is a decoder, and task qa trains encoder models only: set task: instruct to train "
+     r"this architecture, or set model.architecture to one of bert, xlm-roberta"),
     ({"model.architecture": "bert"}, r"model.architecture: 'bert' is an encoder, and task clm trains decoder "
                                      r"models only: set task: mlm to train this architecture, or set "
                                      r"model.architecture to one of llama, qwen2, mistral, gemma"),

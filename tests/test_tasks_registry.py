@@ -37,7 +37,9 @@ def _files(tmp_path: Path) -> dict[str, Path]:
     conllu = tmp_path / "pos.conllu"
     conllu.write_text("1\tAnna\t_\tPROPN\t_\t_\t2\tnsubj\t_\t_\n2\tschl\u00e4ft\t_\tVERB\t_\t_\t0\troot\t_\t_\n\n"
                       "1\tWir\t_\tPRON\t_\t_\t2\tnsubj\t_\t_\n2\tgehen\t_\tVERB\t_\t_\t0\troot\t_\t_\n")
-    return {"mlm": text, "classification": jsonl, "nli": FIXTURES / "xnli.dev.tsv", "qa": FIXTURES / "squad_tiny.json",
+    instruct = tmp_path / "instruct.jsonl"
+    instruct.write_text("".join(f'{{"prompt": "{a}", "response": "{b}"}}\n' for a, b in zip(LINES, LINES[1:])))
+    return {"mlm": text, "instruct": instruct, "classification": jsonl, "nli": FIXTURES / "xnli.dev.tsv", "qa": FIXTURES / "squad_tiny.json",
             "ner": conll, "pos": conllu}
 
 
@@ -45,11 +47,11 @@ def _overrides(task: type[Task], *names: str) -> list[str]:
     return [name for name in names if getattr(task, name) is not getattr(Task, name)]
 
 
-def test_the_seven_tasks_are_registered_with_what_the_interface_requires():
-    assert sorted(task_names()) == ["classification", "clm", "mlm", "ner", "nli", "pos", "qa"]
+def test_the_eight_tasks_are_registered_with_what_the_interface_requires():
+    assert sorted(task_names()) == ["classification", "clm", "instruct", "mlm", "ner", "nli", "pos", "qa"]
     assert sorted(task_names(evaluated=True)) == ["ner", "nli", "pos", "qa"]
     assert task_names(kind="language") == ["mlm", "clm"]
-    assert [name for name in task_names() if get_task(name).decoder] == ["clm"]
+    assert [name for name in task_names() if get_task(name).decoder] == ["clm", "instruct"]
     for name in task_names():
         task = get_task(name)
         assert task.name == name and task.kind in ("language", "task")
@@ -65,7 +67,7 @@ def test_the_seven_tasks_are_registered_with_what_the_interface_requires():
             assert task.output_fields
 
 
-@pytest.mark.parametrize("name", ["mlm", "classification", "nli", "qa", "ner", "pos"])
+@pytest.mark.parametrize("name", ["mlm", "instruct", "classification", "nli", "qa", "ner", "pos"])
 def test_every_task_reads_encodes_and_scores_through_the_interface(name, tmp_path):
     task, path = get_task(name), _files(tmp_path)[name]
     fmt = task.sniff(path)
@@ -74,7 +76,7 @@ def test_every_task_reads_encodes_and_scores_through_the_interface(name, tmp_pat
     records = read_source(SourceConfig(language=language, train_file=str(path)), name).records
     texts = task.texts(records)
     assert texts and all(isinstance(t, str) and t.strip() for t in texts)
-    tokenizer = train_wordpiece(texts, vocab_size=300)
+    tokenizer = train_wordpiece(texts, vocab_size=300, causal=task.decoder)
     labels = task.label_names(records, None)
     assert (labels is not None) == task.labelled
     encoded = task.encode(tokenizer, records, Encoding(max_seq_length=48, stride=8, max_query_length=8), labels)
