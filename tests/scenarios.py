@@ -202,18 +202,20 @@ def run_interrupted(cfg: TrainConfig, examples: Examples, world_size: int, stops
 LANGUAGES = ("de", "en", "sw")  # the source languages of the multi-source swap scenarios
 
 
-def language_sfts(density: float = 0.25, scale: float = 0.1) -> dict[str, SparseFineTuning]:
-    """Random language SFTs of the tiny masked LM (its fingerprint, its parameter names: the cls.* head ones are
-    absent from the classifier and must be skipped). Overlaps on purpose: "en" reuses half of "de"'s positions,
-    "sw" a quarter of each; every SFT also carries the masked-LM decoder as a dense head (ignored by the swap)."""
-    model = tiny_model("language")
-    meta = dict(kind="language", base_model="tiny-mlm", base_fingerprint=base_fingerprint(model), k=0,
+def language_sfts(density: float = 0.25, scale: float = 0.1, model=None) -> dict[str, SparseFineTuning]:
+    """Random language SFTs of `model` (by default the tiny masked LM), with its fingerprint and parameter names.
+    Overlaps on purpose: "en" reuses half of "de"'s positions, "sw" a quarter of each. The output embeddings are
+    frozen in language SFTs; a masked LM's SFTs carry its decoder as a dense head (absent from the task model and
+    ignored by the swap), as trained ones do."""
+    model = model if model is not None else tiny_model("language")
+    meta = dict(kind="language", base_model="tiny-lm", base_fingerprint=base_fingerprint(model), k=0,
                 density=density, training_config={})
+    output = next(n for n, p in model.named_parameters() if p is model.get_output_embeddings().weight)
     g = torch.Generator().manual_seed(7)
     picks: dict[str, dict[str, torch.Tensor]] = {lang: {} for lang in LANGUAGES}
     shapes = {}
     for name, p in model.named_parameters():
-        if name == "cls.predictions.decoder.weight":
+        if name == output:
             continue
         n = p.numel()
         shapes[name] = tuple(p.shape)
@@ -222,7 +224,9 @@ def language_sfts(density: float = 0.25, scale: float = 0.1) -> dict[str, Sparse
         sw = torch.cat([de[:len(de) // 4], en[-len(en) // 4:], torch.randperm(n, generator=g)[:len(de) // 2]])
         for lang, idx in zip(LANGUAGES, (de, en, sw)):
             picks[lang][name] = torch.unique(idx)  # sorted, no duplicates
-    head = {"cls.predictions.decoder.weight": model.cls.predictions.decoder.weight.detach().clone()}
+    from ltsft_dist.models import is_decoder
+
+    head = {} if is_decoder(model.config.model_type) else {output: model.get_output_embeddings().weight.detach().clone()}
     out = {}
     for lang in LANGUAGES:
         diffs = {name: (idx, torch.randn(len(idx), generator=g) * scale) for name, idx in picks[lang].items()}
