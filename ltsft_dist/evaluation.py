@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 COMPOSED, TASK_ONLY = "task+lang", "task-only"
 SETTING_TITLES = {COMPOSED: "task+lang", TASK_ONLY: "TA-only"}
-METRIC_TITLES = {"exact_match": "EM", "f1": "F1", "accuracy": "acc"}
+METRIC_TITLES = {"exact_match": "EM", "f1": "F1", "accuracy": "acc", "acc": "acc", "acc_norm": "acc_norm"}
 FILE_FORMATS = tuple(f for f in FORMAT_NAMES if f not in ("auto", "hf"))  # what --format takes
 
 
@@ -99,9 +99,12 @@ def require_same_base(sft: SparseFineTuning, model: torch.nn.Module, flag: str, 
 
 
 def head_names(model: torch.nn.Module) -> set[str]:
-    """Parameters outside the shared body: what a task SFT must carry for this model."""
+    """Parameters outside the shared body: what a task SFT must carry for this model. A language model's output
+    embeddings are not among them: SFTs keep them frozen, so the base's own serve."""
     prefix = body_prefix(model)
-    return {name for name, _ in model.named_parameters() if not name.startswith(prefix)}
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {name for name, p in model.named_parameters()
+            if not name.startswith(prefix) and (out is None or p is not out.weight)}
 
 
 def infer_task(sft: SparseFineTuning, base_dir) -> str:
