@@ -74,7 +74,8 @@ class EvalConfig(EvalOptions):
         "base model: a hub id or a directory written by save_pretrained, with its tokenizer"))
     task_sft: str | None = field(default=None, metadata=field_help("the task SFT, with its dense task head"))
     task: str | None = field(default=None, metadata=field_help(
-        "default: the task the SFT was trained for, else told by its head parameters"))
+        "the evaluated task (e.g. xcopa for an instruction task SFT); default: the task the SFT was trained for, "
+        "else told by its head parameters"))
     lang_sft: dict[str, str] = field(default_factory=dict, metadata=field_help("target language -> its language SFT"))
     data: dict[str, str] = field(default_factory=dict, metadata=field_help("target language -> evaluation file"))
     out: str | None = field(default=None, metadata=field_help("directory for results.json and results.md"))

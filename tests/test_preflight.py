@@ -194,7 +194,7 @@ def test_a_dependency_outside_the_tested_range_names_the_install(monkeypatch):
 
 # ------------------------------------------------------------------------------------------------- pipelines
 
-@pytest.mark.parametrize("name", PAPER)
+@pytest.mark.parametrize("name", [*PAPER, "decoder_instruct_xcopa.yaml"])
 def test_paper_pipelines_pass_the_check_at_their_configured_ranks(name, capsys):
     ranks = yaml.safe_load((CONFIGS / name).read_text())["ranks"]
     assert ranks == 4
