@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import re
@@ -168,6 +169,28 @@ def load_ds_config(path: Path, *, micro_batch_size: int, accumulation: int, worl
         ds[key] = value
     ds.setdefault("steps_per_print", 10 ** 9)
     return ds
+
+
+def zero_stage(ds_config: dict | None) -> int:
+    return int((ds_config or {}).get("zero_optimization", {}).get("stage", 0))
+
+
+@contextlib.contextmanager
+def partitioned_construction(ds_config: dict | None):
+    """Under ZeRO-3, a model built or loaded inside goes straight into partitions, so no rank ever holds all of it:
+    transformers' `HfDeepSpeedConfig`, alive while the model is made, has `from_config` and `from_pretrained`
+    create it under `deepspeed.zero.Init` (initialised, or loaded from the checkpoint, into the partitions). Other
+    stages: nothing changes (DeepSpeed partitions the optimizer state only)."""
+    if zero_stage(ds_config) != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    hf_config = HfDeepSpeedConfig(ds_config)  # noqa: F841  (transformers holds a weak reference to it)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()  # later loads (evaluation, export) are whole models again
 
 
 def build_engine(model: torch.nn.Module, ds_config: dict, lr: float, weight_decay: float):

@@ -34,9 +34,20 @@ def tiny_tokenizer(cfg: ModelConfig, texts: list[str]):
 
 
 def build_model(cfg: ModelConfig, task: str, num_labels: int | None = None, vocab_size: int | None = None,
-                seed: int = 0) -> torch.nn.Module:
+                seed: int = 0, ds_config: dict | None = None) -> torch.nn.Module:
     """The task's model class over the base; a task head missing from a base checkpoint starts from the
-    seeded initialisation (the same on every rank)."""
+    seeded initialisation (the same on every rank). With a ZeRO-3 `ds_config` (under a process group) a base
+    loaded from a checkpoint goes straight into DeepSpeed's partitions (`engine.partitioned_construction`); a tiny
+    model is built whole (it is small, and its random initialisation must not depend on the ZeRO stage)."""
+    model = _make_model(cfg, task, num_labels, vocab_size, seed, ds_config)
+    get_task(task).prepare_model(model)
+    return model
+
+
+def _make_model(cfg: ModelConfig, task: str, num_labels: int | None, vocab_size: int | None, seed: int,
+                ds_config: dict | None) -> torch.nn.Module:
+    from ltsft_dist.engine import partitioned_construction
+
     spec = get_task(task)
     auto = spec.auto_class()
     extra = {"num_labels": num_labels} if num_labels else {}
@@ -58,21 +69,24 @@ def build_model(cfg: ModelConfig, task: str, num_labels: int | None = None, voca
         hf_logging.set_verbosity_error()  # its load report lists the base's MLM head as unused for task models
         try:
             torch.manual_seed(seed)
-            model = auto.from_pretrained(directory, **extra)
+            with partitioned_construction(ds_config):
+                model = auto.from_pretrained(directory, **extra)
         except (OSError, ValueError) as err:
             raise LtsftError(f"model.name_or_path: cannot load {cfg.name_or_path!r} from {directory} ({err}); "
                              "point it at a directory written by save_pretrained or a hub model") from None
         finally:
             hf_logging.set_verbosity(verbosity)
-    spec.prepare_model(model)
     return model
 
 
 def untie_output_embeddings(model: torch.nn.Module) -> None:
-    """Language SFTs decouple the output embedding from the input one (and then freeze it)."""
+    """Language SFTs decouple the output embedding from the input one (and then freeze it). Under ZeRO-3 the copy
+    is gathered whole, once, and DeepSpeed partitions it with the rest when the engine starts."""
+    from ltsft_dist.shards import full_copy
+
     out = model.get_output_embeddings()
     if out is not None and out.weight is model.get_input_embeddings().weight:
-        out.weight = torch.nn.Parameter(out.weight.detach().clone())
+        out.weight = torch.nn.Parameter(full_copy(out.weight))
     model.config.tie_word_embeddings = False
 
 

@@ -32,7 +32,7 @@ from ltsft_dist.heldout import HeldOut
 from ltsft_dist.hooks import StepHook
 from ltsft_dist.masking import GradientMask, L1Pull
 from ltsft_dist.monitor import Monitor, density_scalars, mask_overlap, peak_memory_mb, selected_per_parameter
-from ltsft_dist.shards import Shards
+from ltsft_dist.shards import Shards, param_shape
 from ltsft_dist.sft import SFTMetadata, SparseFineTuning, base_fingerprint
 from ltsft_dist.snapshot import Snapshot
 from ltsft_dist.tasks import get_task
@@ -115,7 +115,7 @@ class LTSFTRecipe:
         cfg = self.config
         self.eligibility = elig.resolve(model, cfg.kind, cfg.eligibility)
         elig.apply_roles(model, self.eligibility)
-        self.shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        self.shapes = {n: param_shape(p) for n, p in model.named_parameters()}
         self.fingerprint = base_fingerprint(model)
         self.stats.n_eligible = self.eligibility.count(model, "sparse")
         self.stats.k = cfg.k_for(self.stats.n_eligible)

@@ -272,6 +272,16 @@ def is_zero3_param(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_tensor") and hasattr(p, "ds_status")
 
 
+def full_copy(p: torch.Tensor) -> torch.Tensor:
+    """A copy of the whole parameter, gathered from the ranks' partitions if ZeRO-3 partitioned it."""
+    if not is_zero3_param(p):
+        return p.detach().clone()
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([p]):
+        return p.detach().clone()
+
+
 def param_shape(p: torch.Tensor) -> tuple[int, ...]:
     """The real shape of a parameter, also under ZeRO-3 (where `p.shape` is an empty placeholder)."""
     return tuple(getattr(p, "ds_shape", p.shape))

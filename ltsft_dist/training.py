@@ -82,8 +82,9 @@ class TrainingRun:
         if self.rank == 0 and self.show_progress:
             for language, report in data.report.items():
                 print(f"data [{language}]: " + ", ".join(f"{k}={v}" for k, v in report.items()), flush=True)
+        ds_config = ds_config_for(config, world)
         model = build_model(config.model, config.task, num_labels=len(data.labels) if data.labels else None,
-                            vocab_size=len(tokenizer), seed=config.seed)
+                            vocab_size=len(tokenizer), seed=config.seed, ds_config=ds_config)
         order, hooks, swap = None, [], None
         if len(data.train) > 1 or sfts:  # one source language (and its SFT) per optimizer step
             from ltsft_dist.multisource import build_multisource
@@ -93,7 +94,7 @@ class TrainingRun:
             hooks = [swap] if swap is not None else []
         held_out = (HeldOut(data.held_out, config.micro_batch_size, self.rank, world, swap=swap)
                     if data.held_out else None)
-        self.recipe = LTSFTRecipe(model, next(iter(data.train.values())), config, ds_config_for(config, world),
+        self.recipe = LTSFTRecipe(model, next(iter(data.train.values())), config, ds_config,
                                   base_model=config.model.name_or_path or "tiny", log_dir=out / "tensorboard",
                                   show_progress=self.show_progress, order=order, step_hooks=hooks, held_out=held_out)
         if self.handle_signals:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import tempfile
 
 import torch
@@ -44,14 +45,26 @@ def tiny_model(kind: str = "task", seed: int = 0):
     return model
 
 
-def model_for(cfg: TrainConfig, seed: int = 0):
+def model_for(cfg: TrainConfig, seed: int = 0, ds_config: dict | None = None):
     """The scenario's model: a tiny decoder built as `ltsft train` builds it (`models.build_model`, which unties
-    its output head), else the tiny BERT of its kind."""
+    its output head), else the tiny BERT of its kind. With a ZeRO-3 `ds_config`, the decoder is saved and loaded
+    back as a checkpoint is, straight into DeepSpeed's partitions, while the BERT is built whole and partitioned by
+    the engine: both ways of reaching ZeRO-3 are covered."""
+    from ltsft_dist.engine import zero_stage
     from ltsft_dist.models import build_model, is_decoder
 
-    if is_decoder(cfg.model.architecture):
-        return build_model(cfg.model, cfg.task, seed=seed)
-    return tiny_model(cfg.kind, seed)
+    if not is_decoder(cfg.model.architecture):
+        return tiny_model(cfg.kind, seed)
+    model = build_model(cfg.model, cfg.task, seed=seed)
+    if zero_stage(ds_config) != 3:
+        return model
+    from ltsft_dist import comm
+
+    directory = comm.broadcast_object(tempfile.mkdtemp(prefix="ltsft-base-") if comm.rank() == 0 else None)
+    if comm.rank() == 0:  # transformers saves from the main process only
+        model.save_pretrained(directory)
+    comm.barrier()
+    return build_model(ModelConfig(name_or_path=directory), cfg.task, seed=seed, ds_config=ds_config)
 
 
 def clm_examples(n: int = 48, length: int = 12, seed: int = 4) -> Examples:
@@ -152,8 +165,10 @@ def run_cases(cases: list[tuple[str, TrainConfig, Examples, int]], world_size: i
     for name, cfg, examples, accumulation in cases:
         cfg = copy.deepcopy(cfg)
         cfg.micro_batch_size = cfg.batch_size // (world_size * accumulation)
-        model = model_for(cfg)
-        recipe = LTSFTRecipe(model, examples, cfg, ds_config_for(cfg, world_size), show_progress=False)
+        ds = ds_config_for(cfg, world_size)
+        model = model_for(cfg, ds_config=ds)
+        built = _held_at_build(model)
+        recipe = LTSFTRecipe(model, examples, cfg, ds, show_progress=False)
         sft = recipe.run()
         diffs = sft.diffs if sft is not None else None
         diffs = [diffs]
@@ -162,8 +177,18 @@ def run_cases(cases: list[tuple[str, TrainConfig, Examples, int]], world_size: i
         drift = working_weight_drift(model, theta0, diffs[0], recipe.eligibility.roles)
         if sft is not None:
             results[name] = {"diffs": sft.diffs, "heads": sft.heads, "stats": dict(recipe.stats.__dict__),
-                             "working_drift": drift}
+                             "working_drift": drift, "held_at_build": built}
     return results
+
+
+def _held_at_build(model) -> dict:
+    """Elements this rank holds of the model as built, and of the whole model: a model loaded straight into ZeRO-3
+    partitions holds about 1/W of it."""
+    from ltsft_dist.shards import is_zero3_param, param_shape
+
+    held = sum(p.ds_tensor.numel() if is_zero3_param(p) else p.numel() for p in model.parameters())
+    total = sum(math.prod(param_shape(p)) for p in model.parameters())
+    return {"held": held, "total": total, "partitioned": any(is_zero3_param(p) for p in model.parameters())}
 
 
 class StopAt(StepHook):

@@ -206,6 +206,20 @@ def _run_cases_on_recycled_memory(cases, world_size):
     return run_cases(cases, world_size)
 
 
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_zero3_decoders_are_built_straight_into_partitions(world_size, distributed):
+    """Under ZeRO-3, `ltsft train` loads a decoder checkpoint inside `deepspeed.zero.Init` (via transformers'
+    HfDeepSpeedConfig): each rank holds about 1/W of it from the start, and the results above still equal the
+    oracle's. The tiny BERT cases reach ZeRO-3 the other way (built whole, partitioned by the engine)."""
+    results = distributed(world_size)
+    for case in ("clm-z3", "instruct-accum-z3"):
+        built = results[case]["held_at_build"]
+        assert built["partitioned"] and built["held"] <= built["total"] / world_size + 4 * world_size * 64, built
+    for case in ("clm-z2", "base-z3"):
+        assert not results[case]["held_at_build"]["partitioned"]
+        assert results[case]["held_at_build"]["held"] == results[case]["held_at_build"]["total"]
+
+
 def test_zero3_padding_never_counts_as_drift():
     """At W=3 several parameters' numel is not a multiple of 3, so the last rank's partitions end in padding."""
     names = ("language-z3", "base-z3", "clm-z3")

@@ -249,3 +249,47 @@ def test_deepspeed_internal(facts, stage, internal):
     problems = [f"rank {r}: {f[(stage, internal)]}" for r, f in enumerate(facts) if f[(stage, internal)]]
     assert not problems, (f"{where}: the DeepSpeed internal `{internal}` that ltsft_dist/shards.py relies on has "
                           "changed:\n" + "\n".join(problems))
+
+
+def _untie_partitioned_tied_base() -> dict:
+    """A tied decoder (Gemma) saved whole, then loaded under ZeRO-3 as `ltsft train` loads it: the untied output
+    head is a whole copy of the partitioned embedding (`shards.full_copy`), partitioned in turn by the engine."""
+    import tempfile
+
+    import deepspeed
+
+    from ltsft_dist import comm
+    from ltsft_dist.config import ModelConfig
+    from ltsft_dist.engine import build_engine, ds_config_for
+    from ltsft_dist.models import build_model
+    from ltsft_dist.shards import is_zero3_param
+
+    sizes = dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                 intermediate_size=24, max_position_embeddings=32, head_dim=8)
+    directory = comm.broadcast_object(tempfile.mkdtemp(prefix="ltsft-gemma-") if comm.rank() == 0 else None)
+    if comm.rank() == 0:
+        from transformers import AutoModelForCausalLM, GemmaConfig
+
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(GemmaConfig(**sizes, tie_word_embeddings=True)).save_pretrained(directory)
+    comm.barrier()
+    cfg = task_config("zero3.json", kind="language", task="clm", batch_size=8, micro_batch_size=4,
+                      model=ModelConfig(name_or_path=directory, architecture="gemma"))
+    ds = ds_config_for(cfg, WORLD)
+    model = build_model(cfg.model, "clm", ds_config=ds)
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    with deepspeed.zero.GatheredParameters([embedding]):
+        whole = embedding.detach().clone()
+    facts = {"embedding_partitioned": is_zero3_param(embedding), "head_separate": head is not embedding,
+             "head_is_the_embedding": torch.equal(head.detach(), whole)}
+    build_engine(model, ds, lr=1e-3, weight_decay=0.0)
+    facts["head_partitioned_by_engine"] = is_zero3_param(model.get_output_embeddings().weight)
+    return facts
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_a_tied_base_loaded_into_zero3_partitions_unties_into_a_whole_copy():
+    for rank, facts in enumerate(run_ranks(_untie_partitioned_tied_base, WORLD)):
+        assert facts == {"embedding_partitioned": True, "head_separate": True, "head_is_the_embedding": True,
+                         "head_partitioned_by_engine": True}, f"rank {rank}: {facts}"

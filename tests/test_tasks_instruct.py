@@ -16,7 +16,7 @@ from ltsft_dist import eligibility as elig
 from ltsft_dist.config import ModelConfig, SourceConfig
 from ltsft_dist.demo_text import sentences
 from ltsft_dist.errors import LtsftError
-from ltsft_dist.models import build_model, tiny_tokenizer
+from ltsft_dist.models import build_model, save_tiny_base, tiny_tokenizer
 from ltsft_dist.sft import SparseFineTuning
 from ltsft_dist.tasks import Encoding, get_task
 from ltsft_dist.tasks.instruct import ALPACA_PROMPT
@@ -135,18 +135,21 @@ def test_a_decoder_task_sft_keeps_the_lm_head_frozen_and_trains_norms_sparsely()
 @pytest.mark.slow
 @pytest.mark.multirank
 def test_ltsft_train_instruct_on_two_ranks_keeps_the_best_phi_by_held_out_loss(tmp_path):
-    """`ltsft train` of a tiny Llama on prompt/response records at W=2 ZeRO-2 with accumulation: the held-out
-    loss of the best φ is what θ⁰ + the saved φ gives."""
+    """`ltsft train` of a Llama checkpoint on prompt/response records at W=2, ZeRO-3 (loaded straight into the
+    partitions) with accumulation: the held-out loss of the best φ is what θ⁰ + the saved φ gives."""
     lines = sentences("en", 240, seed=5)
     rows = [{"prompt": lines[i], "response": lines[i + 1]} for i in range(0, 240, 2)]
+    base = tmp_path / "base"
+    save_tiny_base(base, ModelConfig(tiny={**TINY_LLAMA, "vocab_size": 200, "max_position_embeddings": 48},
+                                     architecture="llama"), lines, seed=1)
     out = tmp_path / "run"
     path = write_config(tmp_path, {
         "kind": "task", "task": "instruct", "languages": ["en"], "output_dir": str(out), "density": 0.05,
-        "model": {"architecture": "llama", "tiny": {**TINY_LLAMA, "vocab_size": 200, "max_position_embeddings": 48}},
+        "model": {"name_or_path": str(base)},
         "data": {"train_file": _jsonl(tmp_path / "en.jsonl", rows), "max_seq_length": 48, "eval_fraction": 0.2,
                  "eval_every": 2},
         "phase1": {"steps": 4, "lr": 3e-3}, "phase2": {"steps": 6, "lr": 3e-3}, "batch_size": 8,
-        "micro_batch_size": 2, "deepspeed": "zero2.json", "log_every": 2})
+        "micro_batch_size": 2, "deepspeed": "zero3.json", "log_every": 2})
     train(path, ranks=2)
     results = json.loads((out / "results.json").read_text())
     assert results["frozen_drift"] == 0
