@@ -46,6 +46,9 @@ class ModelConfig:
     architecture: str = field(default="bert", metadata=field_help(
         "for `tiny`: bert | xlm-roberta (encoders) | llama | qwen2 | mistral | gemma (decoders: task clm)"))
     tokenizer: str | None = field(default=None, metadata=field_help("tokenizer directory; defaults to name_or_path"))
+    gradient_checkpointing: bool = field(default=False, metadata=field_help(
+        "recompute activations in the backward pass instead of keeping them (transformers' gradient "
+        "checkpointing): less memory for long sequences and large decoders, about a third more compute"))
 
     def check_architecture(self, task, where: str) -> None:
         """A tiny model's architecture is known and of the kind the task trains (a decoder or an encoder)."""

@@ -41,6 +41,16 @@ def build_model(cfg: ModelConfig, task: str, num_labels: int | None = None, voca
     model is built whole (it is small, and its random initialisation must not depend on the ZeRO stage)."""
     model = _make_model(cfg, task, num_labels, vocab_size, seed, ds_config)
     get_task(task).prepare_model(model)
+    if cfg.gradient_checkpointing:
+        if not model.supports_gradient_checkpointing:
+            raise LtsftError(f"model.gradient_checkpointing: {type(model).__name__} does not support it; set it "
+                             "to false")
+        enable = getattr(model, "activation_checkpointing_enable", None)  # its name from transformers 5.2x on
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False  # a cache is for generation, and checkpointing recomputes anyway
     return model
 
 

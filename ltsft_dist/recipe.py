@@ -177,6 +177,7 @@ class LTSFTRecipe:
         name = phase_name + (f".{round_}" if self.config.rounds > 1 else "")
         self.phase_name = name
         self.global_step = self._global_step(round_, phase_name, first_step)
+        self.engine.train()  # dropout on, as in the paper's training (from_pretrained returns a model in eval mode)
         start = time.perf_counter()
         l1 = L1Pull(self.shards, self.snapshot, self.sparse, phase.l1, self.stats.n_eligible)
         bar = tqdm(range(first_step, phase.steps), desc=name, disable=self.rank != 0 or not self.show_progress,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import tempfile
 
@@ -64,7 +65,8 @@ def model_for(cfg: TrainConfig, seed: int = 0, ds_config: dict | None = None):
     if comm.rank() == 0:  # transformers saves from the main process only
         model.save_pretrained(directory)
     comm.barrier()
-    return build_model(ModelConfig(name_or_path=directory), cfg.task, seed=seed, ds_config=ds_config)
+    return build_model(dataclasses.replace(cfg.model, name_or_path=directory, tiny=None), cfg.task, seed=seed,
+                       ds_config=ds_config)
 
 
 def clm_examples(n: int = 48, length: int = 12, seed: int = 4) -> Examples:
@@ -168,6 +170,7 @@ def run_cases(cases: list[tuple[str, TrainConfig, Examples, int]], world_size: i
         ds = ds_config_for(cfg, world_size)
         model = model_for(cfg, ds_config=ds)
         built = _held_at_build(model)
+        layer_calls = _count_first_layer_calls(model)
         recipe = LTSFTRecipe(model, examples, cfg, ds, show_progress=False)
         sft = recipe.run()
         diffs = sft.diffs if sft is not None else None
@@ -177,8 +180,20 @@ def run_cases(cases: list[tuple[str, TrainConfig, Examples, int]], world_size: i
         drift = working_weight_drift(model, theta0, diffs[0], recipe.eligibility.roles)
         if sft is not None:
             results[name] = {"diffs": sft.diffs, "heads": sft.heads, "stats": dict(recipe.stats.__dict__),
-                             "working_drift": drift, "held_at_build": built}
+                             "working_drift": drift, "held_at_build": built, "first_layer_calls": layer_calls}
     return results
+
+
+def _count_first_layer_calls(model) -> list[int]:
+    """A counter of the calls, in training mode, of the first module inside the first decoder layer (activation
+    checkpointing recomputes the layer's forward, and so calls it again, in the backward pass); stays [0] for
+    models without decoder layers."""
+    calls = [0]
+    layer = next((m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")), None)
+    if layer is not None:
+        inner = next(layer.children())
+        inner.register_forward_hook(lambda module, args, out: calls.__setitem__(0, calls[0] + module.training))
+    return calls
 
 
 def _held_at_build(model) -> dict:
