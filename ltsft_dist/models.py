@@ -35,8 +35,8 @@ def tiny_tokenizer(cfg: ModelConfig, texts: list[str]):
 
 def build_model(cfg: ModelConfig, task: str, num_labels: int | None = None, vocab_size: int | None = None,
                 seed: int = 0) -> torch.nn.Module:
-    """The task's model class over the base; a task head missing from a base checkpoint starts from the
-    seeded initialisation (the same on every rank)."""
+    """The task's model class over the base, in `cfg.dtype` (fp32 by default, whatever the checkpoint stores); a task
+    head missing from a base checkpoint starts from the seeded initialisation (the same on every rank)."""
     spec = get_task(task)
     auto = spec.auto_class()
     extra = {"num_labels": num_labels} if num_labels else {}
@@ -47,7 +47,7 @@ def build_model(cfg: ModelConfig, task: str, num_labels: int | None = None, voca
         if vocab_size is not None:
             values.setdefault("vocab_size", vocab_size)
         torch.manual_seed(seed)
-        model = auto.from_config(TINY_CONFIGS[cfg.architecture](**values, **extra))
+        model = auto.from_config(TINY_CONFIGS[cfg.architecture](**values, **extra), dtype=cfg.torch_dtype())
     else:
         from transformers.utils import logging as hf_logging
 
@@ -58,7 +58,9 @@ def build_model(cfg: ModelConfig, task: str, num_labels: int | None = None, voca
         hf_logging.set_verbosity_error()  # its load report lists the base's MLM head as unused for task models
         try:
             torch.manual_seed(seed)
-            model = auto.from_pretrained(directory, **extra)
+            # explicitly: transformers 5 defaults to the checkpoint's dtype ("auto"), so a half-precision checkpoint
+            # would train with half-precision "fp32 masters"
+            model = auto.from_pretrained(directory, dtype=cfg.torch_dtype(), **extra)
         except (OSError, ValueError) as err:
             raise LtsftError(f"model.name_or_path: cannot load {cfg.name_or_path!r} from {directory} ({err}); "
                              "point it at a directory written by save_pretrained or a hub model") from None

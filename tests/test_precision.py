@@ -243,3 +243,54 @@ def test_an_overflow_skipped_step_is_counted_and_redone(runs):
     overflowed, clean = runs[0][("bf16", 2, L1, True)], runs[0][("bf16", 2, L1, False)]
     assert overflowed["sum_abs_phi"] == pytest.approx(clean["sum_abs_phi"], rel=1e-6), "the redone step differs"
     assert math.isfinite(overflowed["sum_abs_phi"])
+
+
+# --- model.dtype ---------------------------------------------------------------------------------------------------
+
+def test_a_half_precision_checkpoint_loads_in_the_dtype_the_config_asks_for(tmp_path):
+    """transformers 5 loads a checkpoint in its stored dtype by default; ltsft asks for model.dtype (fp32 unless set)."""
+    from ltsft_dist.config import ModelConfig
+    from ltsft_dist.models import build_model
+
+    saved = tiny_model("task").to(torch.float16)
+    saved.save_pretrained(tmp_path)
+    reference = dict(saved.named_parameters())
+    for dtype, expected in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        model = build_model(ModelConfig(name_or_path=str(tmp_path), dtype=dtype), "classification", num_labels=3)
+        dtypes = {p.dtype for p in model.parameters()}
+        assert dtypes == {expected}, (dtype, dtypes)
+        if dtype == "fp32":  # fp16 -> fp32 is exact
+            for name, p in model.named_parameters():
+                assert torch.equal(p, reference[name].float()), name
+    assert ModelConfig(name_or_path=str(tmp_path)).dtype == "fp32"
+
+
+def test_a_tiny_model_is_built_in_model_dtype():
+    from ltsft_dist.config import ModelConfig
+    from ltsft_dist.models import build_model
+    from scenarios import TINY
+
+    for dtype, expected in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        model = build_model(ModelConfig(tiny=dict(TINY), dtype=dtype), "classification", num_labels=3)
+        assert {p.dtype for p in model.parameters()} == {expected}
+
+
+def test_model_dtype_is_validated_and_must_match_the_deepspeed_precision(tmp_path):
+    from ltsft_dist import preflight
+    from ltsft_dist.errors import LtsftError
+
+    with pytest.raises(LtsftError, match=r"model.dtype: 'float64' is not one of fp32, bf16, fp16"):
+        task_config(model=_model(dtype="float64"))
+    assert preflight.check_precision(task_config("zero2_bf16.json", model=_model(dtype="bf16")), "run.yaml") == []
+    assert preflight.check_precision(task_config("zero2_bf16.json", model=_model(dtype="fp32")), "run.yaml") == []
+    [problem] = preflight.check_precision(task_config("zero2.json", model=_model(dtype="bf16")), "run.yaml")
+    assert (problem.where, problem.key) == ("run.yaml", "model.dtype")
+    assert "loaded in bf16 but" in problem.fix and "trains in fp32" in problem.fix
+    assert "set model.dtype: fp32 (the default)" in problem.fix and "zero2_bf16.json" in problem.fix
+
+
+def _model(**values):
+    from ltsft_dist.config import ModelConfig
+    from scenarios import TINY
+
+    return ModelConfig(tiny=dict(TINY), **values)
