@@ -40,7 +40,7 @@ from ltsft_dist.tasks import get_task
 from ltsft_dist.topk import random_scores, select_topk
 
 FLOAT_MAX = torch.finfo(torch.float32).max
-MAX_OVERFLOW_RETRIES = 64  # consecutive fp16 overflows of one step: the scale halves from 2^16 to 1 well within it
+MAX_OVERFLOW_RETRIES = 64  # consecutive fp16 overflows of one step: the scale falls from 2^16 to 1 well within it
 
 
 class Preempted(Exception):
@@ -62,7 +62,7 @@ class RunStats:
     frozen_drift: int = 0  # frozen elements not bit-identical to θ⁰ after phase 2 (must be 0)
     theta0_bytes_per_rank: int = 0
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss (on_nonfinite_loss: skip)
-    overflow_steps: int = 0  # fp16 steps DeepSpeed skipped on a gradient overflow, each redone (not in the schedule)
+    overflow_steps: int = 0  # attempts DeepSpeed skipped on an inf/NaN gradient, each redone (not in the schedule)
     seconds: dict = field(default_factory=dict)
     losses: dict = field(default_factory=dict)
     eval_losses: dict = field(default_factory=dict)  # per phase: [{step, all, <language>...}]
@@ -274,8 +274,8 @@ class LTSFTRecipe:
     def train_step(self, step: int, mask: GradientMask | None, l1: L1Pull) -> float:
         """One optimizer step; returns this rank's share of the global mean loss.
 
-        A step DeepSpeed skips on an fp16 overflow (dynamic loss scaling: no weight moves, the loss scale is
-        lowered) is redone with the same batches at the lowered scale, so a phase of N steps makes N updates and the
+        A step DeepSpeed skips on a gradient overflow (fp16's dynamic loss scaling, also bf16's overflow check: no
+        weight moves, fp16's loss scale is lowered) is redone with the same batches, so a phase of N steps makes N updates and the
         data of step s stays a function of (seed, s) whatever overflowed. The skipped attempt is counted
         (`stats.overflow_steps`) and neither the masking hooks nor the L1 pull act on it."""
         attempts = MAX_OVERFLOW_RETRIES if self.shards.loss_scale_adapts else 2  # else the same step overflows again

@@ -154,10 +154,11 @@ def _ds_file(precision: str, stage: int) -> str:
 
 
 class Overflow(StepHook):
-    """Puts an inf into every rank's head gradients at the first attempt of phase-2 step `OVERFLOW_STEP`; records
-    the masters at the start of every attempt of that step and counts applied inner optimizer steps."""
+    """Puts an inf into every rank's head gradients at phase-2 step `OVERFLOW_STEP`: at its first attempt
+    (`inject` "once") or at every one ("always"); records the masters at the start of every attempt of that step and
+    counts applied inner optimizer steps."""
 
-    def __init__(self, recipe, inject: bool):
+    def __init__(self, recipe, inject: str | None):
         self.recipe, self.inject, self.injected = recipe, inject, False
         self.masters_at_attempts, self.applied = [], 0
         recipe.shards.on_optimizer_step(self._stepped)
@@ -171,7 +172,8 @@ class Overflow(StepHook):
             self.masters_at_attempts.append([s.clone() for s in self.recipe.shards.segments])
 
     def before_optimizer_step(self, step: int) -> None:
-        if self.inject and not self.injected and self.recipe.selected is not None and step == OVERFLOW_STEP:
+        if self.inject and not (self.injected and self.inject == "once") and self.recipe.selected is not None \
+                and step == OVERFLOW_STEP:
             self.injected = True
             grads = self.recipe.shards.grads()
             for f in self.recipe.heads:
@@ -180,12 +182,14 @@ class Overflow(StepHook):
 
 # The overflow case right after its clean twin: a ZeRO-3 engine leaves DeepSpeed's patched linear layers in the
 # process, which round bf16 differently for later runs.
-CASES = [(precision, stage, l1, False) for stage in (2, 3) for precision in ("fp32", "bf16") for l1 in (0.0, L1)]
-CASES.insert(CASES.index(("bf16", 2, L1, False)) + 1, ("bf16", 2, L1, True))
+CASES = [(precision, stage, l1, None) for stage in (2, 3) for precision in ("fp32", "bf16") for l1 in (0.0, L1)]
+CASES.insert(CASES.index(("bf16", 2, L1, None)) + 1, ("bf16", 2, L1, "once"))
+CASES.append(("bf16", 2, L1, "always"))
 
 
 def precision_cases() -> dict:
     from ltsft_dist.engine import ds_config_for
+    from ltsft_dist.errors import LtsftError
     from ltsft_dist.recipe import LTSFTRecipe
 
     results = {}
@@ -197,7 +201,11 @@ def precision_cases() -> dict:
                              show_progress=False)
         hook = Overflow(recipe, overflow)
         recipe.step_hooks.append(hook)
-        sft = recipe.run()
+        try:
+            sft = recipe.run()
+        except LtsftError as err:
+            results[(precision, stage, l1, overflow)] = {"error": str(err), "overflow_steps": recipe.stats.overflow_steps}
+            continue
         m = hook.masters_at_attempts
         results[(precision, stage, l1, overflow)] = {
             "sum_abs_phi": None if sft is None else sum(float(v.abs().sum()) for _, v in sft.diffs.values()),
@@ -222,25 +230,25 @@ def runs(launches):
 def test_bf16_l1_effect_matches_fp32(runs, stage):
     """The L1 pull shrinks φ (by ~70 % here); the shrink in bf16 matches fp32's within 2 %."""
     got = runs[0]
-    ratio = {p: got[(p, stage, L1, False)]["sum_abs_phi"] / got[(p, stage, 0.0, False)]["sum_abs_phi"]
+    ratio = {p: got[(p, stage, L1, None)]["sum_abs_phi"] / got[(p, stage, 0.0, None)]["sum_abs_phi"]
              for p in ("fp32", "bf16")}
     assert ratio["fp32"] < 0.5, f"the L1 term had little effect: {ratio}"
     assert ratio["bf16"] == pytest.approx(ratio["fp32"], rel=0.02), ratio
     for p in ("fp32", "bf16"):
-        assert got[(p, stage, L1, False)]["frozen_drift"] == 0
-        assert got[(p, stage, L1, False)]["nnz"] == got[(p, stage, L1, False)]["k"]
+        assert got[(p, stage, L1, None)]["frozen_drift"] == 0
+        assert got[(p, stage, L1, None)]["nnz"] == got[(p, stage, L1, None)]["k"]
 
 
 def test_an_overflow_skipped_step_is_counted_and_redone(runs):
     for rank, by_case in enumerate(runs):
-        got = by_case[("bf16", 2, L1, True)]
+        got = by_case[("bf16", 2, L1, "once")]
         assert got["overflow_steps"] == 1, f"rank {rank}: {got}"
         assert got["attempts_of_the_step"] == 2 and got["skipped_attempt_kept_masters"], f"rank {rank}"
         assert got["applied"] == got["steps"], f"rank {rank}: {got['applied']} updates for {got['steps']} steps"
         assert got["losses"] == 6 and got["frozen_drift"] == 0
-        clean = by_case[("bf16", 2, L1, False)]
+        clean = by_case[("bf16", 2, L1, None)]
         assert clean["overflow_steps"] == 0 and clean["applied"] == clean["steps"]
-    overflowed, clean = runs[0][("bf16", 2, L1, True)], runs[0][("bf16", 2, L1, False)]
+    overflowed, clean = runs[0][("bf16", 2, L1, "once")], runs[0][("bf16", 2, L1, None)]
     assert overflowed["sum_abs_phi"] == pytest.approx(clean["sum_abs_phi"], rel=1e-6), "the redone step differs"
     assert math.isfinite(overflowed["sum_abs_phi"])
 
@@ -294,3 +302,13 @@ def _model(**values):
     from scenarios import TINY
 
     return ModelConfig(tiny=dict(TINY), **values)
+
+
+def test_a_step_that_overflows_at_every_attempt_stops_the_run(runs):
+    """bf16 has no loss scale to lower: the same step overflows again, so after one retry every rank stops."""
+    for rank, by_case in enumerate(runs):
+        got = by_case[("bf16", 2, L1, "always")]
+        assert got["overflow_steps"] == 2, f"rank {rank}: {got}"
+        assert f"gradients not finite (inf or NaN) with a finite loss 2 times in a row in phase2 step " \
+               f"{OVERFLOW_STEP + 1}" in got["error"], got["error"]
+        assert "lower the learning rate" in got["error"]
