@@ -1,7 +1,8 @@
 """Precision: the L1 pull is exact in mixed precision, and steps DeepSpeed skips on overflow are redone, not lost.
 
-DeepSpeed refuses fp16 on a CPU ("Type fp16 is not supported on your device"), so the runs here are bf16 against
-fp32; fp16's loss scale is covered by the unit tests of the pull's arithmetic (`L1Pull` against a stand-in for the
+DeepSpeed refuses fp16 on a CPU ("Type fp16 is not supported on your device"), so the runs here are bf16: the pull
+at a λ/N far below bf16's resolution reaching the fp32 master gradient the optimizer steps with (ZeRO 2 and 3), and
+the L1 effect on φ against fp32's; fp16's loss scale is covered by the unit tests of the pull's arithmetic (`L1Pull` against a stand-in for the
 shards holding loss-scaled fp16 gradients), and the overflow path by forcing an inf gradient in a bf16 run
 (DeepSpeed's bf16 ZeRO optimizers check for overflow and skip the step as fp16's do).
 """
@@ -182,9 +183,61 @@ class Overflow(StepHook):
 
 # The overflow case right after its clean twin: a ZeRO-3 engine leaves DeepSpeed's patched linear layers in the
 # process, which round bf16 differently for later runs.
+class Reach(StepHook):
+    """At phase-1 step `REACH_STEP`: the reduced (bf16) data gradients and θ − θ⁰ before the step, and the fp32
+    gradient the inner optimizer stepped with (read in its post hook, where DeepSpeed has not yet dropped it), per
+    sparse fragment of this rank."""
+
+    def __init__(self, recipe):
+        self.recipe, self.armed, self.data, self.delta, self.stepped = recipe, False, {}, {}, {}
+        recipe.shards.on_optimizer_step(self._stepped)
+
+    def before_step(self, step: int) -> None:
+        self.armed = False
+
+    def before_optimizer_step(self, step: int) -> None:
+        if self.recipe.selected is None and step == REACH_STEP:
+            shards, grads = self.recipe.shards, self.recipe.shards.grads()
+            for f in self.recipe.sparse:
+                self.data[f] = grads[shards.fragments.index(f)].to(torch.float32, copy=True)
+                self.delta[f] = self.recipe.snapshot.delta(f)
+            self.armed = True
+
+    def _stepped(self, segments):
+        if self.armed:
+            for f in self.recipe.sparse:
+                if f.segment in segments:
+                    self.stepped[f] = self.recipe.shards.master_grad(f.segment).narrow(0, f.segment_offset,
+                                                                                       f.numel).clone()
+
+    def pulls(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what was added to the data gradient, sign(θ − θ⁰)) over my sparse elements."""
+        fragments = list(self.stepped)
+        added = torch.cat([(self.stepped[f].double() - self.data[f].double()) for f in fragments])
+        return added, torch.sign(torch.cat([self.delta[f] for f in fragments])).double()
+
+
+REACH_STEP = 2  # a phase-1 step with θ ≠ θ⁰ (the warm-up starts at lr 0)
+PULL = 1e-7  # λ/N of the reach cases: ~2^-9 of a 1e-2 gradient, so in bf16 it would round away
+
+
+def reach_case(recipe) -> dict:
+    """The pull λ/N·sign(θ − θ⁰) as it reached the optimizer (no clipping): how many of my elements got it within
+    10 % (δ ≠ 0) and how many got anything where δ = 0."""
+    hook = Reach(recipe)
+    recipe.step_hooks.append(hook)
+    recipe.run()
+    added, sign = hook.pulls()
+    pulled = sign != 0
+    error = (added[pulled] - sign[pulled] * PULL).abs() / PULL
+    return {"pulled": int(pulled.sum()), "within_10pct": int((error <= 0.1).sum()),
+            "median_error": float(error.median()), "added_where_delta_is_0": int((added[~pulled] != 0).sum())}
+
+
 CASES = [(precision, stage, l1, None) for stage in (2, 3) for precision in ("fp32", "bf16") for l1 in (0.0, L1)]
 CASES.insert(CASES.index(("bf16", 2, L1, None)) + 1, ("bf16", 2, L1, "once"))
 CASES.append(("bf16", 2, L1, "always"))
+CASES += [("bf16", 2, PULL, "reach"), ("bf16", 3, PULL, "reach")]  # l1: λ/N; λ is set from the recipe's N
 
 
 def precision_cases() -> dict:
@@ -194,11 +247,15 @@ def precision_cases() -> dict:
 
     results = {}
     for precision, stage, l1, overflow in CASES:
-        cfg = copy.deepcopy(task_config(_ds_file(precision, stage)))
+        cfg = copy.deepcopy(task_config(_ds_file(precision, stage), max_grad_norm=0.0 if overflow == "reach" else 0.5))
         cfg.phase1.l1 = cfg.phase2.l1 = l1
         cfg.micro_batch_size = cfg.batch_size // WORLD
         recipe = LTSFTRecipe(tiny_model("task"), classification_examples(), cfg, ds_config_for(cfg, WORLD),
                              show_progress=False)
+        if overflow == "reach":
+            cfg.phase1.l1 = cfg.phase2.l1 = l1 * recipe.stats.n_eligible
+            results[(precision, stage, l1, overflow)] = reach_case(recipe)
+            continue
         hook = Overflow(recipe, overflow)
         recipe.step_hooks.append(hook)
         try:
@@ -312,3 +369,16 @@ def test_a_step_that_overflows_at_every_attempt_stops_the_run(runs):
         assert f"gradients not finite (inf or NaN) with a finite loss 2 times in a row in phase2 step " \
                f"{OVERFLOW_STEP + 1}" in got["error"], got["error"]
         assert "lower the learning rate" in got["error"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_the_pull_reaches_the_bf16_optimizer_exactly(runs, stage):
+    """λ/N = 1e-7 (λ = 1e-7·N), far below bf16's resolution of these gradients: every element with θ ≠ θ⁰ has it
+    added to its fp32 master gradient (to fp32's rounding of the sum), and no element at θ⁰ has anything added."""
+    for rank, by_case in enumerate(runs):
+        got = by_case[("bf16", stage, PULL, "reach")]
+        assert got["pulled"] > 100, f"rank {rank}: too few elements away from θ⁰ to tell: {got}"
+        # measured: all within 10 %, median error ~1e-6; added into the bf16 buffers instead (the old placement,
+        # forced by patching Shards.mixed_precision to False): 32-55 % within 10 %, median error 4-19 %
+        assert got["within_10pct"] >= 0.99 * got["pulled"] and got["median_error"] < 1e-3, f"rank {rank}: {got}"
+        assert got["added_where_delta_is_0"] == 0, f"rank {rank}: {got}"
