@@ -38,6 +38,9 @@ class PhaseConfig:
                                                   "SFTs)"))
 
 
+MODEL_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # model.dtype -> torch's name
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str | None = field(default=None, metadata=field_help("a hub id or a local transformers directory"))
@@ -49,6 +52,19 @@ class ModelConfig:
     gradient_checkpointing: bool = field(default=False, metadata=field_help(
         "recompute activations in the backward pass instead of keeping them (transformers' gradient "
         "checkpointing): less memory for long sequences and large decoders, about a third more compute"))
+    dtype: str = field(default="fp32", metadata=field_help(
+        "fp32 | bf16 | fp16: the dtype the weights are loaded (or built) in, whatever the checkpoint stores. Train in "
+        "mixed precision with the DeepSpeed config (e.g. zero2_bf16.json); its fp32 masters are made from these "
+        "weights, so a half-precision load rounds θ⁰ to that precision (and saves host memory while loading). "
+        "fp32 (the default) keeps θ⁰ exact; bf16/fp16 must match the DeepSpeed config's precision"))
+
+    def torch_dtype(self, where: str = "config"):
+        """`dtype` as a torch dtype; raises `LtsftError` naming the key when it is not one of MODEL_DTYPES."""
+        import torch
+
+        if self.dtype not in MODEL_DTYPES:
+            raise LtsftError(f"{where}: model.dtype: {self.dtype!r} is not one of {', '.join(MODEL_DTYPES)}")
+        return getattr(torch, MODEL_DTYPES[self.dtype])
 
     def check_architecture(self, task, where: str) -> None:
         """A tiny model's architecture is known and of the kind the task trains (a decoder or an encoder)."""
@@ -190,6 +206,7 @@ class TrainConfig:
             bad("batch_size", "batch_size and micro_batch_size must be positive")
         if (self.model.name_or_path is None) == (self.model.tiny is None):
             bad("model", "give exactly one of model.name_or_path or model.tiny")
+        self.model.torch_dtype(where)
         task = get_task(full.task, f"{where}: task")
         if self.model.tiny is not None:
             self.model.check_architecture(task, where)

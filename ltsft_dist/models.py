@@ -35,10 +35,11 @@ def tiny_tokenizer(cfg: ModelConfig, texts: list[str]):
 
 def build_model(cfg: ModelConfig, task: str, num_labels: int | None = None, vocab_size: int | None = None,
                 seed: int = 0, ds_config: dict | None = None) -> torch.nn.Module:
-    """The task's model class over the base; a task head missing from a base checkpoint starts from the
-    seeded initialisation (the same on every rank). With a ZeRO-3 `ds_config` (under a process group) a base
-    loaded from a checkpoint goes straight into DeepSpeed's partitions (`engine.partitioned_construction`); a tiny
-    model is built whole (it is small, and its random initialisation must not depend on the ZeRO stage)."""
+    """The task's model class over the base, in `cfg.dtype` (fp32 by default, whatever the checkpoint stores); a
+    task head missing from a base checkpoint starts from the seeded initialisation (the same on every rank). With
+    a ZeRO-3 `ds_config` (under a process group) a base loaded from a checkpoint goes straight into DeepSpeed's
+    partitions (`engine.partitioned_construction`); a tiny model is built whole (it is small, and its random
+    initialisation must not depend on the ZeRO stage)."""
     model = _make_model(cfg, task, num_labels, vocab_size, seed, ds_config)
     get_task(task).prepare_model(model)
     if cfg.gradient_checkpointing:
@@ -68,7 +69,7 @@ def _make_model(cfg: ModelConfig, task: str, num_labels: int | None, vocab_size:
         if vocab_size is not None:
             values.setdefault("vocab_size", vocab_size)
         torch.manual_seed(seed)
-        model = auto.from_config(TINY_CONFIGS[cfg.architecture](**values, **extra))
+        model = auto.from_config(TINY_CONFIGS[cfg.architecture](**values, **extra), dtype=cfg.torch_dtype())
     else:
         from transformers.utils import logging as hf_logging
 
@@ -79,8 +80,10 @@ def _make_model(cfg: ModelConfig, task: str, num_labels: int | None, vocab_size:
         hf_logging.set_verbosity_error()  # its load report lists the base's MLM head as unused for task models
         try:
             torch.manual_seed(seed)
+            # the dtype explicitly: transformers 5 defaults to the checkpoint's ("auto"), so a half-precision
+            # checkpoint would train with half-precision "fp32 masters"
             with partitioned_construction(ds_config):
-                model = auto.from_pretrained(directory, **extra)
+                model = auto.from_pretrained(directory, dtype=cfg.torch_dtype(), **extra)
         except (OSError, ValueError) as err:
             raise LtsftError(f"model.name_or_path: cannot load {cfg.name_or_path!r} from {directory} ({err}); "
                              "point it at a directory written by save_pretrained or a hub model") from None

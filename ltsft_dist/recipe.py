@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -39,6 +40,7 @@ from ltsft_dist.tasks import get_task
 from ltsft_dist.topk import random_scores, select_topk
 
 FLOAT_MAX = torch.finfo(torch.float32).max
+MAX_OVERFLOW_RETRIES = 64  # consecutive fp16 overflows of one step: the scale falls from 2^16 to 1 well within it
 
 
 class Preempted(Exception):
@@ -60,6 +62,7 @@ class RunStats:
     frozen_drift: int = 0  # frozen elements not bit-identical to θ⁰ after phase 2 (must be 0)
     theta0_bytes_per_rank: int = 0
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss (on_nonfinite_loss: skip)
+    overflow_steps: int = 0  # attempts DeepSpeed skipped on an inf/NaN gradient, each redone (not in the schedule)
     seconds: dict = field(default_factory=dict)
     losses: dict = field(default_factory=dict)
     eval_losses: dict = field(default_factory=dict)  # per phase: [{step, all, <language>...}]
@@ -271,7 +274,27 @@ class LTSFTRecipe:
         return {key: value for hook in self.step_hooks for key, value in hook.fingerprints.items()}
 
     def train_step(self, step: int, mask: GradientMask | None, l1: L1Pull) -> float:
-        """One optimizer step; returns this rank's share of the global mean loss."""
+        """One optimizer step; returns this rank's share of the global mean loss.
+
+        A step DeepSpeed skips on a gradient overflow (fp16's dynamic loss scaling, also bf16's overflow check: no
+        weight moves, fp16's loss scale is lowered) is redone with the same batches, so a phase of N steps makes N updates and the
+        data of step s stays a function of (seed, s) whatever overflowed. The skipped attempt is counted
+        (`stats.overflow_steps`) and neither the masking hooks nor the L1 pull act on it."""
+        attempts = MAX_OVERFLOW_RETRIES if self.shards.loss_scale_adapts else 2  # else the same step overflows again
+        for _ in range(attempts):
+            loss = self._attempt_step(step, mask, l1)
+            if not self.shards.step_skipped():
+                return loss
+            self.stats.overflow_steps += 1
+            self.monitor.line("overflow", phase=self.phase_name, step=step + 1, loss_scale=self.shards.loss_scale(),
+                              overflow_steps=self.stats.overflow_steps)
+        raise LtsftError(
+            f"gradients not finite (inf or NaN) with a finite loss {attempts} times in a row in {self.phase_name} step "
+            f"{step + 1} (loss scale now {self.shards.loss_scale():g}), so DeepSpeed skipped every attempt: lower the "
+            "learning rate or enable clipping (max_grad_norm), or, from fp16, train in bf16 or fp32 (deepspeed: "
+            "zero2_bf16.json or zero2.json)")
+
+    def _attempt_step(self, step: int, mask: GradientMask | None, l1: L1Pull) -> float:
         batches = [self.order.batch_at(step, micro) for micro in range(self.order.accumulation)]
         scale = self._token_loss_scale(batches)
         self.tokens_seen += sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
@@ -297,6 +320,7 @@ class LTSFTRecipe:
                 if i == len(batches) - 1:
                     for hook in self.step_hooks:
                         hook.before_optimizer_step(step)
+                pull = nullcontext()
                 if self.engine.is_gradient_accumulation_boundary():
                     grads = self.shards.grads()
                     if self._agree(step, finite):
@@ -307,10 +331,11 @@ class LTSFTRecipe:
                             g.zero_()
                         self.shards.set_lr(0.0)
                     else:
-                        l1.add_gradient(grads)
                         if mask is not None:
                             mask.mask_gradients(grads)
-                self.engine.step()
+                        pull = l1.pulling(grads)
+                with pull:
+                    self.engine.step()
                 step_loss += loss.item() / self.order.accumulation
         finally:  # an error mid-step must not leave a language delta in the working weights
             for hook in self.step_hooks:
@@ -455,7 +480,8 @@ class LTSFTRecipe:
         values = {"train/loss": mean_loss, "train/lr": lr, "train/l1": penalty,
                   "train/phase": 2.0 if phase.startswith("phase2") else 1.0,
                   "train/tokens_per_s": float(totals[1]) / seconds, "train/step_seconds": seconds / steps,
-                  "train/peak_memory_mb": peak_memory_mb(), "train/skipped_steps": self.stats.skipped_steps}
+                  "train/peak_memory_mb": peak_memory_mb(), "train/skipped_steps": self.stats.skipped_steps,
+                  "train/overflow_steps": self.stats.overflow_steps}
         for timer, seconds in now.hook_seconds.items():
             values[f"train/{timer}_seconds"] = (seconds - since.hook_seconds[timer]) / steps
         norm = self.engine.get_global_grad_norm()

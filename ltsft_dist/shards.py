@@ -19,6 +19,7 @@ checkpoint load, and nothing here or in the callers compares or reduces over it:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -194,13 +195,58 @@ class Shards:
     def on_optimizer_step(self, hook: Callable[[list[int]], None]):
         """Call `hook(segment_indices)` right after each inner optimizer step, before DeepSpeed copies the
         masters into the working weights. DeepSpeed steps one group (or ZeRO-3 sub-group) at a time."""
+        return self.inner_optimizer.register_step_post_hook(lambda opt, args, kwargs: hook(self._stepped(opt)))
 
-        def post_hook(optimizer, args, kwargs):
-            stepped = [self._segment_of[id(p)] for g in optimizer.param_groups for p in g["params"]
-                       if id(p) in self._segment_of]
-            hook(stepped)
+    def before_optimizer_step(self, hook: Callable[[list[int]], None]):
+        """Call `hook(segment_indices)` right before each inner optimizer step, when `master_grad` of those
+        segments holds the fp32 gradient DeepSpeed has unscaled (and clipped, see `unclipped`). Not called for a
+        step DeepSpeed skips on overflow."""
+        return self.inner_optimizer.register_step_pre_hook(lambda opt, args, kwargs: hook(self._stepped(opt)))
 
-        return self.inner_optimizer.register_step_post_hook(post_hook)
+    def _stepped(self, optimizer) -> list[int]:
+        return [self._segment_of[id(p)] for g in optimizer.param_groups for p in g["params"]
+                if id(p) in self._segment_of]
+
+    def master_grad(self, segment: int) -> torch.Tensor:
+        """The flat fp32 gradient the inner optimizer is about to step `segment` with (inside
+        `before_optimizer_step` only: DeepSpeed builds it from the reduced gradients just before)."""
+        return self._stepped_tensors[segment].grad.view(-1)
+
+    @property
+    def mixed_precision(self) -> bool:
+        """bf16 or fp16 working weights and gradients (the masters are fp32 either way)."""
+        return bool(self.engine.bfloat16_enabled() or self.engine.fp16_enabled())
+
+    def loss_scale(self) -> float:
+        """The factor the gradients in `grads()` are multiplied by: fp16's dynamic loss scale, else 1."""
+        return float(self.engine.optimizer.loss_scale) if self.engine.fp16_enabled() else 1.0
+
+    @property
+    def loss_scale_adapts(self) -> bool:
+        """fp16 with dynamic loss scaling: a step skipped on overflow may pass when redone at the lowered scale."""
+        return bool(self.engine.fp16_enabled() and self.engine.dynamic_loss_scale())
+
+    def max_grad_norm(self) -> float:
+        """DeepSpeed's gradient clipping threshold (0: off)."""
+        return float(self.engine.gradient_clipping() or 0.0)
+
+    @contextmanager
+    def unclipped(self):
+        """DeepSpeed's clipping off for the steps inside (it still unscales): the caller clips `master_grad`
+        itself, e.g. to include a term added after DeepSpeed computed its norm."""
+        opt = self.engine.optimizer
+        saved = opt.clip_grad
+        opt.clip_grad = 0.0
+        try:
+            yield
+        finally:
+            opt.clip_grad = saved
+
+    def step_skipped(self) -> bool:
+        """Whether the last `engine.step()` at an accumulation boundary was skipped by DeepSpeed: it found an inf/NaN
+        gradient (fp16's loss scaling, also bf16's and ZeRO-1/2's overflow checks), moved no weight and, with fp16,
+        lowered the loss scale."""
+        return not self.engine.was_step_applied()
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over ranks when the shards are partitioned; a no-op when every rank holds everything."""
