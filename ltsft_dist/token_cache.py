@@ -40,7 +40,8 @@ from ltsft_dist.errors import LtsftError
 
 FORMAT_VERSION = 1  # part of every fingerprint: a changed layout never reads an old cache
 HELD_BLOCK = 65536  # lines per seeded held-out draw
-CHUNK_LINES, CHUNK_CHARS = 4096, 8 << 20  # lines tokenised at once (whichever limit comes first)
+CHUNK_LINES, CHUNK_CHARS = 4096, 1 << 20  # lines tokenised at once (whichever limit comes first; a fast
+# tokenizer's Encoding objects take ~100 bytes a token, so 1 MB of text peaks at ~30 MB)
 PARTS = ("train", "held")
 
 
@@ -267,6 +268,11 @@ def chunks(lines: Iterable[str]) -> Iterator[list[str]]:
 
 
 def tokenize(tokenizer, lines: list[str]) -> list[list[int]]:
+    """The lines' ids without special tokens. A fast tokenizer's Rust backend is called directly when nothing
+    (truncation, padding) is set on it: the same ids as `tokenizer(lines)`, about twice as fast."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        return [e.ids for e in backend.encode_batch(lines, add_special_tokens=False)]
     return tokenizer(lines, add_special_tokens=False, return_attention_mask=False)["input_ids"]
 
 

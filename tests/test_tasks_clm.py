@@ -232,6 +232,10 @@ def test_ltsft_train_clm_on_two_ranks_keeps_the_best_phi_by_held_out_perplexity(
                      "model.norm": ["0", "0", "20"]}  # real sizes, although ZeRO-3 has partitioned the model
     results = json.loads((out / "results.json").read_text())
     assert results["frozen_drift"] == 0
+    data = results["data"]["en"]  # the token accounting, also on stderr
+    assert data["tokens"] == data["tokens_used"] > 0 and data["held_out_tokens"] == data["held_out_tokens_used"] > 0
+    assert f"data [en]: {data['tokens'] + data['held_out_tokens']} tokens, " in result.stderr
+    assert len(list((tmp_path / "token_cache").iterdir())) == 1  # rank 0 built it once; both parts in it
     evals = results["eval_losses"]["phase2"]
     assert [e["step"] for e in evals] == [2, 4, 6]
     assert all(e["perplexity"] == pytest.approx(math.exp(e["all"])) and e["perplexity_en"] == e["perplexity"]
