@@ -115,6 +115,9 @@ def encode_sources(config: TrainConfig, tokenizer, sources: list[Source]) -> Tra
         out.report[source.language] = {**report, **encoded.report}
         if held:
             held_encoded = task.encode(tokenizer, held, encoding(data), labels)
+            if not len(held_encoded.examples):
+                raise LtsftError(f"{source.where}: no held-out rows at data.eval_fraction={data.eval_fraction}; add "
+                                 "text or raise data.eval_fraction")
             if isinstance(records, TextSource):
                 out.report[source.language].update({f"held_out_{k}": v for k, v in held_encoded.report.items()})
             held_encoded.examples = bounded(held_encoded.examples, data.eval_max_examples, config.seed)

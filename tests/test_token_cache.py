@@ -199,9 +199,10 @@ def test_masks_are_drawn_per_batch_and_equal_at_every_world_size(tok, corpus, tm
 
 
 def language_config(corpus, tmp_path, **data) -> TrainConfig:
+    data = {"eval_fraction": 0.2, **data}
     config = TrainConfig(kind="language", task="mlm", output_dir=str(tmp_path / "run"),
                          model=ModelConfig(tiny={"vocab_size": 150}), density=0.1,
-                         data=DataConfig(train_file=str(corpus), max_seq_length=16, eval_fraction=0.2, **data))
+                         data=DataConfig(train_file=str(corpus), max_seq_length=16, **data))
     config.validate()
     return config
 
@@ -222,6 +223,10 @@ def test_eval_max_examples_bounds_the_held_out_set_with_a_seeded_choice(tok, cor
     assert report["tokens_used"] + report["held_out_tokens_used"] == len(stream_of(tok, LINES))
     with pytest.raises(LtsftError, match=r"data.eval_max_examples: must be a whole number ≥ 0"):
         language_config(corpus, tmp_path, eval_max_examples=-1)
+    corpus.write_text("\n".join(LINES[:3]) + "\n", encoding="utf-8")
+    few = language_config(corpus, tmp_path, eval_fraction=0.01)
+    with pytest.raises(LtsftError, match=r"text.txt: no held-out rows at data.eval_fraction=0.01; add text or raise"):
+        encode_sources(few, tok, read_sources(few))
 
 
 def test_clm_encodes_from_the_cache(tmp_path, corpus):
@@ -236,3 +241,35 @@ def test_clm_encodes_from_the_cache(tmp_path, corpus):
     for name, t in in_memory.examples.tensors.items():
         assert torch.equal(encoded.examples.tensors[name][idx], t[idx]), name
     assert encoded.report == in_memory.report and encoded.report["tokens_dropped"] == 0
+
+
+def _rank_reads_the_cache(tokenizer_dir: str, corpus: str, cache: str) -> dict:
+    from transformers import AutoTokenizer
+
+    from ltsft_dist import comm
+
+    calls = []
+    real = token_cache.tokenize
+    token_cache.tokenize = lambda tok, lines: calls.append(len(lines)) or real(tok, lines)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    train, held = text_file(corpus).split(0.1, seed=1)
+    rows = cached_rows(train, tok, Layout(16), cache)
+    order = StepOrder(examples_of(rows, tok), 8, 4, comm.rank(), comm.world_size(), seed=0)
+    picked = torch.cat([order.indices(s, 0) for s in range(order.steps_per_epoch)])
+    return {"tokenised_lines": sum(calls), "rows": len(rows), "mapped": isinstance(rows.ids, np.memmap),
+            "picked": picked.tolist(), "held_rows": len(cached_rows(held, tok, Layout(16), cache))}
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_rank_zero_builds_the_cache_and_the_other_rank_maps_it(tok, corpus, tmp_path):
+    from distributed import _run_ranks
+
+    tok.save_pretrained(str(tmp_path / "tok"))
+    ranks = _run_ranks(_rank_reads_the_cache, 2, str(tmp_path / "tok"), str(corpus), str(tmp_path / "cache"),
+                       timeout=300)
+    assert [r["tokenised_lines"] for r in ranks] == [len(LINES), 0]  # once, on rank 0, for both parts
+    assert ranks[0]["rows"] == ranks[1]["rows"] > 0 and all(r["mapped"] for r in ranks)
+    assert ranks[0]["held_rows"] == ranks[1]["held_rows"] > 0
+    assert not set(ranks[0]["picked"]) & set(ranks[1]["picked"])
+    assert len(list((tmp_path / "cache").iterdir())) == 1
