@@ -150,10 +150,6 @@ class TokenCount:
     repeated: int = 0
     rows: int = 0
 
-    def add(self, other: TokenCount) -> None:
-        for name, value in asdict(other).items():
-            setattr(self, name, getattr(self, name) + value)
-
     def report(self) -> dict[str, int]:
         return {"rows": self.rows, "lines": self.lines, "empty": self.empty, "truncated": self.truncated,
                 "tokens": self.tokens, "tokens_used": self.used, "tokens_dropped": self.dropped,
@@ -234,9 +230,9 @@ class Packer:
         self.count.tokens += total
         self.count.used += total
         full = len(stream) // self.room * self.room
-        self.carry = stream[full:]
+        self.carry = stream[full:].copy()  # copies: a view would keep the whole chunk's stream alive
         if full:
-            self.tail = stream[full - self.room:full]
+            self.tail = stream[full - self.room:full].copy()
         return self._frame(stream[:full].reshape(-1, self.room))
 
     def finish(self) -> Rows:
