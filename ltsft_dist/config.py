@@ -111,8 +111,9 @@ class DataConfig:
         "multi-source: one entry per source language (instead of train_file)"))
     max_seq_length: int = field(default=64, metadata=field_help("tokens per model input"))
     mlm_probability: float = field(default=0.15, metadata=field_help("mlm: fraction of tokens masked"))
-    packed: bool = field(default=False, metadata=field_help(
-        "mlm: concatenate lines and cut into max_seq_length blocks (else one line per row); clm always packs"))
+    packed: bool = field(default=True, metadata=field_help(
+        "mlm: concatenate lines and cut into max_seq_length blocks, the last one padded, so every token is used "
+        "(false: one line per row, long lines truncated and the cut tokens reported as dropped); clm always packs"))
     doc_stride: int = field(default=32, metadata=field_help("qa: context tokens shared by consecutive windows of a "
                                                        "long context"))
     max_query_length: int = field(default=24, metadata=field_help("qa: question tokens kept"))
@@ -122,6 +123,12 @@ class DataConfig:
         "held out from training for the eval loss (the paper: 5% for language SFTs)"))
     eval_every: int = field(default=0, metadata=field_help(
         "phase-2 steps between evaluations; the best φ by eval loss is kept (0: phase end only)"))
+    eval_max_examples: int = field(default=2000, metadata=field_help(
+        "held-out rows evaluated at most, a seeded random subset of them (0: all); bounds every evaluation's cost"))
+    cache_dir: str = field(default="", metadata=field_help(
+        "mlm/clm: where text is tokenised once and memory-mapped by every rank, one directory per (text, "
+        "tokenizer, max_seq_length, packing, split); must be seen by every rank (default: token_cache beside "
+        "output_dir, shared by a pipeline's stages)"))
 
 
 @dataclass
@@ -237,6 +244,9 @@ class TrainConfig:
             bad("data.eval_fraction", f"must lie in [0, 1), got {data.eval_fraction}")
         if data.eval_every < 0:
             bad("data.eval_every", "must be non-negative")
+        if isinstance(data.eval_max_examples, bool) or not isinstance(data.eval_max_examples, int) \
+                or data.eval_max_examples < 0:
+            bad("data.eval_max_examples", f"must be a whole number ≥ 0 (0: all), got {data.eval_max_examples!r}")
 
     def sources(self) -> list[SourceConfig]:
         """The training sources; a single data.train_file is the one source of the first configured language."""

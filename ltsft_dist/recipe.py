@@ -67,6 +67,7 @@ class RunStats:
     losses: dict = field(default_factory=dict)
     eval_losses: dict = field(default_factory=dict)  # per phase: [{step, all, <language>...}]
     best_eval: dict | None = None  # the evaluation φ was taken from
+    data: dict = field(default_factory=dict)  # per language: rows, lines, tokens used/dropped (training_data)
 
 
 def linear_lr(step: int, phase: PhaseConfig) -> float:
