@@ -37,7 +37,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ltsft_dist import comm
@@ -48,6 +48,7 @@ from ltsft_dist.shards import Fragment, Shards
 
 KEEP = 2  # complete checkpoints kept; older ones are deleted after a newer one is complete
 MANIFEST = "manifest.json"
+WRITE_ERRORS = (OSError, SafetensorError)  # safetensors reports its I/O errors (a full disk) as its own type
 TAG = re.compile(r"round(\d+)-phase(\d+)-step(\d+)")
 
 
@@ -77,10 +78,17 @@ def save(root: Path, progress: Progress, shards: Shards, parameters: dict[str, d
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "params").mkdir(parents=True)
     comm.barrier()
-    with _writing(tmp, root):
+    failure = None
+    try:
         _write_parameters(tmp / "params", shards, parameters, elements)
         torch.save(_rng_states(), tmp / f"rng_rank{rank}.pt")
-    comm.barrier()
+    except WRITE_ERRORS as err:
+        failure = err
+    # Agreed before anyone removes the partial checkpoint: another rank may still be writing into it.
+    failures = [f for f in comm.all_gather_object(failure and f"rank {rank}: {failure}") if f]
+    if failures:
+        with _writing(tmp, root):
+            raise OSError("; ".join(failures)) from failure
     files = comm.broadcast_object(_listing(tmp) if rank == 0 else None)
     digests = {}
     for part in comm.all_gather_object({f: _digest(tmp / f) for f in files[rank::world_size]}):
@@ -105,7 +113,9 @@ def save(root: Path, progress: Progress, shards: Shards, parameters: dict[str, d
 def _write_parameters(directory: Path, shards: Shards, parameters: dict[str, dict],
                       elements: Callable[[Fragment], dict[str, torch.Tensor]]) -> None:
     """Parameter i is assembled on rank i mod W from every rank's fragments of it, one parameter at a time (so the
-    writes are spread over the ranks and no rank holds more than one full parameter)."""
+    writes are spread over the ranks and no rank holds more than one full parameter). A failed write is raised
+    after the loop: every rank takes part in every gather."""
+    failure = None
     mine: dict[str, list[Fragment]] = {}
     for f in shards.fragments:
         mine.setdefault(f.name, []).append(f)
@@ -127,7 +137,12 @@ def _write_parameters(directory: Path, shards: Shards, parameters: dict[str, dic
         if covered != shape.numel():
             raise LtsftError(f"checkpoint: the ranks hold {covered} elements of {name}, which has {shape.numel()} "
                              "(an internal error: report it with the DeepSpeed config)")
-        save_file({kind: flat.view(shape) for kind, flat in full.items()}, str(directory / f"{name}.safetensors"))
+        try:
+            save_file({kind: flat.view(shape) for kind, flat in full.items()}, str(directory / f"{name}.safetensors"))
+        except WRITE_ERRORS as err:
+            failure = failure or err
+    if failure is not None:
+        raise failure
 
 
 def _rng_states() -> dict:
@@ -150,9 +165,9 @@ def _set_rng_states(state: dict) -> None:
 
 
 class _writing:
-    """Turns an OSError while writing `tmp` (ENOSPC, EDQUOT, EIO) into an `LtsftError` naming the directory, after
-    trying to remove the partial checkpoint (other ranks may still be writing into it: `resumable` removes what is
-    left). `latest` and the complete checkpoints are untouched."""
+    """Turns an I/O error while writing `tmp` (ENOSPC, EDQUOT, EIO) into an `LtsftError` naming the directory, after
+    trying to remove the partial checkpoint (`resumable` removes what is left). `latest` and the complete
+    checkpoints are untouched."""
 
     def __init__(self, tmp: Path, root: Path):
         self.tmp, self.root = tmp, root
@@ -161,7 +176,7 @@ class _writing:
         return self
 
     def __exit__(self, kind, err, tb):
-        if not isinstance(err, OSError):
+        if not isinstance(err, WRITE_ERRORS):
             return False
         shutil.rmtree(self.tmp, ignore_errors=True)
         previous = latest(self.root)
