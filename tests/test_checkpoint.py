@@ -360,11 +360,27 @@ def _damaged_checkpoints(configs: dict) -> dict:
     sft, said, resume_error = _stop_then(cfg, examples, 2, None)
     out["disk_full"] = (error, (latest, left), intact and intact.name,
                         sft and {"diffs": sft.diffs, "heads": sft.heads}, said, resume_error)
+    # A parameter file fails on rank 1 alone (safetensors' own error type): every rank must stop, none may hang.
+    from safetensors import SafetensorError
+
+    cfg = configs["one_rank"]
+    cfg.micro_batch_size = cfg.batch_size // 2
+    real_save_file = checkpoint.save_file
+
+    def save_file(tensors, path, *args, **kwargs):
+        if "phase2-step0000002" in str(path) and torch.distributed.get_rank() == 1:
+            raise SafetensorError("Error while serializing: I/O error: Disk quota exceeded (os error 122)")
+        return real_save_file(tensors, path, *args, **kwargs)
+
+    with mock.patch.object(checkpoint, "save_file", save_file):
+        _, _, error = _stop_then(cfg, examples, 2, None)
+    root = __import__("pathlib").Path(cfg.output_dir) / "checkpoints"
+    out["one_rank"] = (error, (root / "latest").read_text(), sorted(p.name for p in root.iterdir()))
     return out
 
 
 def launch_damaged():
-    configs = {name: task_config("zero2.json", checkpoint_every=2) for name in ("corrupt", "full")}
+    configs = {name: task_config("zero2.json", checkpoint_every=2) for name in ("corrupt", "full", "one_rank")}
     return run_ranks(_damaged_checkpoints, 2, configs)[0]
 
 
@@ -404,6 +420,13 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(damaged, 
     assert not [n for n in names if n.endswith(".tmp")], names  # the partial checkpoint is gone on resume
     assert resume_error is None, resume_error
     _assert_same_sft(got, uninterrupted()["z2"])
+
+
+def test_a_write_failing_on_one_rank_stops_every_rank_and_keeps_the_previous_checkpoint(damaged):
+    error, latest, names = damaged()["one_rank"]
+    assert error is not None and "could not write checkpoint" in error, error
+    assert "rank 1: Error while serializing" in error and "Disk quota exceeded" in error, error
+    assert latest == "round1-phase1-step0000004" and ".round1-phase2-step0000002.tmp" not in names, names
 
 
 def _resume_with_a_changed_language_sft(output_dir: str) -> tuple:
