@@ -150,7 +150,7 @@ def _rng_states() -> dict:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, words, gauss_next = random.getstate()
     return {"torch": torch.get_rng_state(), "accelerator": accelerator_rng_state(),
-            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(pos),
                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
             "python": {"version": version, "words": list(words), "gauss_next": gauss_next}}
 
@@ -159,7 +159,7 @@ def _set_rng_states(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     set_accelerator_rng_state(state["accelerator"])
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"], n["gauss"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["words"]), p["gauss_next"]))
 
