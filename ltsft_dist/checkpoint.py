@@ -2,13 +2,14 @@
 
 Layout under `<output_dir>/checkpoints/`:
     latest                      the tag of the newest complete checkpoint (replaced atomically; for people)
-    <tag>/params/<name>.safetensors   one file per model parameter, full shape, whatever the layout that wrote it:
+    <tag>/params/<name>.safetensors   one file per trained parameter, full shape, whatever the layout that wrote it:
                                 θ⁰, the fp32 master weights, the optimizer's per-element state (AdamW exp_avg,
                                 exp_avg_sq), the mask (bool, once selected) and phase 2's best values so far
     <tag>/rng_rank<R>.pt        rank R's RNG states: torch CPU, the accelerator's, numpy, python random
     <tag>/progress.json         round, phase and the next step; the parameters' names, shapes and roles; the
                                 optimizer's scalar state (AdamW's step); the run statistics; input fingerprints
     <tag>/manifest.json         size and SHA-256 of every other file: written last, it marks the checkpoint complete
+Frozen parameters never move and are not stored: a resume reads them from the base model, as the start did.
 Nothing in it follows the rank shards, so a run resumes at another world size or ZeRO stage: a fresh engine is
 built and every rank reads its own elements of each parameter (one parameter in memory at a time), then the working
 weights are synced from the masters. Saving streams the same way: each parameter is gathered onto one rank
@@ -120,6 +121,8 @@ def _write_parameters(directory: Path, shards: Shards, parameters: dict[str, dic
     for f in shards.fragments:
         mine.setdefault(f.name, []).append(f)
     for index, (name, info) in enumerate(parameters.items()):
+        if info["role"] == "frozen":  # not trained, not in any shard: it stays as the base model has it
+            continue
         writer = index % shards.world_size
         pieces = [(f.param_offset, {kind: t.detach().cpu() for kind, t in elements(f).items()})
                   for f in mine.get(name, [])]

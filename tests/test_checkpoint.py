@@ -156,11 +156,14 @@ def _interrupt_at_two_ranks(configs: dict) -> dict:
 
     import torch.distributed as dist
 
-    out = {"p2": _stop(configs["p2"], 2, 1, True), "p1": _stop(configs["p1"], 2, 2, False)}
+    out = {"p2": _stop(configs["p2"], 2, 1, True), "p1": _stop(configs["p1"], 2, 2, False),
+           "z0": _stop(configs["z0"], 2, 1, True)}
     if dist.get_rank() == 0:
         shutil.copytree(configs["p2"].output_dir, configs["z3"].output_dir, dirs_exist_ok=True)
+        shutil.copytree(configs["z0"].output_dir, configs["z0_to_z2"].output_dir, dirs_exist_ok=True)
     dist.barrier()
     out["z3"] = _finish(configs["z3"], 2)
+    out["z0_to_z2"] = _finish(configs["z0_to_z2"], 2)
     return out
 
 
@@ -170,9 +173,9 @@ def _resume_at_three_ranks(configs: dict) -> dict:
 
 def launch_across_layouts():
     configs = {name: task_config("zero2.json") for name in ("p2", "p1")}
-    configs["z3"] = task_config("zero3.json")
+    configs.update(z3=task_config("zero3.json"), z0=task_config("zero0.json"), z0_to_z2=task_config("zero2.json"))
     first = run_ranks(_interrupt_at_two_ranks, 2, configs)[0]
-    return {"stopped": {k: first[k] for k in ("p2", "p1")}, "z3": first["z3"],
+    return {"stopped": {k: first[k] for k in ("p2", "p1", "z0")}, "z3": first["z3"], "z0_to_z2": first["z0_to_z2"],
             **run_ranks(_resume_at_three_ranks, 3, configs)[0]}
 
 
@@ -190,6 +193,13 @@ def test_a_phase2_stop_resumed_at_three_ranks_keeps_the_mask(across, uninterrupt
 def test_a_phase2_stop_resumed_at_zero3_keeps_the_mask(across, uninterrupted):
     assert across()["z3"]["steps_run"] == 4
     _assert_close_sft(across()["z3"], uninterrupted()["z2"])
+
+
+def test_a_zero0_checkpoint_resumed_at_zero2_keeps_the_mask(across, uninterrupted):
+    """ZeRO 0 holds every parameter whole on every rank and keeps AdamW's state per parameter, not per flat."""
+    assert across()["stopped"]["z0"] == "round1-phase2-step0000002"
+    assert across()["z0_to_z2"]["steps_run"] == 4
+    _assert_close_sft(across()["z0_to_z2"], uninterrupted()["z2"])
 
 
 def test_a_phase1_stop_resumed_at_three_ranks_selects_the_same_mask(across, uninterrupted):
