@@ -136,6 +136,8 @@ class LTSFTRecipe:
         roles = self.eligibility.roles
         self.sparse = [f for f in self.shards.fragments if roles[f.name] == "sparse"]
         self.heads = [f for f in self.shards.fragments if roles[f.name] == "head"]
+        self._sparse_at = {f: i for i, f in enumerate(self.sparse)}  # a fragment's index in self.sparse
+        self._head_at = {f: i for i, f in enumerate(self.heads)}
         if self.order is None:
             self.order = StepOrder(self.examples, cfg.batch_size, cfg.micro_batch_size, self.rank,
                                    self.shards.world_size, cfg.seed)
@@ -182,18 +184,17 @@ class LTSFTRecipe:
         self.phase_name = name
         self.global_step = self._global_step(round_, phase_name, first_step)
         self.engine.train()  # dropout on, as in the paper's training (from_pretrained returns a model in eval mode)
-        start = time.perf_counter()
         l1 = L1Pull(self.shards, self.snapshot, self.sparse, phase.l1, self.stats.n_eligible)
         bar = tqdm(range(first_step, phase.steps), desc=name, disable=self.rank != 0 or not self.show_progress,
                    leave=False, initial=first_step, total=phase.steps)
-        losses = []
+        self._clock = (name, time.perf_counter())
         mark = self._mark(first_step)
         for step in bar:
             lr = linear_lr(step, phase)
             self.shards.set_lr(lr)
             step_loss = self.train_step(step, mask, l1)
             self.global_step += 1
-            losses.append(step_loss)
+            self.stats.losses.setdefault(name, []).append(step_loss)
             if (step + 1) % self.config.log_every == 0 or step + 1 == phase.steps:
                 mark = self._log(name, step, step_loss, lr, l1, bar, mark)
             every = self.config.data.eval_every
@@ -201,8 +202,7 @@ class LTSFTRecipe:
                     step + 1 == phase.steps or (every and (step + 1) % every == 0)):
                 self._evaluate(name, step + 1)
             self._maybe_checkpoint(Progress(round_, phase_name, step + 1), last=step + 1 == phase.steps)
-        self.stats.losses[name] = self.stats.losses.get(name, []) + losses
-        self.stats.seconds[name] = self.stats.seconds.get(name, 0.0) + time.perf_counter() - start
+        self._tick()
         if mask is not None and self.best is not None:
             self._restore_best()
 
@@ -249,12 +249,41 @@ class LTSFTRecipe:
         periodic = every > 0 and progress.step % every == 0 and not last
         if not (self._stop_agreed or periodic):
             return
-        path = checkpoint.save(self.checkpoint_root, progress, self.engine, self.rank, self.shards.world_size,
-                               self.shards.stage,
-                               {"theta0": self.snapshot.segments, "selected": self.selected, "best": self.best},
-                               self._inputs())
+        self._tick()
+        path = checkpoint.save(self.checkpoint_root, progress, self.shards, self._parameters(), self._elements,
+                               self._run_state(), self._inputs())
         if self._stop_agreed:
             raise Preempted(path)
+
+    def _tick(self) -> None:
+        """Add the time since the last tick to the current phase's seconds (before a checkpoint, which carries them)."""
+        name, since = self._clock
+        now = time.perf_counter()
+        self.stats.seconds[name] = self.stats.seconds.get(name, 0.0) + now - since
+        self._clock = (name, now)
+
+    def _parameters(self) -> dict[str, dict]:
+        """What a checkpoint must be resumed with: every parameter's name, shape and role, in canonical order."""
+        return {name: {"shape": list(shape), "role": self.eligibility.roles[name]} for name, shape in self.shapes.items()}
+
+    def _elements(self, f) -> dict[str, torch.Tensor]:
+        """Everything a checkpoint keeps of my fragment f, flat: θ⁰, master, optimizer state, mask, best values."""
+        out = {"theta0": self.snapshot.theta0(f), "master": self.shards.master(f),
+               **{f"optimizer.{key}": value for key, value in self.shards.optimizer_elements(f).items()}}
+        i, j = self._sparse_at.get(f), self._head_at.get(f)
+        if i is not None and self.selected is not None:
+            out["mask"] = self.selected[i]
+            if self.best is not None:
+                out["best"] = torch.zeros_like(out["master"]).masked_scatter_(self.selected[i],
+                                                                              self.best["selected"][i])
+        if j is not None and self.best is not None:
+            out["best"] = self.best["heads"][j]
+        return out
+
+    def _run_state(self) -> dict:
+        return {"stats": dict(self.stats.__dict__), "optimizer": self.shards.optimizer_scalars(),
+                "selected": self.selected is not None,
+                "best": None if self.best is None else {"step": self.best["step"], "loss": self.best["loss"]}}
 
     def resume(self) -> Progress:
         if not self.config.resume:
@@ -262,13 +291,42 @@ class LTSFTRecipe:
         directory = checkpoint.resumable(self.checkpoint_root, self.rank, self.shards.world_size)
         if directory is None:
             return Progress()
-        progress, state = checkpoint.load(directory, self.engine, self.rank, self.shards.world_size,
-                                          self.shards.stage, self._inputs(), device=self.shards.device)
-        self.snapshot.restore(state["theta0"])
-        self.selected, self.best = state["selected"], state.get("best")
+        progress, run, saved = checkpoint.load(directory, self.shards, self._parameters(), self._inputs())
+        self._restore(run, saved)
         if self.rank == 0 and self.show_progress:
             print(f"resumed from {directory} (round {progress.round}, {progress.phase}, step {progress.step})")
         return progress
+
+    @torch.no_grad()
+    def _restore(self, run: dict, saved) -> None:
+        """Scatter a checkpoint into my shard, whatever the layout that wrote it: masters, optimizer state, θ⁰,
+        mask and best values of my fragments; then the working weights are synced and the statistics carried on."""
+        optimizer = [{} for _ in self.shards.segments]
+        theta0, selected, best_selected, best_heads = [], [], [], []
+        for f in self.shards.fragments:
+            values = saved(f)
+            self.shards.master(f).copy_(values["master"])
+            theta0.append((f, values["theta0"]))
+            for kind, value in values.items():
+                if kind.startswith("optimizer."):
+                    flat = optimizer[f.segment].setdefault(kind.removeprefix("optimizer."),
+                                                           torch.zeros_like(self.shards.segments[f.segment]))
+                    flat.narrow(0, f.segment_offset, f.numel).copy_(value)
+            if f in self._sparse_at and run["selected"]:
+                selected.append(values["mask"])
+                if run["best"] is not None:
+                    best_selected.append(values["best"][values["mask"]])
+            elif f in self._head_at and run["best"] is not None:
+                best_heads.append(values["best"])
+        self.snapshot.restore(theta0)
+        self.shards.load_optimizer_state(optimizer, run["optimizer"])
+        self.shards.sync_working_weights()
+        self.selected = selected if run["selected"] else None
+        self.best = None if run["best"] is None else {**run["best"], "selected": best_selected, "heads": best_heads}
+        here = self.stats.theta0_bytes_per_rank  # of this layout, not the one that wrote the checkpoint
+        for key, value in run["stats"].items():
+            setattr(self.stats, key, value)
+        self.stats.theta0_bytes_per_rank = here
 
     def _inputs(self) -> dict[str, str]:
         """Fingerprints of the inputs a checkpoint must be resumed with: what the step hooks read (language SFTs)."""

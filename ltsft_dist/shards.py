@@ -184,6 +184,49 @@ class Shards:
         """The inner optimizer's state of one segment (e.g. AdamW's exp_avg, exp_avg_sq); empty before step 1."""
         return self.inner_optimizer.state.get(self._stepped_tensors[segment], {})
 
+    def optimizer_elements(self, f: Fragment) -> dict[str, torch.Tensor]:
+        """Views of the fragment's elements in every per-element optimizer state tensor (AdamW: exp_avg,
+        exp_avg_sq); empty before step 1."""
+        return {key: value.narrow(0, f.segment_offset, f.numel) for key, value in self._per_element(f.segment).items()}
+
+    def _per_element(self, segment: int) -> dict[str, torch.Tensor]:
+        numel = self._stepped_tensors[segment].numel()
+        return {key: value.view(-1) for key, value in self.optimizer_state(segment).items()
+                if torch.is_tensor(value) and value.dim() > 0 and value.numel() == numel}
+
+    def optimizer_scalars(self) -> dict[str, dict]:
+        """The optimizer's scalar state (AdamW: step), the same for every segment: {key: {"value", "dtype"}}."""
+        found: dict[str, dict] = {}
+        for s in range(len(self._stepped_tensors)):
+            per_element = self._per_element(s)
+            for key, value in self.optimizer_state(s).items():
+                if key in per_element:
+                    continue
+                scalar = {"value": float(value), "dtype": str(value.dtype).removeprefix("torch.")
+                          if torch.is_tensor(value) else None}
+                if found.setdefault(key, scalar) != scalar:
+                    raise LtsftError(f"optimizer state {key!r} differs between the parameter groups "
+                                     f"({found[key]['value']} and {scalar['value']}): cannot checkpoint it per element")
+        return found
+
+    @torch.no_grad()
+    def load_optimizer_state(self, elements: list[dict[str, torch.Tensor]], scalars: dict[str, dict]) -> None:
+        """Replace the inner optimizer's state (a fresh DeepSpeed engine has none before its first step):
+        `elements[s]` holds segment s's per-element tensors, flat; `scalars` is what `optimizer_scalars` returned.
+        Written into `optimizer.state` keyed by the stepped tensors, not through `load_state_dict`: ZeRO-3 empties
+        the inner optimizer's param_groups between steps. Nothing to load (written before any step): left as is."""
+        if not scalars and not any(elements):
+            return
+        defaults = self.inner_optimizer.defaults
+        for tensor, per_element in zip(self._stepped_tensors, elements):
+            # torch keeps AdamW's step on the CPU unless the optimizer is capturable or fused
+            where = tensor.device if defaults.get("capturable") or defaults.get("fused") else "cpu"
+            values = {key: value.to(tensor.device, tensor.dtype).view_as(tensor) for key, value in per_element.items()}
+            for key, scalar in scalars.items():
+                values[key] = (scalar["value"] if scalar["dtype"] is None
+                               else torch.tensor(scalar["value"], dtype=getattr(torch, scalar["dtype"]), device=where))
+            self.inner_optimizer.state[tensor] = values
+
     def reset_optimizer_state(self) -> None:
         """Zero every optimizer state tensor in place: equivalent to a fresh optimizer, and keeps
         DeepSpeed's links to the state intact."""
@@ -258,9 +301,13 @@ class Shards:
 
     def gather_object_to_zero(self, obj) -> list | None:
         """As `all_gather_object`, on rank 0 only (None elsewhere)."""
+        return self.gather_object_to(obj, 0)
+
+    def gather_object_to(self, obj, dst: int) -> list | None:
+        """As `all_gather_object`, on rank `dst` only (None elsewhere)."""
         if self.partitioned:
-            return comm.gather_object(obj, dst=0)
-        return [move(obj, "cpu")] if self.rank == 0 else None
+            return comm.gather_object(obj, dst=dst)
+        return [move(obj, "cpu")] if self.rank == dst else None
 
 
 def _uncovered(segments: list[torch.Tensor], fragments: list[Fragment]) -> list[tuple[int, int, int]]:

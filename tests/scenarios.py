@@ -236,7 +236,8 @@ def run_interrupted(cfg: TrainConfig, examples: Examples, world_size: int, stops
         except Preempted as stop:
             stopped_at.append(stop.path.name)
             continue
-        return {"diffs": sft.diffs, "heads": sft.heads, "stopped_at": stopped_at} if sft is not None else None
+        return ({"diffs": sft.diffs, "heads": sft.heads, "stopped_at": stopped_at, "stats": dict(recipe.stats.__dict__)}
+                if sft is not None else None)
 
 
 LANGUAGES = ("de", "en", "sw")  # the source languages of the multi-source swap scenarios

@@ -26,13 +26,15 @@ PROBES = {
     0: ["engine.optimizer.param_groups", "param.grad", "bfloat16_enabled/fp16_enabled"],
     1: ["optimizer.optimizer", "optimizer.single_partition_of_fp32_groups", "optimizer.bit16_groups",
         "param._hp_mapping", "_hp_mapping.get_lp_grad_fragment", "optimizer.update_lp_params",
-        "optimizer.optimizer.register_step_post_hook", "optimizer.optimizer.state"] + PRECISION_PROBES,
+        "optimizer.optimizer.register_step_post_hook", "optimizer.optimizer.state",
+        "optimizer.optimizer.state written"] + PRECISION_PROBES,
     3: ["optimizer.optimizer", "optimizer.fp32_partitioned_groups_flat", "optimizer.fp16_groups",
         "optimizer.grad_position", "param.partition_numel/ds_numel", "optimizer.averaged_gradients",
         "optimizer._partition_all_parameters/_reassign_or_swap_out_partitioned_parameters",
         "optimizer.persistent_parameters", "optimizer.invalidate_secondary_tensor",
-        "optimizer.optimizer.register_step_post_hook", "optimizer.optimizer.state", "param.ds_shape",
-        "param.ds_tensor/ds_status", "param.ds_process_group", "ZeroParamStatus"] + PRECISION_PROBES,
+        "optimizer.optimizer.register_step_post_hook", "optimizer.optimizer.state",
+        "optimizer.optimizer.state written", "param.ds_shape", "param.ds_tensor/ds_status",
+        "param.ds_process_group", "ZeroParamStatus"] + PRECISION_PROBES,
 }
 PROBES[2] = PROBES[1]
 GLOBAL_PROBES = ["deepspeed.ops.__compatible_ops__['deepspeed_shm_comm']"]
@@ -195,6 +197,8 @@ def _probe(stage: int, name: str, engine, model) -> None:
         _backward(engine)
         engine.step()
         _expect(not shards.step_skipped(), "the step after a skipped one reported as skipped")
+    elif name == "optimizer.optimizer.state written":  # a checkpoint's resume: state set into a fresh optimizer
+        _state_written_is_used(engine, model)
     elif name == "optimizer.fp32_partitioned_groups_flat":
         _one_flat_fp32_master_per_group(opt.fp32_partitioned_groups_flat, opt.fp16_groups)
     elif name == "optimizer.fp16_groups":
@@ -253,6 +257,37 @@ def _probe(stage: int, name: str, engine, model) -> None:
         _expect({"AVAILABLE", "NOT_AVAILABLE", "INFLIGHT"} <= set(ZeroParamStatus.__members__), "members changed")
     else:
         raise AssertionError(f"no probe for {name}")
+
+
+def _state_written_is_used(engine, model) -> None:
+    """Shards.load_optimizer_state writes AdamW's state into `optimizer.optimizer.state` keyed by the fp32 flats
+    (ZeRO-3 empties the inner param_groups between steps, so not through `load_state_dict`): the next step must use
+    it. Step 2 is taken twice from the same masters, once with the state as DeepSpeed left it, once with it
+    cleared and written back; the masters must come out bit-identical."""
+    from ltsft_dist.shards import Shards
+
+    shards = Shards(engine, model)
+    _backward(engine)
+    engine.step()
+    scalars = shards.optimizer_scalars()
+    _expect(scalars == {"step": {"value": 1.0, "dtype": "float32"}}, f"scalar state after one step: {scalars}")
+    masters = [s.clone() for s in shards.segments]
+    saved = [{k: v.view(-1).clone() for k, v in shards.optimizer_state(i).items() if torch.is_tensor(v) and v.dim()}
+             for i in range(len(shards.segments))]
+    _expect(all(set(state) == {"exp_avg", "exp_avg_sq"} for state in saved), "per-element state is not AdamW's")
+    _backward(engine)
+    engine.step()
+    want = [s.clone() for s in shards.segments]
+    with torch.no_grad():
+        for segment, master in zip(shards.segments, masters):
+            segment.copy_(master)
+    shards.inner_optimizer.state.clear()
+    shards.load_optimizer_state(saved, scalars)
+    shards.sync_working_weights()
+    _backward(engine)
+    engine.step()
+    _expect(all(torch.equal(a, b) for a, b in zip(want, shards.segments)),
+            "a step after writing the optimizer state differs from the step with DeepSpeed's own state")
 
 
 def _one_flat_fp32_master_per_group(flats: list, groups: list) -> None:
