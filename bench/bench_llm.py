@@ -50,6 +50,19 @@ def _peak_rss_bytes() -> int:
     return _status_kib("VmHWM") * 1024
 
 
+# DeepSpeed's default buckets (5e8 elements for the gradient reduction: 2 GB in fp32) are sized for GPUs; on a
+# 24 GiB host running two ranks they are what runs out. Both runs use these smaller ones.
+BUCKETS = dict(reduce_bucket_size=int(5e7), stage3_prefetch_bucket_size=int(5e7), stage3_max_live_parameters=int(1e8))
+
+
+def _ds_config(config, world: int) -> dict:
+    from ltsft_dist.engine import ds_config_for
+
+    ds = ds_config_for(config, world)
+    ds["zero_optimization"].update(BUCKETS)
+    return ds
+
+
 def _config(directory: str, steps: int, seq: int, world: int):
     from ltsft_dist.config import ModelConfig, PhaseConfig, TrainConfig
 
@@ -75,14 +88,13 @@ def _examples(vocab: int, seq: int, n: int):
 def ltsft_worker(directory: str, steps: int, seq: int, vocab: int) -> dict:
     """LT-SFT (phase 1, selection, phase 2) through the library, timing every step."""
     from ltsft_dist import comm
-    from ltsft_dist.engine import ds_config_for
     from ltsft_dist.hooks import StepHook
     from ltsft_dist.models import build_model
     from ltsft_dist.recipe import LTSFTRecipe
 
     world = comm.world_size()
     config = _config(directory, steps, seq, world)
-    ds = ds_config_for(config, world)
+    ds = _ds_config(config, world)
     model = build_model(config.model, "clm", ds_config=ds)
     recipe = LTSFTRecipe(model, _examples(vocab, seq, 4 * world * steps), config, ds, show_progress=False)
     marks = []
@@ -104,12 +116,12 @@ def ltsft_worker(directory: str, steps: int, seq: int, vocab: int) -> dict:
 def dense_worker(directory: str, steps: int, seq: int, vocab: int) -> dict:
     """Plain DeepSpeed ZeRO-3: every parameter trained, the same model, optimizer, batch and loading."""
     from ltsft_dist import comm
-    from ltsft_dist.engine import build_engine, ds_config_for
+    from ltsft_dist.engine import build_engine
     from ltsft_dist.models import build_model
 
     world = comm.world_size()
     config = _config(directory, steps, seq, world)
-    ds = ds_config_for(config, world)
+    ds = _ds_config(config, world)
     model = build_model(config.model, "clm", ds_config=ds)
     engine = build_engine(model, ds, lr=1e-5, weight_decay=0.0)
     examples = _examples(vocab, seq, 4 * world * steps).tensors
