@@ -81,11 +81,15 @@ class LogLikelihoodChoice(Task):
                        features=Choices(example, choice, characters), report={"rows": len(rows)})
 
     def forward(self, model, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]  # position t predicts token t+1
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-        picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        return [(picked * (labels != -100)).sum(-1).to(torch.float64)]
+        scored = labels != -100
+        # Normalised over the vocabulary only at the choice's positions: a [rows × length × vocabulary] copy in
+        # fp32 is gigabytes for a real decoder's vocabulary.
+        logprobs = torch.log_softmax(logits[:, :-1][scored].float(), dim=-1)
+        picked = logprobs.gather(-1, labels[scored].unsqueeze(-1)).squeeze(-1).to(torch.float64)
+        rows = torch.arange(len(labels), device=labels.device).unsqueeze(1).expand_as(labels)[scored]
+        return [torch.zeros(len(labels), dtype=torch.float64, device=labels.device).index_add_(0, rows, picked)]
 
     def score(self, encoded: Encoded, outputs: list[torch.Tensor], language: str, options) -> dict:
         features: Choices = encoded.features
