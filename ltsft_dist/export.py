@@ -14,7 +14,7 @@ from ltsft_dist.devices import inference_device
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.evaluation import head_names, load_sft_flag, require_same_base
 from ltsft_dist.hub import resolve
-from ltsft_dist.sft import compose
+from ltsft_dist.sft import SparseFineTuning, compose
 from ltsft_dist.tasks import get_task
 
 PROVENANCE = "ltsft_export.json"
@@ -29,19 +29,25 @@ class Merged:
     skipped: list[str]  # SFT heads foreign to the task's model (a language SFT's MLM head)
 
 
-def merged_model(base_dir, sft_locations: list[str], task: str, device: str | None = None) -> Merged:
-    """The task's model of the base with the SFTs composed and applied (on `device`, default the accelerator when
-    there is one), refusing SFTs of another base and a task model without its head."""
+def load_sfts(sft_locations: list[str]) -> list[SparseFineTuning]:
+    """The `--sft` SFTs to merge, at least one."""
+    if not sft_locations:
+        raise LtsftError("no SFT to merge: pass --sft DIR (repeatable)")
+    return [load_sft_flag(location, "--sft") for location in sft_locations]
+
+
+def merged_model(base_dir, sft_locations: list[str], sfts: list[SparseFineTuning], task: str,
+                 device: str | None = None) -> Merged:
+    """The task's model of the base with the SFTs (`load_sfts` of `sft_locations`) composed and applied (on
+    `device`, default the accelerator when there is one), refusing SFTs of another base and a task model without
+    its head."""
     from ltsft_dist.models import load_task_model
 
     spec = get_task(task, "--task")
-    if not sft_locations:
-        raise LtsftError("no SFT to merge: pass --sft DIR (repeatable)")
     base = resolve(base_dir, "--base", collective=False)  # one process loads it (rank 0 of a group, if any)
     if not (base / "config.json").is_file():
         raise LtsftError(f"--base {base_dir}: no config.json in {base}; pass a hub model or a directory written by "
                          "save_pretrained")
-    sfts = [load_sft_flag(location, "--sft") for location in sft_locations]
     task_sft = next((s for s in sfts if s.metadata.kind == "task"), None)  # it records the label names
     labels = spec.head_labels(task_sft.metadata.training_config if task_sft else {}, f"--task {task}: the task SFT")
     model = load_task_model(base, task, len(labels) if labels else None)
@@ -72,7 +78,7 @@ def export_merged(base_dir, sft_locations: list[str], task: str, out, overwrite:
     out = Path(out)
     if out.exists() and not overwrite:
         raise LtsftError(f"-o {out}: already exists; choose another directory or pass --overwrite")
-    merged = merged_model(base_dir, sft_locations, task, device)
+    merged = merged_model(base_dir, sft_locations, load_sfts(sft_locations), task, device)
     model = merged.model.to("cpu")
     _separate_shared_parameters(model)
     tokenizer = AutoTokenizer.from_pretrained(merged.base)

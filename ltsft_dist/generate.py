@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from ltsft_dist.errors import LtsftError
-from ltsft_dist.evaluation import load_sft_flag
-from ltsft_dist.export import merged_model
+from ltsft_dist.export import load_sfts, merged_model
+from ltsft_dist.sft import SparseFineTuning
 from ltsft_dist.tasks import get_task, task_names
 
 
@@ -21,9 +21,9 @@ class GenerationOptions:
     seed: int = 0
 
 
-def decoder_task(sft_locations: list[str]) -> str:
+def decoder_task(sfts: list[SparseFineTuning]) -> str:
     """The decoder task whose model the SFTs go on: the task SFT's own, else the language SFTs' (clm)."""
-    recorded = [load_sft_flag(s, "--sft").metadata.training_config.get("task") for s in sft_locations]
+    recorded = [sft.metadata.training_config.get("task") for sft in sfts]
     task = next((t for t in recorded if t in task_names() and get_task(t).kind == "task"), None) or "clm"
     if not get_task(task).decoder:
         raise LtsftError(f"--sft: an SFT of task {task}, which trains encoders; ltsft generate runs decoders "
@@ -39,7 +39,8 @@ def generate(base_dir, sft_locations: list[str], prompts: list[str], options: Ge
     options = options or GenerationOptions()
     if options.max_new_tokens <= 0 or options.temperature < 0:
         raise LtsftError("--max-new-tokens must be positive and --temperature non-negative")
-    merged = merged_model(base_dir, sft_locations, decoder_task(sft_locations), device)
+    sfts = load_sfts(sft_locations)
+    merged = merged_model(base_dir, sft_locations, sfts, decoder_task(sfts), device)
     model = merged.model.eval()
     tokenizer = AutoTokenizer.from_pretrained(merged.base)
     if options.chat and not getattr(tokenizer, "chat_template", None):
