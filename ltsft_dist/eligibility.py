@@ -36,7 +36,7 @@ class EligibilityConfig:
                                                                    "heads)"})
 
 
-def _output_embedding(model) -> str | None:
+def output_embedding_name(model) -> str | None:
     """The name of a language model's output embeddings (its LM head), None for a model without them."""
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return None if out is None else next(n for n, p in model.named_parameters() if p is out.weight)
@@ -52,7 +52,7 @@ def _outside_body(model, lm_head: str | None) -> str:
 def default_rules(kind: str, model) -> EligibilityConfig:
     # A language model's output embeddings (untied from the input ones by the task's model) stay frozen, as the
     # method's authors advise for generative models: language and task SFTs then compose over one shared head.
-    lm_head = _output_embedding(model)
+    lm_head = output_embedding_name(model)
     frozen_head = ["^" + re.escape(lm_head) + "$"] if lm_head else []
     # A language SFT (the paper): everything else is eligible, input embeddings included, except the norms.
     if kind == "language":

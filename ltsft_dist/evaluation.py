@@ -102,10 +102,10 @@ def require_same_base(sft: SparseFineTuning, model: torch.nn.Module, flag: str, 
 def head_names(model: torch.nn.Module) -> set[str]:
     """Parameters outside the shared body: what a task SFT must carry for this model. A language model's output
     embeddings are not among them: SFTs keep them frozen, so the base's own serve."""
-    prefix = body_prefix(model)
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {name for name, p in model.named_parameters()
-            if not name.startswith(prefix) and (out is None or p is not out.weight)}
+    from ltsft_dist.eligibility import output_embedding_name
+
+    prefix, lm_head = body_prefix(model), output_embedding_name(model)
+    return {name for name, _ in model.named_parameters() if not name.startswith(prefix) and name != lm_head}
 
 
 def infer_task(sft: SparseFineTuning, base_dir) -> str:
