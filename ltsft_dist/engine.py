@@ -18,7 +18,6 @@ from ltsft_dist.eligibility import LAYER_NORM
 from ltsft_dist.errors import LtsftError
 
 
-
 def decays(name: str) -> bool:
     """Whether AdamW's weight decay applies to a parameter: not to biases and normalisation weights (BERT's
     LayerNorm, Llama's RMSNorms)."""
