@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ltsft_dist.engine import NO_DECAY
+from ltsft_dist.engine import decays
 
 
 def train(model: torch.nn.Module, roles: dict[str, str], batch_at, k: int, steps: tuple[int, int], lr: float,
@@ -20,8 +20,8 @@ def train(model: torch.nn.Module, roles: dict[str, str], batch_at, k: int, steps
     sparse = [n for n in params if roles[n] == "sparse"]
 
     def phase(n_steps: int, masks: dict[str, torch.Tensor] | None) -> None:
-        decay = [p for n, p in params.items() if not n.endswith(NO_DECAY)]
-        no_decay = [p for n, p in params.items() if n.endswith(NO_DECAY)]
+        decay = [p for n, p in params.items() if decays(n)]
+        no_decay = [p for n, p in params.items() if not decays(n)]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=lr)
         for step in range(n_steps):

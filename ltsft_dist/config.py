@@ -38,6 +38,9 @@ class PhaseConfig:
                                                   "SFTs)"))
 
 
+MODEL_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # model.dtype -> torch's name
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str | None = field(default=None, metadata=field_help("a hub id or a local transformers directory"))
@@ -46,6 +49,22 @@ class ModelConfig:
     architecture: str = field(default="bert", metadata=field_help(
         "for `tiny`: bert | xlm-roberta (encoders) | llama | qwen2 | mistral | gemma (decoders: task clm)"))
     tokenizer: str | None = field(default=None, metadata=field_help("tokenizer directory; defaults to name_or_path"))
+    gradient_checkpointing: bool = field(default=False, metadata=field_help(
+        "recompute activations in the backward pass instead of keeping them (transformers' gradient "
+        "checkpointing): less memory for long sequences and large decoders, about a third more compute"))
+    dtype: str = field(default="fp32", metadata=field_help(
+        "fp32 | bf16 | fp16: the dtype the weights are loaded (or built) in, whatever the checkpoint stores. Train in "
+        "mixed precision with the DeepSpeed config (e.g. zero2_bf16.json); its fp32 masters are made from these "
+        "weights, so a half-precision load rounds θ⁰ to that precision (and saves host memory while loading). "
+        "fp32 (the default) keeps θ⁰ exact; bf16/fp16 must match the DeepSpeed config's precision"))
+
+    def torch_dtype(self, where: str = "config"):
+        """`dtype` as a torch dtype; raises `LtsftError` naming the key when it is not one of MODEL_DTYPES."""
+        import torch
+
+        if self.dtype not in MODEL_DTYPES:
+            raise LtsftError(f"{where}: model.dtype: {self.dtype!r} is not one of {', '.join(MODEL_DTYPES)}")
+        return getattr(torch, MODEL_DTYPES[self.dtype])
 
     def check_architecture(self, task, where: str) -> None:
         """A tiny model's architecture is known and of the kind the task trains (a decoder or an encoder)."""
@@ -92,8 +111,9 @@ class DataConfig:
         "multi-source: one entry per source language (instead of train_file)"))
     max_seq_length: int = field(default=64, metadata=field_help("tokens per model input"))
     mlm_probability: float = field(default=0.15, metadata=field_help("mlm: fraction of tokens masked"))
-    packed: bool = field(default=False, metadata=field_help(
-        "mlm: concatenate lines and cut into max_seq_length blocks (else one line per row); clm always packs"))
+    packed: bool = field(default=True, metadata=field_help(
+        "mlm: concatenate lines and cut into max_seq_length blocks, the last one padded, so every token is used "
+        "(false: one line per row, long lines truncated and the cut tokens reported as dropped); clm always packs"))
     doc_stride: int = field(default=32, metadata=field_help("qa: context tokens shared by consecutive windows of a "
                                                        "long context"))
     max_query_length: int = field(default=24, metadata=field_help("qa: question tokens kept"))
@@ -103,6 +123,12 @@ class DataConfig:
         "held out from training for the eval loss (the paper: 5% for language SFTs)"))
     eval_every: int = field(default=0, metadata=field_help(
         "phase-2 steps between evaluations; the best φ by eval loss is kept (0: phase end only)"))
+    eval_max_examples: int = field(default=2000, metadata=field_help(
+        "held-out rows evaluated at most, a seeded random subset of them (0: all); bounds every evaluation's cost"))
+    cache_dir: str = field(default="", metadata=field_help(
+        "mlm/clm: where text is tokenised once and memory-mapped by every rank, one directory per (text, "
+        "tokenizer, max_seq_length, packing, split); must be seen by every rank (default: token_cache beside "
+        "output_dir, shared by a pipeline's stages)"))
 
 
 @dataclass
@@ -187,6 +213,7 @@ class TrainConfig:
             bad("batch_size", "batch_size and micro_batch_size must be positive")
         if (self.model.name_or_path is None) == (self.model.tiny is None):
             bad("model", "give exactly one of model.name_or_path or model.tiny")
+        self.model.torch_dtype(where)
         task = get_task(full.task, f"{where}: task")
         if self.model.tiny is not None:
             self.model.check_architecture(task, where)
@@ -220,6 +247,9 @@ class TrainConfig:
             bad("data.eval_fraction", f"must lie in [0, 1), got {data.eval_fraction}")
         if data.eval_every < 0:
             bad("data.eval_every", "must be non-negative")
+        if isinstance(data.eval_max_examples, bool) or not isinstance(data.eval_max_examples, int) \
+                or data.eval_max_examples < 0:
+            bad("data.eval_max_examples", f"must be a whole number ≥ 0 (0: all), got {data.eval_max_examples!r}")
 
     def sources(self) -> list[SourceConfig]:
         """The training sources; a single data.train_file is the one source of the first configured language."""

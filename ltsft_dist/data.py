@@ -2,13 +2,15 @@
 
 The order depends only on (seed, step), never on the world size: step s of every run consumes the same
 global batch, each rank taking its slice. That is what lets a 3-rank run be checked against a
-single-process oracle.
+single-process oracle. MLM masks are drawn per row of a batch from (seed, step, the row's place in the global
+batch): a rank draws only its own rows' masks, and they are the same at every world size.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ltsft_dist.errors import LtsftError
@@ -22,8 +24,9 @@ CAUSAL_SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]
 @dataclass
 class Examples:
     """Fixed-length tokenised examples: `tensors` are the model's forward arguments, one row per example
-    (e.g. input_ids, attention_mask, labels; start_positions/end_positions for QA). For MLM, `labels` is
-    absent: masks are drawn per epoch from `mlm`."""
+    (e.g. input_ids, attention_mask, labels; start_positions/end_positions for QA), as tensors or as anything
+    indexed like one (`token_cache.Column`: rows read from the memory-mapped cache). For MLM, `labels` is
+    absent: masks are drawn per batch from `mlm`."""
 
     tensors: dict[str, torch.Tensor]
     mlm: MLMSpec | None = None
@@ -109,6 +112,18 @@ def accumulation_steps(batch_size: int, micro_batch_size: int, world_size: int) 
     return batch_size // (micro_batch_size * world_size)
 
 
+def row_masks(ids: torch.Tensor, spec: MLMSpec, seed: int, step: int, first_slot: int) -> tuple[torch.Tensor,
+                                                                                                  torch.Tensor]:
+    """BERT masking of rows `first_slot`, `first_slot`+1, ... of step `step`'s global batch, each row from its
+    own generator seeded by (seed, step, slot): the same whichever rank, micro-batch or world size draws it."""
+    masked = []
+    for j in range(len(ids)):
+        state = np.random.SeedSequence([seed, step, first_slot + j]).generate_state(2, np.uint32)
+        g = torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+        masked.append(bert_mask(ids[j:j + 1], spec, g))
+    return torch.cat([m[0] for m in masked]), torch.cat([m[1] for m in masked])
+
+
 class StepOrder:
     """Which examples rank `rank` feeds at (step, micro-step): a seeded permutation per epoch, drop-last."""
 
@@ -120,27 +135,24 @@ class StepOrder:
         self.examples, self.batch, self.micro = examples, batch_size, micro_batch_size
         self.rank, self.world, self.seed = rank, world_size, seed
         self.steps_per_epoch = len(examples) // batch_size
-        self._epoch, self._perm, self._mlm = None, None, None
+        self._epoch, self._perm = None, None
 
-    def _load_epoch(self, epoch: int) -> None:
-        if epoch == self._epoch:
-            return
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        self._perm = torch.randperm(len(self.examples), generator=g)
-        if self.examples.mlm is not None:  # masks for the whole epoch at once
-            self._mlm = bert_mask(self.examples.tensors["input_ids"], self.examples.mlm, g)
-        self._epoch = epoch
+    def _slot(self, micro: int) -> int:
+        """Where this rank's micro-batch `micro` starts in the step's global batch."""
+        return (micro * self.world + self.rank) * self.micro
 
     def indices(self, step: int, micro: int) -> torch.Tensor:
         epoch, within = divmod(step, self.steps_per_epoch)
-        self._load_epoch(epoch)
-        start = within * self.batch + (micro * self.world + self.rank) * self.micro
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(len(self.examples), generator=g)
+        start = within * self.batch + self._slot(micro)
         return self._perm[start:start + self.micro]
 
     def batch_at(self, step: int, micro: int) -> dict[str, torch.Tensor]:
         idx = self.indices(step, micro)
         batch = {name: t[idx] for name, t in self.examples.tensors.items()}
         if self.examples.mlm is not None:
-            inputs, labels = self._mlm
-            batch.update(input_ids=inputs[idx], labels=labels[idx])
+            inputs, labels = row_masks(batch["input_ids"], self.examples.mlm, self.seed, step, self._slot(micro))
+            batch.update(input_ids=inputs, labels=labels)
         return batch

@@ -53,6 +53,17 @@ def engine_args() -> SimpleNamespace | None:
     return SimpleNamespace(device_rank=torch.cuda.current_device())
 
 
+def accelerator_rng_state() -> list[torch.Tensor]:
+    """The random number generator states of the visible accelerators (none on the CPU), for checkpoints."""
+    return torch.cuda.get_rng_state_all() if accelerator_type() == "cuda" else []
+
+
+def set_accelerator_rng_state(states: list[torch.Tensor]) -> None:
+    """Restore `accelerator_rng_state()`'s states; a job on other hardware (no GPU now, or none then) keeps its own."""
+    if accelerator_type() == "cuda" and len(states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states)
+
+
 def engine_device(engine) -> torch.device:
     """Where the engine's forward pass wants its inputs."""
     return torch.device(engine.device)

@@ -40,31 +40,38 @@ class EligibilityConfig:
         "default, false, is the paper's: untied, output embedding frozen)")})
 
 
-def _outside_body(model) -> str:
+def output_embedding_name(model) -> str | None:
+    """The name of a language model's output embeddings (its LM head), None for a model without them."""
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return None if out is None else next(n for n, p in model.named_parameters() if p is out.weight)
+
+
+def _outside_body(model, lm_head: str | None) -> str:
     prefix = body_prefix(model)
-    return rf"^(?!{re.escape(prefix)})" if prefix else r"$^"  # a model that is all body has no head
+    if not prefix:
+        return r"$^"  # a model that is all body has no head
+    return rf"^(?!{re.escape(prefix)})" + (rf"(?!{re.escape(lm_head)}$)" if lm_head else "")
 
 
 def default_rules(kind: str, model) -> EligibilityConfig:
-    # A language SFT (the paper; for decoders as its authors advise): everything is eligible, input embeddings
-    # included, except the norms and the output embeddings (untied from the input ones by the task's model).
-    # Kept tied (eligibility.tie_output_embeddings), the output matrix IS the input one and stays eligible; the
-    # rest of the prediction head, outside the body, is frozen instead.
+    # A language model's output embeddings (untied from the input ones by the task's model) stay frozen, as the
+    # method's authors advise for generative models: language and task SFTs then compose over one shared head.
+    # Kept tied (a language SFT's eligibility.tie_output_embeddings), the output matrix IS the input one and stays
+    # eligible; the rest of the prediction head, outside the body, is frozen instead.
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = out is not None and out.weight is model.get_input_embeddings().weight
+    lm_head = None if tied else output_embedding_name(model)
+    frozen_head = [_outside_body(model, None)] if tied else ["^" + re.escape(lm_head) + "$"] if lm_head else []
+    # A language SFT (the paper): everything else is eligible, input embeddings included, except the norms.
     if kind == "language":
-        excluded = [LAYER_NORM]
-        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if out is not None and out.weight is model.get_input_embeddings().weight:
-            excluded.append(_outside_body(model))
-        elif out is not None:
-            name = next(n for n, p in model.named_parameters() if p is out.weight)
-            excluded.append("^" + re.escape(name) + "$")
-        return EligibilityConfig(include=[".*"], exclude=excluded, head=[])
+        return EligibilityConfig(include=[".*"], exclude=[LAYER_NORM, *frozen_head], head=[])
     # The pooler is part of the task head (BERT's two-layer head on [CLS], as in the paper's NLI setup): stored
     # densely, so a task SFT does not depend on the pooler a masked-LM base checkpoint lacks.
+    heads = [_outside_body(model, lm_head), POOLER]
     if kind == "task":
-        return EligibilityConfig(include=[".*"], exclude=[], head=[_outside_body(model), POOLER])
+        return EligibilityConfig(include=[".*"], exclude=frozen_head, head=heads)
     if kind == "bitfit":
-        return EligibilityConfig(include=[r"\.bias$"], exclude=[], head=[_outside_body(model), POOLER])
+        return EligibilityConfig(include=[r"\.bias$"], exclude=frozen_head, head=heads)
     raise LtsftError(f"unknown SFT kind {kind!r}: use 'language', 'task' or 'bitfit'")
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -12,9 +14,14 @@ from pathlib import Path
 
 import torch
 
+from ltsft_dist.eligibility import LAYER_NORM
 from ltsft_dist.errors import LtsftError
 
-NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "layernorm.weight")
+
+def decays(name: str) -> bool:
+    """Whether AdamW's weight decay applies to a parameter: not to biases and normalisation weights (BERT's
+    LayerNorm, Llama's RMSNorms)."""
+    return not (name.endswith("bias") or re.search(LAYER_NORM, name))
 
 
 def init_distributed() -> None:
@@ -163,6 +170,28 @@ def load_ds_config(path: Path, *, micro_batch_size: int, accumulation: int, worl
     return ds
 
 
+def zero_stage(ds_config: dict | None) -> int:
+    return int((ds_config or {}).get("zero_optimization", {}).get("stage", 0))
+
+
+@contextlib.contextmanager
+def partitioned_construction(ds_config: dict | None):
+    """Under ZeRO-3, a model built or loaded inside goes straight into partitions, so no rank ever holds all of it:
+    transformers' `HfDeepSpeedConfig`, alive while the model is made, has `from_config` and `from_pretrained`
+    create it under `deepspeed.zero.Init` (initialised, or loaded from the checkpoint, into the partitions). Other
+    stages: nothing changes (DeepSpeed partitions the optimizer state only)."""
+    if zero_stage(ds_config) != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    hf_config = HfDeepSpeedConfig(ds_config)  # noqa: F841  (transformers holds a weak reference to it)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()  # later loads (evaluation, export) are whole models again
+
+
 def build_engine(model: torch.nn.Module, ds_config: dict, lr: float, weight_decay: float):
     """AdamW with the usual no-decay group (biases, LayerNorm weights), handed to DeepSpeed."""
     import deepspeed
@@ -170,7 +199,7 @@ def build_engine(model: torch.nn.Module, ds_config: dict, lr: float, weight_deca
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if name.endswith(NO_DECAY) else decay).append(p)
+            (decay if decays(name) else no_decay).append(p)
     groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=lr)

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 COMPOSED, TASK_ONLY = "task+lang", "task-only"
 SETTING_TITLES = {COMPOSED: "task+lang", TASK_ONLY: "TA-only"}
-METRIC_TITLES = {"exact_match": "EM", "f1": "F1", "accuracy": "acc"}
+METRIC_TITLES = {"exact_match": "EM", "f1": "F1", "accuracy": "acc", "acc": "acc", "acc_norm": "acc_norm"}
 FILE_FORMATS = tuple(f for f in FORMAT_NAMES if f not in ("auto", "hf"))  # what --format takes
 
 
@@ -74,7 +74,8 @@ class EvalConfig(EvalOptions):
         "base model: a hub id or a directory written by save_pretrained, with its tokenizer"))
     task_sft: str | None = field(default=None, metadata=field_help("the task SFT, with its dense task head"))
     task: str | None = field(default=None, metadata=field_help(
-        "default: the task the SFT was trained for, else told by its head parameters"))
+        "the evaluated task (e.g. xcopa for an instruction task SFT); default: the task the SFT was trained for, "
+        "else told by its head parameters"))
     lang_sft: dict[str, str] = field(default_factory=dict, metadata=field_help("target language -> its language SFT"))
     data: dict[str, str] = field(default_factory=dict, metadata=field_help("target language -> evaluation file"))
     out: str | None = field(default=None, metadata=field_help("directory for results.json and results.md"))
@@ -99,9 +100,12 @@ def require_same_base(sft: SparseFineTuning, model: torch.nn.Module, flag: str, 
 
 
 def head_names(model: torch.nn.Module) -> set[str]:
-    """Parameters outside the shared body: what a task SFT must carry for this model."""
-    prefix = body_prefix(model)
-    return {name for name, _ in model.named_parameters() if not name.startswith(prefix)}
+    """Parameters outside the shared body: what a task SFT must carry for this model. A language model's output
+    embeddings are not among them: SFTs keep them frozen, so the base's own serve."""
+    from ltsft_dist.eligibility import output_embedding_name
+
+    prefix, lm_head = body_prefix(model), output_embedding_name(model)
+    return {name for name, _ in model.named_parameters() if not name.startswith(prefix) and name != lm_head}
 
 
 def infer_task(sft: SparseFineTuning, base_dir) -> str:

@@ -162,8 +162,12 @@ def _plain(fetch: Callable[[bool], T], describe: str) -> T:
 
 
 def explain(err: Exception, describe: str) -> str:
-    """`describe`, the kind of failure (network, access, not found) with the error itself, and the fix."""
+    """`describe`, the kind of failure (network, access, not found) with the error itself, and the fix; an
+    `LtsftError` (e.g. from the token cache's build) already says what and where, and is passed on as it is."""
     from huggingface_hub import errors as hub_errors
+
+    if isinstance(err, LtsftError):
+        return str(err)
 
     name = type(err).__name__
     status = getattr(getattr(err, "response", None), "status_code", None)

@@ -8,6 +8,9 @@ DeepSpeed copies the masters into the working weights.
 
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager, nullcontext
+
 import torch
 
 from ltsft_dist.shards import Fragment, Shards
@@ -139,7 +142,18 @@ def _keep_only(values: torch.Tensor, plan: tuple[str, torch.Tensor | None], froz
 
 class L1Pull:
     """J = λ/N Σ|θ − θ⁰| over the N eligible elements: its gradient λ/N·sign(θ − θ⁰) is added on the shards,
-    so no extra pass over the full model is needed."""
+    so no extra pass over the full model is needed.
+
+    In every precision it is added before clipping, as the paper's L1 term in the loss is (and tests/oracle.py):
+    the clipping norm is that of data gradient + pull. Where it is added depends on the gradients' dtype:
+    - fp32: into DeepSpeed's reduced gradients (`Shards.grads()`) before `engine.step()`, so DeepSpeed's own norm
+      and clipping include it.
+    - bf16/fp16: those buffers are half precision (fp16 also loss-scaled), where λ/N (≈ 3.6e-10 for XLM-R base
+      at λ = 0.1) rounds away against the data gradient or underflows. It is added to the fp32 master gradient
+      instead, in a hook right before the inner optimizer step, after DeepSpeed has unscaled it; DeepSpeed's
+      clipping is off for that step and the hook clips by the global norm of gradient + pull, computed before the
+      step from the half-precision buffers upcast to fp32. A step DeepSpeed skips on overflow never reaches it.
+    Frozen elements (phase 2) sit at θ⁰ exactly, so the pull is 0 there and the mask needs no second pass."""
 
     def __init__(self, shards: Shards, snapshot: Snapshot, sparse: list[Fragment], coefficient: float,
                  n_eligible: int):
@@ -148,12 +162,55 @@ class L1Pull:
         positions = {f: i for i, f in enumerate(shards.fragments)}
         self._grad_index = [positions[f] for f in sparse]
 
-    @torch.no_grad()
-    def add_gradient(self, grads: list[torch.Tensor]) -> None:
+    @contextmanager
+    def pulling(self, grads: list[torch.Tensor]):
+        """Add the pull to the optimizer step run inside (`engine.step()` at an accumulation boundary); `grads`
+        are `Shards.grads()` after masking."""
         if self.scale == 0.0:
+            yield
             return
+        if not self.shards.mixed_precision:
+            self._add(grads)
+            yield
+            return
+        max_norm = self.shards.max_grad_norm()
+        divisor = self._clip_divisor(grads, max_norm) if max_norm > 0 else 1.0
+        handle = self.shards.before_optimizer_step(lambda segments: self._add_to_masters(segments, divisor))
+        try:
+            with self.shards.unclipped() if max_norm > 0 else nullcontext():
+                yield
+        finally:
+            handle.remove()
+
+    @torch.no_grad()
+    def _add(self, grads: list[torch.Tensor]) -> None:
         for f, i in zip(self.sparse, self._grad_index):
             grads[i].add_(torch.sign(self.snapshot.delta(f)), alpha=self.scale)
+
+    @torch.no_grad()
+    def _clip_divisor(self, grads: list[torch.Tensor], max_norm: float) -> float:
+        """What clipping divides gradient + pull by: max(1, (‖g + pull‖ + 1e-6) / max_norm), as DeepSpeed's and
+        torch's clipping. Collective under ZeRO 1-3."""
+        unscale = 1.0 / self.shards.loss_scale()
+        pulled = dict(zip(self._grad_index, self.sparse))
+        total = torch.zeros(1, dtype=torch.float64, device=self.shards.device)
+        for i, g in enumerate(grads):
+            g = g.to(torch.float32, copy=True).mul_(unscale)  # never in place: these are DeepSpeed's buffers
+            if i in pulled:
+                g.add_(torch.sign(self.snapshot.delta(pulled[i])), alpha=self.scale)
+            total += g.pow_(2).sum(dtype=torch.float64)
+        norm = math.sqrt(float(self.shards.all_reduce(total)))
+        return max(1.0, (norm + 1e-6) / max_norm)
+
+    @torch.no_grad()
+    def _add_to_masters(self, segments: list[int], divisor: float) -> None:
+        for f in self.sparse:
+            if f.segment in segments:
+                self.shards.master_grad(f.segment).narrow(0, f.segment_offset, f.numel).add_(
+                    torch.sign(self.snapshot.delta(f)), alpha=self.scale)
+        if divisor > 1.0:
+            for s in segments:
+                self.shards.master_grad(s).mul_(1.0 / divisor)
 
     @torch.no_grad()
     def penalty(self) -> float:

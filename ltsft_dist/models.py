@@ -34,9 +34,37 @@ def tiny_tokenizer(cfg: ModelConfig, texts: list[str]):
 
 
 def build_model(cfg: ModelConfig, task: str, num_labels: int | None = None, vocab_size: int | None = None,
-                seed: int = 0, tie_output_embeddings: bool = False) -> torch.nn.Module:
-    """The task's model class over the base; a task head missing from a base checkpoint starts from the
-    seeded initialisation (the same on every rank)."""
+                seed: int = 0, ds_config: dict | None = None,
+                tie_output_embeddings: bool = False) -> torch.nn.Module:
+    """The task's model class over the base, in `cfg.dtype` (fp32 by default, whatever the checkpoint stores); a
+    task head missing from a base checkpoint starts from the seeded initialisation (the same on every rank). With
+    a ZeRO-3 `ds_config` (under a process group) a base loaded from a checkpoint goes straight into DeepSpeed's
+    partitions (`engine.partitioned_construction`); a tiny model is built whole (it is small, and its random
+    initialisation must not depend on the ZeRO stage). `tie_output_embeddings` is a language SFT's
+    eligibility.tie_output_embeddings."""
+    model = _make_model(cfg, task, num_labels, vocab_size, seed, ds_config)
+    get_task(task).prepare_model(model, tie_output_embeddings)
+    out = model.get_output_embeddings() if tie_output_embeddings else None
+    if out is not None and out.weight is not model.get_input_embeddings().weight:
+        raise LtsftError("eligibility.tie_output_embeddings: this base's output embedding is a matrix of its own "
+                         "(tie_word_embeddings: false in its config), so there is nothing to keep tied; set it to false")
+    if cfg.gradient_checkpointing:
+        if not model.supports_gradient_checkpointing:
+            raise LtsftError(f"model.gradient_checkpointing: {type(model).__name__} does not support it; set it "
+                             "to false")
+        enable = getattr(model, "activation_checkpointing_enable", None)  # its name from transformers 5.2x on
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False  # a cache is for generation, and checkpointing recomputes anyway
+    return model
+
+
+def _make_model(cfg: ModelConfig, task: str, num_labels: int | None, vocab_size: int | None, seed: int,
+                ds_config: dict | None) -> torch.nn.Module:
+    from ltsft_dist.engine import partitioned_construction
+
     spec = get_task(task)
     auto = spec.auto_class()
     extra = {"num_labels": num_labels} if num_labels else {}
@@ -47,7 +75,7 @@ def build_model(cfg: ModelConfig, task: str, num_labels: int | None = None, voca
         if vocab_size is not None:
             values.setdefault("vocab_size", vocab_size)
         torch.manual_seed(seed)
-        model = auto.from_config(TINY_CONFIGS[cfg.architecture](**values, **extra))
+        model = auto.from_config(TINY_CONFIGS[cfg.architecture](**values, **extra), dtype=cfg.torch_dtype())
     else:
         from transformers.utils import logging as hf_logging
 
@@ -58,26 +86,27 @@ def build_model(cfg: ModelConfig, task: str, num_labels: int | None = None, voca
         hf_logging.set_verbosity_error()  # its load report lists the base's MLM head as unused for task models
         try:
             torch.manual_seed(seed)
-            model = auto.from_pretrained(directory, **extra)
+            # the dtype explicitly: transformers 5 defaults to the checkpoint's ("auto"), so a half-precision
+            # checkpoint would train with half-precision "fp32 masters"
+            with partitioned_construction(ds_config):
+                model = auto.from_pretrained(directory, dtype=cfg.torch_dtype(), **extra)
         except (OSError, ValueError) as err:
             raise LtsftError(f"model.name_or_path: cannot load {cfg.name_or_path!r} from {directory} ({err}); "
                              "point it at a directory written by save_pretrained or a hub model") from None
         finally:
             hf_logging.set_verbosity(verbosity)
-    spec.prepare_model(model, tie_output_embeddings)
-    out = model.get_output_embeddings() if tie_output_embeddings else None
-    if out is not None and out.weight is not model.get_input_embeddings().weight:
-        raise LtsftError("eligibility.tie_output_embeddings: this base's output embedding is a matrix of its own "
-                         "(tie_word_embeddings: false in its config), so there is nothing to keep tied; set it to false")
     return model
 
 
 def untie_output_embeddings(model: torch.nn.Module) -> None:
     """Language SFTs decouple the output embedding from the input one (and then freeze it), unless
-    eligibility.tie_output_embeddings keeps them one matrix."""
+    eligibility.tie_output_embeddings keeps them one matrix. Under ZeRO-3 the copy
+    is gathered whole, once, and DeepSpeed partitions it with the rest when the engine starts."""
+    from ltsft_dist.shards import full_copy
+
     out = model.get_output_embeddings()
     if out is not None and out.weight is model.get_input_embeddings().weight:
-        out.weight = torch.nn.Parameter(out.weight.detach().clone())
+        out.weight = torch.nn.Parameter(full_copy(out.weight))
     model.config.tie_word_embeddings = False
 
 

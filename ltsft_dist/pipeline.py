@@ -100,9 +100,12 @@ def _check(config: PipelineConfig, where: str) -> None:
         raise LtsftError(f"{where}: task_sft.data.sources: list the task's source languages and their files")
     if not config.evaluation.data:
         raise LtsftError(f"{where}: evaluation.data: map each target language to its evaluation file")
-    get_task(config.task_sft.get("task"), f"{where}: task_sft.task", evaluated=True)
     ev = config.evaluation
-    for key in ("base", "task_sft", "task", "lang_sft", "out", "max_query_length"):
+    if ev.task is None:  # the task SFT's own task, scored zero-shot (nli, qa, ...)
+        get_task(config.task_sft.get("task"), f"{where}: task_sft.task", evaluated=True)
+    else:  # another one, e.g. xcopa for an instruction-tuned decoder
+        get_task(ev.task, f"{where}: evaluation.task", evaluated=True)
+    for key in ("base", "task_sft", "lang_sft", "out", "max_query_length"):
         if getattr(ev, key) != getattr(EvalConfig(), key):
             raise LtsftError(f"{where}: evaluation.{key} is set by the pipeline (from its stages); remove it")
     ev.check()
@@ -191,7 +194,8 @@ def plan(config: PipelineConfig) -> list[Stage]:
     stages.append(task)
     ev = config.evaluation
     targets = {lang: lang_dirs.get(lang) for lang in ev.data}
-    args = {"base": base_dir, "task_sft": str(task.directory / "sft"), "task": data.get("task", "classification"),
+    args = {"base": base_dir, "task_sft": str(task.directory / "sft"),
+            "task": ev.task or data.get("task", "classification"),
             "lang_sfts": {lang: d for lang, d in targets.items() if d}, "data": ev.data,
             "max_seq_length": ev.max_seq_length, "stride": ev.stride, "batch_size": ev.batch_size,
             "limit": ev.limit, "max_query_length": _train_config(data, "task_sft").data.max_query_length,

@@ -103,13 +103,12 @@ def check_precision(config: TrainConfig, where: str, prefix: str = "") -> list[P
             f"{'fp16' if fp16 else 'bf16'} needs ZeRO stage 1, 2 or 3 here (ltsft masks and snapshots the fp32 master "
             f"weights, which DeepSpeed keeps only under ZeRO): set it to 1, 2 or 3, or set {prefix}deepspeed: "
             "zero2_bf16.json in the training config")))
-    l1 = [f"{prefix}{name}.l1" for name in ("phase1", "phase2") if getattr(config, name).l1 > 0]
-    if fp16 and l1:
-        problems.append(Problem(where, f"{prefix}deepspeed", (
-            f"fp16 ({at}) with the L1 term ({', '.join(l1)} > 0): its pull λ/N·sign(θ − θ⁰) is added into "
-            "DeepSpeed's loss-scaled fp16 gradients, where it underflows to 0 (about 4e-10 for XLM-R base at λ = "
-            f"0.1): set {prefix}deepspeed: zero{max(stage, 1)}_bf16.json (bf16) or zero{max(stage, 1)}.json (fp32), "
-            f"or {' and '.join(l1)}: 0")))
+    trains_in = "fp16" if fp16 else "bf16" if bf16 else "fp32"
+    if config.model.dtype not in ("fp32", trains_in):
+        problems.append(Problem(where, f"{prefix}model.dtype", (
+            f"the model is loaded in {config.model.dtype} but {at} trains in {trains_in}: set {prefix}model.dtype: "
+            f"fp32 (the default), or give {prefix}deepspeed a config with \"{config.model.dtype}\": "
+            '{"enabled": true} at ZeRO stage 1-3' + (" (zero2_bf16.json)" if config.model.dtype == "bf16" else ""))))
     accumulate = str((ds.get("data_types") or {}).get("grad_accum_dtype", "")).lower()
     if bf16 and stage == 1 and offload != "cpu" and accumulate in _FP32:
         problems.append(Problem(at, "data_types.grad_accum_dtype", (

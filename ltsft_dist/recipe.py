@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -32,13 +33,14 @@ from ltsft_dist.heldout import HeldOut
 from ltsft_dist.hooks import StepHook
 from ltsft_dist.masking import GradientMask, L1Pull
 from ltsft_dist.monitor import Monitor, density_scalars, mask_overlap, peak_memory_mb, selected_per_parameter
-from ltsft_dist.shards import Shards
+from ltsft_dist.shards import Shards, param_shape
 from ltsft_dist.sft import SFTMetadata, SparseFineTuning, base_fingerprint
 from ltsft_dist.snapshot import Snapshot
 from ltsft_dist.tasks import get_task
 from ltsft_dist.topk import random_scores, select_topk
 
 FLOAT_MAX = torch.finfo(torch.float32).max
+MAX_OVERFLOW_RETRIES = 64  # consecutive fp16 overflows of one step: the scale falls from 2^16 to 1 well within it
 
 
 class Preempted(Exception):
@@ -60,10 +62,12 @@ class RunStats:
     frozen_drift: int = 0  # frozen elements not bit-identical to θ⁰ after phase 2 (must be 0)
     theta0_bytes_per_rank: int = 0
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss (on_nonfinite_loss: skip)
+    overflow_steps: int = 0  # attempts DeepSpeed skipped on an inf/NaN gradient, each redone (not in the schedule)
     seconds: dict = field(default_factory=dict)
     losses: dict = field(default_factory=dict)
     eval_losses: dict = field(default_factory=dict)  # per phase: [{step, all, <language>...}]
     best_eval: dict | None = None  # the evaluation φ was taken from
+    data: dict = field(default_factory=dict)  # per language: rows, lines, tokens used/dropped (training_data)
 
 
 def linear_lr(step: int, phase: PhaseConfig) -> float:
@@ -92,6 +96,7 @@ class LTSFTRecipe:
         With `held_out`, phase 2 is evaluated every `data.eval_every` steps and at its end, and φ is taken from
         the evaluation with the lowest loss."""
         self.config, self.examples, self.log_dir = config, examples, log_dir
+        self.task = get_task(config.task)
         self.held_out = held_out
         self.best: dict | None = None  # phase 2's best evaluation so far: step, loss, selected values, heads
         self.show_progress = show_progress
@@ -114,7 +119,7 @@ class LTSFTRecipe:
         cfg = self.config
         self.eligibility = elig.resolve(model, cfg.kind, cfg.eligibility)
         elig.apply_roles(model, self.eligibility)
-        self.shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        self.shapes = {n: param_shape(p) for n, p in model.named_parameters()}
         self.fingerprint = base_fingerprint(model)
         self.stats.n_eligible = self.eligibility.count(model, "sparse")
         self.stats.k = cfg.k_for(self.stats.n_eligible)
@@ -131,6 +136,8 @@ class LTSFTRecipe:
         roles = self.eligibility.roles
         self.sparse = [f for f in self.shards.fragments if roles[f.name] == "sparse"]
         self.heads = [f for f in self.shards.fragments if roles[f.name] == "head"]
+        self._sparse_at = {f: i for i, f in enumerate(self.sparse)}  # a fragment's index in self.sparse
+        self._head_at = {f: i for i, f in enumerate(self.heads)}
         if self.order is None:
             self.order = StepOrder(self.examples, cfg.batch_size, cfg.micro_batch_size, self.rank,
                                    self.shards.world_size, cfg.seed)
@@ -176,18 +183,18 @@ class LTSFTRecipe:
         name = phase_name + (f".{round_}" if self.config.rounds > 1 else "")
         self.phase_name = name
         self.global_step = self._global_step(round_, phase_name, first_step)
-        start = time.perf_counter()
+        self.engine.train()  # dropout on, as in the paper's training (from_pretrained returns a model in eval mode)
         l1 = L1Pull(self.shards, self.snapshot, self.sparse, phase.l1, self.stats.n_eligible)
         bar = tqdm(range(first_step, phase.steps), desc=name, disable=self.rank != 0 or not self.show_progress,
                    leave=False, initial=first_step, total=phase.steps)
-        losses = []
+        self._clock = (name, time.perf_counter())
         mark = self._mark(first_step)
         for step in bar:
             lr = linear_lr(step, phase)
             self.shards.set_lr(lr)
             step_loss = self.train_step(step, mask, l1)
             self.global_step += 1
-            losses.append(step_loss)
+            self.stats.losses.setdefault(name, []).append(step_loss)
             if (step + 1) % self.config.log_every == 0 or step + 1 == phase.steps:
                 mark = self._log(name, step, step_loss, lr, l1, bar, mark)
             every = self.config.data.eval_every
@@ -195,8 +202,7 @@ class LTSFTRecipe:
                     step + 1 == phase.steps or (every and (step + 1) % every == 0)):
                 self._evaluate(name, step + 1)
             self._maybe_checkpoint(Progress(round_, phase_name, step + 1), last=step + 1 == phase.steps)
-        self.stats.losses[name] = self.stats.losses.get(name, []) + losses
-        self.stats.seconds[name] = self.stats.seconds.get(name, 0.0) + time.perf_counter() - start
+        self._tick()
         if mask is not None and self.best is not None:
             self._restore_best()
 
@@ -205,7 +211,7 @@ class LTSFTRecipe:
     def _evaluate(self, phase: str, step: int) -> None:
         losses = self.held_out.loss(self.engine)
         scores = {score + ("" if lang == "all" else f"_{lang}"): value for lang, loss in losses.items()
-                  for score, value in get_task(self.config.task).held_out_scores(loss).items()}  # clm: perplexity
+                  for score, value in self.task.held_out_scores(loss).items()}  # clm: perplexity
         self.stats.eval_losses.setdefault(phase, []).append({"step": step, **losses, **scores})
         self.monitor.scalars({f"eval/{phase}/loss" + ("" if lang == "all" else f"/{lang}"): value
                               for lang, value in losses.items()}, self.global_step)
@@ -243,12 +249,41 @@ class LTSFTRecipe:
         periodic = every > 0 and progress.step % every == 0 and not last
         if not (self._stop_agreed or periodic):
             return
-        path = checkpoint.save(self.checkpoint_root, progress, self.engine, self.rank, self.shards.world_size,
-                               self.shards.stage,
-                               {"theta0": self.snapshot.segments, "selected": self.selected, "best": self.best},
-                               self._inputs())
+        self._tick()
+        path = checkpoint.save(self.checkpoint_root, progress, self.shards, self._parameters(), self._elements,
+                               self._run_state(), self._inputs())
         if self._stop_agreed:
             raise Preempted(path)
+
+    def _tick(self) -> None:
+        """Add the time since the last tick to the current phase's seconds (before a checkpoint, which carries them)."""
+        name, since = self._clock
+        now = time.perf_counter()
+        self.stats.seconds[name] = self.stats.seconds.get(name, 0.0) + now - since
+        self._clock = (name, now)
+
+    def _parameters(self) -> dict[str, dict]:
+        """What a checkpoint must be resumed with: every parameter's name, shape and role, in canonical order."""
+        return {name: {"shape": list(shape), "role": self.eligibility.roles[name]} for name, shape in self.shapes.items()}
+
+    def _elements(self, f) -> dict[str, torch.Tensor]:
+        """Everything a checkpoint keeps of my fragment f, flat: θ⁰, master, optimizer state, mask, best values."""
+        out = {"theta0": self.snapshot.theta0(f), "master": self.shards.master(f),
+               **{f"optimizer.{key}": value for key, value in self.shards.optimizer_elements(f).items()}}
+        i, j = self._sparse_at.get(f), self._head_at.get(f)
+        if i is not None and self.selected is not None:
+            out["mask"] = self.selected[i]
+            if self.best is not None:
+                out["best"] = torch.zeros_like(out["master"]).masked_scatter_(self.selected[i],
+                                                                              self.best["selected"][i])
+        if j is not None and self.best is not None:
+            out["best"] = self.best["heads"][j]
+        return out
+
+    def _run_state(self) -> dict:
+        return {"stats": dict(self.stats.__dict__), "optimizer": self.shards.optimizer_scalars(),
+                "selected": self.selected is not None,
+                "best": None if self.best is None else {"step": self.best["step"], "loss": self.best["loss"]}}
 
     def resume(self) -> Progress:
         if not self.config.resume:
@@ -256,22 +291,71 @@ class LTSFTRecipe:
         directory = checkpoint.resumable(self.checkpoint_root, self.rank, self.shards.world_size)
         if directory is None:
             return Progress()
-        progress, state = checkpoint.load(directory, self.engine, self.rank, self.shards.world_size,
-                                          self.shards.stage, self._inputs(), device=self.shards.device)
-        self.snapshot.restore(state["theta0"])
-        self.selected, self.best = state["selected"], state.get("best")
+        progress, run, saved = checkpoint.load(directory, self.shards, self._parameters(), self._inputs())
+        self._restore(run, saved)
         if self.rank == 0 and self.show_progress:
             print(f"resumed from {directory} (round {progress.round}, {progress.phase}, step {progress.step})")
         return progress
+
+    @torch.no_grad()
+    def _restore(self, run: dict, saved) -> None:
+        """Scatter a checkpoint into my shard, whatever the layout that wrote it: masters, optimizer state, θ⁰,
+        mask and best values of my fragments; then the working weights are synced and the statistics carried on."""
+        optimizer = [{} for _ in self.shards.segments]
+        theta0, selected, best_selected, best_heads = [], [], [], []
+        for f in self.shards.fragments:
+            values = saved(f)
+            self.shards.master(f).copy_(values["master"])
+            theta0.append((f, values["theta0"]))
+            for kind, value in values.items():
+                if kind.startswith("optimizer."):
+                    flat = optimizer[f.segment].setdefault(kind.removeprefix("optimizer."),
+                                                           torch.zeros_like(self.shards.segments[f.segment]))
+                    flat.narrow(0, f.segment_offset, f.numel).copy_(value)
+            if f in self._sparse_at and run["selected"]:
+                selected.append(values["mask"])
+                if run["best"] is not None:
+                    best_selected.append(values["best"][values["mask"]])
+            elif f in self._head_at and run["best"] is not None:
+                best_heads.append(values["best"])
+        self.snapshot.restore(theta0)
+        self.shards.load_optimizer_state(optimizer, run["optimizer"])
+        self.shards.sync_working_weights()
+        self.selected = selected if run["selected"] else None
+        self.best = None if run["best"] is None else {**run["best"], "selected": best_selected, "heads": best_heads}
+        here = self.stats.theta0_bytes_per_rank  # of this layout, not the one that wrote the checkpoint
+        for key, value in run["stats"].items():
+            setattr(self.stats, key, value)
+        self.stats.theta0_bytes_per_rank = here
 
     def _inputs(self) -> dict[str, str]:
         """Fingerprints of the inputs a checkpoint must be resumed with: what the step hooks read (language SFTs)."""
         return {key: value for hook in self.step_hooks for key, value in hook.fingerprints.items()}
 
     def train_step(self, step: int, mask: GradientMask | None, l1: L1Pull) -> float:
-        """One optimizer step; returns this rank's share of the global mean loss."""
+        """One optimizer step; returns this rank's share of the global mean loss.
+
+        A step DeepSpeed skips on a gradient overflow (fp16's dynamic loss scaling, also bf16's overflow check: no
+        weight moves, fp16's loss scale is lowered) is redone with the same batches, so a phase of N steps makes N updates and the
+        data of step s stays a function of (seed, s) whatever overflowed. The skipped attempt is counted
+        (`stats.overflow_steps`) and neither the masking hooks nor the L1 pull act on it."""
+        attempts = MAX_OVERFLOW_RETRIES if self.shards.loss_scale_adapts else 2  # else the same step overflows again
+        for _ in range(attempts):
+            loss = self._attempt_step(step, mask, l1)
+            if not self.shards.step_skipped():
+                return loss
+            self.stats.overflow_steps += 1
+            self.monitor.line("overflow", phase=self.phase_name, step=step + 1, loss_scale=self.shards.loss_scale(),
+                              overflow_steps=self.stats.overflow_steps)
+        raise LtsftError(
+            f"gradients not finite (inf or NaN) with a finite loss {attempts} times in a row in {self.phase_name} step "
+            f"{step + 1} (loss scale now {self.shards.loss_scale():g}), so DeepSpeed skipped every attempt: lower the "
+            "learning rate or enable clipping (max_grad_norm), or, from fp16, train in bf16 or fp32 (deepspeed: "
+            "zero2_bf16.json or zero2.json)")
+
+    def _attempt_step(self, step: int, mask: GradientMask | None, l1: L1Pull) -> float:
         batches = [self.order.batch_at(step, micro) for micro in range(self.order.accumulation)]
-        scale = self._mlm_loss_scale(batches)
+        scale = self._token_loss_scale(batches)
         self.tokens_seen += sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                                 for b in batches)
         device = engine_device(self.engine)
@@ -287,12 +371,15 @@ class LTSFTRecipe:
                 else:
                     labels = batch.pop("labels")
                     logits = self.engine(**batch).logits
+                    if self.task.decoder:  # position t predicts token t+1
+                        logits, labels = logits[:, :-1], labels[:, 1:]
                     loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum") * scale
                 finite = finite and math.isfinite(loss.item())
                 self.engine.backward(loss)
                 if i == len(batches) - 1:
                     for hook in self.step_hooks:
                         hook.before_optimizer_step(step)
+                pull = nullcontext()
                 if self.engine.is_gradient_accumulation_boundary():
                     grads = self.shards.grads()
                     if self._agree(step, finite):
@@ -303,10 +390,11 @@ class LTSFTRecipe:
                             g.zero_()
                         self.shards.set_lr(0.0)
                     else:
-                        l1.add_gradient(grads)
                         if mask is not None:
                             mask.mask_gradients(grads)
-                self.engine.step()
+                        pull = l1.pulling(grads)
+                with pull:
+                    self.engine.step()
                 step_loss += loss.item() / self.order.accumulation
         finally:  # an error mid-step must not leave a language delta in the working weights
             for hook in self.step_hooks:
@@ -339,11 +427,12 @@ class LTSFTRecipe:
                           skipped_steps=self.stats.skipped_steps)
         return True
 
-    def _mlm_loss_scale(self, batches: list[dict]) -> float | None:
-        """MLM batches hold different numbers of masked tokens per rank. Normalising each token's loss by the
-        step's global token count (DeepSpeed then averages over ranks and accumulation steps) makes the
-        gradient the mean over all masked tokens of the global batch, whatever the world size."""
-        if self.examples.mlm is None:
+    def _token_loss_scale(self, batches: list[dict]) -> float | None:
+        """A task with a per-token loss (`Task.token_loss`: masked tokens, tags, responses) has different numbers
+        of labelled tokens per micro-batch. Normalising each token's loss by the step's global token count
+        (DeepSpeed then averages over ranks and accumulation steps) makes the gradient the mean over all labelled
+        tokens of the global batch, whatever the world size."""
+        if not self.task.token_loss:
             return None
         tokens = torch.tensor([sum(int((b["labels"] != -100).sum()) for b in batches)])
         if self.shards.world_size > 1:
@@ -450,7 +539,8 @@ class LTSFTRecipe:
         values = {"train/loss": mean_loss, "train/lr": lr, "train/l1": penalty,
                   "train/phase": 2.0 if phase.startswith("phase2") else 1.0,
                   "train/tokens_per_s": float(totals[1]) / seconds, "train/step_seconds": seconds / steps,
-                  "train/peak_memory_mb": peak_memory_mb(), "train/skipped_steps": self.stats.skipped_steps}
+                  "train/peak_memory_mb": peak_memory_mb(), "train/skipped_steps": self.stats.skipped_steps,
+                  "train/overflow_steps": self.stats.overflow_steps}
         for timer, seconds in now.hook_seconds.items():
             values[f"train/{timer}_seconds"] = (seconds - since.hook_seconds[timer]) / steps
         norm = self.engine.get_global_grad_norm()

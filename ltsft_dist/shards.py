@@ -19,6 +19,7 @@ checkpoint load, and nothing here or in the callers compares or reduces over it:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -183,6 +184,49 @@ class Shards:
         """The inner optimizer's state of one segment (e.g. AdamW's exp_avg, exp_avg_sq); empty before step 1."""
         return self.inner_optimizer.state.get(self._stepped_tensors[segment], {})
 
+    def optimizer_elements(self, f: Fragment) -> dict[str, torch.Tensor]:
+        """Views of the fragment's elements in every per-element optimizer state tensor (AdamW: exp_avg,
+        exp_avg_sq); empty before step 1."""
+        return {key: value.narrow(0, f.segment_offset, f.numel) for key, value in self._per_element(f.segment).items()}
+
+    def _per_element(self, segment: int) -> dict[str, torch.Tensor]:
+        numel = self._stepped_tensors[segment].numel()
+        return {key: value.view(-1) for key, value in self.optimizer_state(segment).items()
+                if torch.is_tensor(value) and value.dim() > 0 and value.numel() == numel}
+
+    def optimizer_scalars(self) -> dict[str, dict]:
+        """The optimizer's scalar state (AdamW: step), the same for every segment: {key: {"value", "dtype"}}."""
+        found: dict[str, dict] = {}
+        for s in range(len(self._stepped_tensors)):
+            per_element = self._per_element(s)
+            for key, value in self.optimizer_state(s).items():
+                if key in per_element:
+                    continue
+                scalar = {"value": float(value), "dtype": str(value.dtype).removeprefix("torch.")
+                          if torch.is_tensor(value) else None}
+                if found.setdefault(key, scalar) != scalar:
+                    raise LtsftError(f"optimizer state {key!r} differs between the parameter groups "
+                                     f"({found[key]['value']} and {scalar['value']}): cannot checkpoint it per element")
+        return found
+
+    @torch.no_grad()
+    def load_optimizer_state(self, elements: list[dict[str, torch.Tensor]], scalars: dict[str, dict]) -> None:
+        """Replace the inner optimizer's state (a fresh DeepSpeed engine has none before its first step):
+        `elements[s]` holds segment s's per-element tensors, flat; `scalars` is what `optimizer_scalars` returned.
+        Written into `optimizer.state` keyed by the stepped tensors, not through `load_state_dict`: ZeRO-3 empties
+        the inner optimizer's param_groups between steps. Nothing to load (written before any step): left as is."""
+        if not scalars and not any(elements):
+            return
+        defaults = self.inner_optimizer.defaults
+        for tensor, per_element in zip(self._stepped_tensors, elements):
+            # torch keeps AdamW's step on the CPU unless the optimizer is capturable or fused
+            where = tensor.device if defaults.get("capturable") or defaults.get("fused") else "cpu"
+            values = {key: value.to(tensor.device, tensor.dtype).view_as(tensor) for key, value in per_element.items()}
+            for key, scalar in scalars.items():
+                values[key] = (scalar["value"] if scalar["dtype"] is None
+                               else torch.tensor(scalar["value"], dtype=getattr(torch, scalar["dtype"]), device=where))
+            self.inner_optimizer.state[tensor] = values
+
     def reset_optimizer_state(self) -> None:
         """Zero every optimizer state tensor in place: equivalent to a fresh optimizer, and keeps
         DeepSpeed's links to the state intact."""
@@ -194,13 +238,58 @@ class Shards:
     def on_optimizer_step(self, hook: Callable[[list[int]], None]):
         """Call `hook(segment_indices)` right after each inner optimizer step, before DeepSpeed copies the
         masters into the working weights. DeepSpeed steps one group (or ZeRO-3 sub-group) at a time."""
+        return self.inner_optimizer.register_step_post_hook(lambda opt, args, kwargs: hook(self._stepped(opt)))
 
-        def post_hook(optimizer, args, kwargs):
-            stepped = [self._segment_of[id(p)] for g in optimizer.param_groups for p in g["params"]
-                       if id(p) in self._segment_of]
-            hook(stepped)
+    def before_optimizer_step(self, hook: Callable[[list[int]], None]):
+        """Call `hook(segment_indices)` right before each inner optimizer step, when `master_grad` of those
+        segments holds the fp32 gradient DeepSpeed has unscaled (and clipped, see `unclipped`). Not called for a
+        step DeepSpeed skips on overflow."""
+        return self.inner_optimizer.register_step_pre_hook(lambda opt, args, kwargs: hook(self._stepped(opt)))
 
-        return self.inner_optimizer.register_step_post_hook(post_hook)
+    def _stepped(self, optimizer) -> list[int]:
+        return [self._segment_of[id(p)] for g in optimizer.param_groups for p in g["params"]
+                if id(p) in self._segment_of]
+
+    def master_grad(self, segment: int) -> torch.Tensor:
+        """The flat fp32 gradient the inner optimizer is about to step `segment` with (inside
+        `before_optimizer_step` only: DeepSpeed builds it from the reduced gradients just before)."""
+        return self._stepped_tensors[segment].grad.view(-1)
+
+    @property
+    def mixed_precision(self) -> bool:
+        """bf16 or fp16 working weights and gradients (the masters are fp32 either way)."""
+        return bool(self.engine.bfloat16_enabled() or self.engine.fp16_enabled())
+
+    def loss_scale(self) -> float:
+        """The factor the gradients in `grads()` are multiplied by: fp16's dynamic loss scale, else 1."""
+        return float(self.engine.optimizer.loss_scale) if self.engine.fp16_enabled() else 1.0
+
+    @property
+    def loss_scale_adapts(self) -> bool:
+        """fp16 with dynamic loss scaling: a step skipped on overflow may pass when redone at the lowered scale."""
+        return bool(self.engine.fp16_enabled() and self.engine.dynamic_loss_scale())
+
+    def max_grad_norm(self) -> float:
+        """DeepSpeed's gradient clipping threshold (0: off)."""
+        return float(self.engine.gradient_clipping() or 0.0)
+
+    @contextmanager
+    def unclipped(self):
+        """DeepSpeed's clipping off for the steps inside (it still unscales): the caller clips `master_grad`
+        itself, e.g. to include a term added after DeepSpeed computed its norm."""
+        opt = self.engine.optimizer
+        saved = opt.clip_grad
+        opt.clip_grad = 0.0
+        try:
+            yield
+        finally:
+            opt.clip_grad = saved
+
+    def step_skipped(self) -> bool:
+        """Whether the last `engine.step()` at an accumulation boundary was skipped by DeepSpeed: it found an inf/NaN
+        gradient (fp16's loss scaling, also bf16's and ZeRO-1/2's overflow checks), moved no weight and, with fp16,
+        lowered the loss scale."""
+        return not self.engine.was_step_applied()
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over ranks when the shards are partitioned; a no-op when every rank holds everything."""
@@ -212,9 +301,13 @@ class Shards:
 
     def gather_object_to_zero(self, obj) -> list | None:
         """As `all_gather_object`, on rank 0 only (None elsewhere)."""
+        return self.gather_object_to(obj, 0)
+
+    def gather_object_to(self, obj, dst: int) -> list | None:
+        """As `all_gather_object`, on rank `dst` only (None elsewhere)."""
         if self.partitioned:
-            return comm.gather_object(obj, dst=0)
-        return [move(obj, "cpu")] if self.rank == 0 else None
+            return comm.gather_object(obj, dst=dst)
+        return [move(obj, "cpu")] if self.rank == dst else None
 
 
 def _uncovered(segments: list[torch.Tensor], fragments: list[Fragment]) -> list[tuple[int, int, int]]:
@@ -270,6 +363,16 @@ class WorkingSpan:
 
 def is_zero3_param(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_tensor") and hasattr(p, "ds_status")
+
+
+def full_copy(p: torch.Tensor) -> torch.Tensor:
+    """A copy of the whole parameter, gathered from the ranks' partitions if ZeRO-3 partitioned it."""
+    if not is_zero3_param(p):
+        return p.detach().clone()
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([p]):
+        return p.detach().clone()
 
 
 def param_shape(p: torch.Tensor) -> tuple[int, ...]:

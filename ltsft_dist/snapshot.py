@@ -28,11 +28,11 @@ class Snapshot:
         return self.shards.master(f) - self.theta0(f)
 
     @torch.no_grad()
-    def restore(self, saved: list[torch.Tensor]) -> None:
-        """θ⁰ from a checkpoint, after the engine's own state was loaded: the padding of both is zeroed again
-        (a checkpoint written before padding was zeroed may hold garbage there)."""
-        for mine, theirs in zip(self.segments, saved):
-            mine.copy_(theirs)
+    def restore(self, saved: list[tuple[Fragment, torch.Tensor]]) -> None:
+        """θ⁰ from a checkpoint, per fragment (whatever layout wrote it), after the masters were restored: the
+        padding of both is zeroed again, as at setup."""
+        for f, values in saved:
+            self.theta0(f).copy_(values)
         self.shards.zero_padding(self.segments)
         self.shards.zero_padding()
 

@@ -10,6 +10,7 @@ order and language swap, held-out data, the DeepSpeed config — and installs th
 from __future__ import annotations
 
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -60,7 +61,7 @@ class TrainingRun:
         from ltsft_dist.heldout import HeldOut
         from ltsft_dist.models import build_model
         from ltsft_dist.recipe import LTSFTRecipe
-        from ltsft_dist.training_data import build_tokenizer, encode_sources, read_sources
+        from ltsft_dist.training_data import build_tokenizer, encode_sources, read_sources, token_summary
 
         config, out = self.config, self.output_dir
         init_distributed()
@@ -79,11 +80,14 @@ class TrainingRun:
         tokenizer = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
         data = encode_sources(config, tokenizer, sources)
         config.data.labels = data.labels  # recorded in the SFT: evaluation maps the head's outputs back to names
-        if self.rank == 0 and self.show_progress:
-            for language, report in data.report.items():
+        for language, report in data.report.items():
+            if self.rank == 0 and self.show_progress:
                 print(f"data [{language}]: " + ", ".join(f"{k}={v}" for k, v in report.items()), flush=True)
+            if self.rank == 0 and token_summary(language, report):
+                print(token_summary(language, report), file=sys.stderr, flush=True)
+        ds_config = ds_config_for(config, world)
         model = build_model(config.model, config.task, num_labels=len(data.labels) if data.labels else None,
-                            vocab_size=len(tokenizer), seed=config.seed,
+                            vocab_size=len(tokenizer), seed=config.seed, ds_config=ds_config,
                             tie_output_embeddings=config.eligibility.tie_output_embeddings)
         order, hooks, swap = None, [], None
         if len(data.train) > 1 or sfts:  # one source language (and its SFT) per optimizer step
@@ -94,9 +98,10 @@ class TrainingRun:
             hooks = [swap] if swap is not None else []
         held_out = (HeldOut(data.held_out, config.micro_batch_size, self.rank, world, swap=swap)
                     if data.held_out else None)
-        self.recipe = LTSFTRecipe(model, next(iter(data.train.values())), config, ds_config_for(config, world),
+        self.recipe = LTSFTRecipe(model, next(iter(data.train.values())), config, ds_config,
                                   base_model=config.model.name_or_path or "tiny", log_dir=out / "tensorboard",
                                   show_progress=self.show_progress, order=order, step_hooks=hooks, held_out=held_out)
+        self.recipe.stats.data = data.report
         if self.handle_signals:
             for sig in STOP_SIGNALS:
                 self._previous_handlers[sig] = signal.signal(sig, lambda *_: self.recipe.request_stop())

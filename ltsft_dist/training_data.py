@@ -3,19 +3,26 @@
 Two steps, because a tiny model's tokenizer is trained on the text first: `read_sources` reads each source's
 records (checking them, with file/line errors from the readers in `ltsft_dist.tasks`), `encode_sources` turns
 them into fixed-length `Examples`. Multi-source training gets one entry per language; a single-source run is
-the one-language case.
+the one-language case. A language SFT's text is a lazy `TextSource`, never a list: its encoding goes through the
+token cache in `data.cache_dir` (collective: rank 0 tokenises, every rank maps the result). The held-out set is
+bounded by `data.eval_max_examples`, a seeded subset of the held-out rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from ltsft_dist.config import DataConfig, SourceConfig, TrainConfig
 from ltsft_dist.data import Examples
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.tasks import Encoding, Task, format_problem, get_task
 from ltsft_dist.tasks.mlm import split_held_out
+from ltsft_dist.token_cache import TextSource
 
 
 @dataclass
@@ -23,7 +30,7 @@ class Source:
     """One language's records, as the task's reader returns them."""
 
     language: str
-    records: list  # the task's record type (mlm: text lines; nli: NLIRecord; qa: QAExample; ...)
+    records: list | TextSource  # the task's records (mlm/clm: a lazy TextSource; nli: NLIRecords; ...)
     where: str  # the file or dataset, for messages
 
 
@@ -63,7 +70,8 @@ def read_source(source: SourceConfig, task_name: str) -> Source:
     if problem:
         raise LtsftError(f"{where}: format {fmt!r} is {problem}")
     records = task.read(source, fmt)
-    return Source(source.language or getattr(records[0], "language", ""), records, where)
+    language = source.language or ("" if isinstance(records, TextSource) else getattr(records[0], "language", ""))
+    return Source(language, records, where)
 
 
 def read_sources(config: TrainConfig) -> list[Source]:
@@ -74,22 +82,60 @@ def encoding(data: DataConfig) -> Encoding:
     return Encoding(data.max_seq_length, data.doc_stride, data.max_query_length, data.mlm_probability, data.packed)
 
 
+def cache_dir(config: TrainConfig) -> str:
+    """`data.cache_dir`, by default `token_cache` beside the output directory (a pipeline's stages share it)."""
+    return config.data.cache_dir or str(Path(config.output_dir).resolve().parent / "token_cache")
+
+
+def bounded(examples: Examples, limit: int, seed: int) -> Examples:
+    """At most `limit` rows (0: all), a seeded random subset kept in order, as tensors (held-out sets are small)."""
+    n = len(examples)
+    rows = torch.arange(n)
+    if limit and n > limit:
+        rows = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+    return Examples({name: t[rows] for name, t in examples.tensors.items()}, examples.mlm)
+
+
 def encode_sources(config: TrainConfig, tokenizer, sources: list[Source]) -> TrainingData:
     """Each source's examples, with its held-out share (whole records: no QA context is in both) split off before
-    encoding (so no packed MLM block shares text with a training block)."""
+    encoding (so no packed MLM block shares text with a training block). Collective for language SFTs (the token
+    cache)."""
     task, data = get_task(config.task), config.data
-    labels = task.label_names([r for s in sources for r in s.records], data.labels)
+    labels = (task.label_names([r for s in sources for r in s.records], data.labels) if task.labelled else None)
     out = TrainingData({}, {}, labels)
     for source in sources:
-        train, held = (split_held_out(source.records, data.eval_fraction, config.seed) if data.eval_fraction
-                       else (source.records, []))
+        records = source.records
+        if isinstance(records, TextSource):
+            records = dataclasses.replace(records, cache_dir=cache_dir(config))
+        train, held = (split_held_out(records, data.eval_fraction, config.seed) if data.eval_fraction
+                       else (records, []))
         encoded = task.encode(tokenizer, train, encoding(data), labels)
         out.train[source.language] = encoded.examples
-        out.report[source.language] = {"train_records": len(train), "held_out_records": len(held), **encoded.report}
+        report = {} if isinstance(records, TextSource) else {"train_records": len(train), "held_out_records": len(held)}
+        out.report[source.language] = {**report, **encoded.report}
         if held:
-            out.held_out[source.language] = task.held_out(task.encode(tokenizer, held, encoding(data), labels),
-                                                          config.seed).examples
+            held_encoded = task.encode(tokenizer, held, encoding(data), labels)
+            if not len(held_encoded.examples):
+                raise LtsftError(f"{source.where}: no held-out rows at data.eval_fraction={data.eval_fraction}; add "
+                                 "text or raise data.eval_fraction")
+            if isinstance(records, TextSource):
+                out.report[source.language].update({f"held_out_{k}": v for k, v in held_encoded.report.items()})
+            held_encoded.examples = bounded(held_encoded.examples, data.eval_max_examples, config.seed)
+            out.held_out[source.language] = task.held_out(held_encoded, config.seed).examples
     return out
+
+
+def token_summary(language: str, report: dict) -> str | None:
+    """One line of where a language SFT's text went (None for other tasks): tokens, used, dropped, repeated."""
+    if "tokens" not in report:
+        return None
+    tokens = report["tokens"] + report.get("held_out_tokens", 0)
+    used = report["tokens_used"] + report.get("held_out_tokens_used", 0)
+    dropped = report["tokens_dropped"] + report.get("held_out_tokens_dropped", 0)
+    return (f"data [{language}]: {tokens} tokens, {used} used ({used / max(tokens, 1):.2%}: "
+            f"{report['tokens_used']} train, {report.get('held_out_tokens_used', 0)} held out), {dropped} dropped "
+            f"({report['truncated'] + report.get('held_out_truncated', 0)} lines truncated; data.packed: true uses "
+            f"every token), {report['tokens_repeated']} repeated in an overlapping last block")
 
 
 def build_tokenizer(config: TrainConfig, sources: list[Source]):
@@ -103,7 +149,7 @@ def build_tokenizer(config: TrainConfig, sources: list[Source]):
     path = config.model.tokenizer or config.model.name_or_path
     if path is None:
         task = get_task(config.task)
-        return tiny_tokenizer(config.model, [t for s in sources for t in task.texts(s.records)])
+        return tiny_tokenizer(config.model, itertools.chain.from_iterable(task.texts(s.records) for s in sources))
     from ltsft_dist.hub import TOKENIZER_FILES, resolve
 
     key = "model.tokenizer" if config.model.tokenizer else "model.name_or_path"

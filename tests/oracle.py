@@ -1,8 +1,8 @@
 """A plain single-process LT-SFT (Ansell et al., 2022, Algorithm 1): the oracle the distributed engine must match.
 
 Deliberately naive: full copies, a full sort for the top-K, autograd for the L1 term, torch's own clipping.
-Shared with the engine only what is configuration rather than algorithm: the eligibility roles and the
-order of the examples.
+Shared with the engine only what is configuration rather than algorithm: the eligibility roles, which
+parameters weight decay spares, and the order of the examples.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 from ltsft_dist import eligibility as elig
 from ltsft_dist.config import TrainConfig
 from ltsft_dist.data import Examples, StepOrder
+from ltsft_dist.engine import decays
 from ltsft_dist.recipe import linear_lr
 
 
@@ -19,7 +20,7 @@ def _optimizer(model, config):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if ("bias" in name.split(".")[-1] or "LayerNorm.weight" in name) else decay).append(p)
+            (decay if decays(name) else no_decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=config.phase1.lr)
 

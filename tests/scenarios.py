@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 import tempfile
 
 import torch
@@ -44,14 +46,27 @@ def tiny_model(kind: str = "task", seed: int = 0):
     return model
 
 
-def model_for(cfg: TrainConfig, seed: int = 0):
+def model_for(cfg: TrainConfig, seed: int = 0, ds_config: dict | None = None):
     """The scenario's model: a tiny decoder built as `ltsft train` builds it (`models.build_model`, which unties
-    its output head), else the tiny BERT of its kind."""
+    its output head), else the tiny BERT of its kind. With a ZeRO-3 `ds_config`, the decoder is saved and loaded
+    back as a checkpoint is, straight into DeepSpeed's partitions, while the BERT is built whole and partitioned by
+    the engine: both ways of reaching ZeRO-3 are covered."""
+    from ltsft_dist.engine import zero_stage
     from ltsft_dist.models import build_model, is_decoder
 
-    if is_decoder(cfg.model.architecture):
-        return build_model(cfg.model, cfg.task, seed=seed)
-    return tiny_model(cfg.kind, seed)
+    if not is_decoder(cfg.model.architecture):
+        return tiny_model(cfg.kind, seed)
+    model = build_model(cfg.model, cfg.task, seed=seed)
+    if zero_stage(ds_config) != 3:
+        return model
+    from ltsft_dist import comm
+
+    directory = comm.broadcast_object(tempfile.mkdtemp(prefix="ltsft-base-") if comm.rank() == 0 else None)
+    if comm.rank() == 0:  # transformers saves from the main process only
+        model.save_pretrained(directory)
+    comm.barrier()
+    return build_model(dataclasses.replace(cfg.model, name_or_path=directory, tiny=None), cfg.task, seed=seed,
+                       ds_config=ds_config)
 
 
 def clm_examples(n: int = 48, length: int = 12, seed: int = 4) -> Examples:
@@ -68,6 +83,24 @@ def clm_config(stage_file: str = "zero2.json", **overrides) -> TrainConfig:
     """A language SFT of the tiny Llama (task clm)."""
     overrides = {"model": ModelConfig(tiny=dict(TINY_LLAMA), architecture="llama"), "weight_decay": 0.05, **overrides}
     return task_config(stage_file, kind="language", task="clm", **overrides)
+
+
+def instruct_examples(n: int = 48, length: int = 12, seed: int = 5) -> Examples:
+    """Instruction rows as the instruct task makes them: <s> (id 2), a prompt, a response ended by </s> (id 3),
+    right-padded (id 0); labels on the response and </s> only. Prompt and response lengths vary, so micro-batches
+    hold different numbers of labelled tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, TINY_LLAMA["vocab_size"], (n, length), generator=g)
+    prompt = torch.randint(2, length // 2, (n,), generator=g)
+    response = torch.randint(1, length // 2, (n,), generator=g)
+    positions = torch.arange(length)[None, :]
+    ends = (prompt + response)[:, None]  # the </s> position
+    ids[:, 0] = 2
+    ids = torch.where(positions == ends, 3, ids)
+    attention = (positions <= ends).long()
+    ids = ids * attention
+    labels = torch.where((positions >= prompt[:, None]) & (positions <= ends), ids, -100)
+    return Examples({"input_ids": ids, "attention_mask": attention, "labels": labels})
 
 
 def mlm_examples(n: int = 48, length: int = 12, seed: int = 2) -> Examples:
@@ -134,8 +167,11 @@ def run_cases(cases: list[tuple[str, TrainConfig, Examples, int]], world_size: i
     for name, cfg, examples, accumulation in cases:
         cfg = copy.deepcopy(cfg)
         cfg.micro_batch_size = cfg.batch_size // (world_size * accumulation)
-        model = model_for(cfg)
-        recipe = LTSFTRecipe(model, examples, cfg, ds_config_for(cfg, world_size), show_progress=False)
+        ds = ds_config_for(cfg, world_size)
+        model = model_for(cfg, ds_config=ds)
+        built = _held_at_build(model)
+        layer_calls = _count_first_layer_calls(model)
+        recipe = LTSFTRecipe(model, examples, cfg, ds, show_progress=False)
         sft = recipe.run()
         diffs = sft.diffs if sft is not None else None
         diffs = [diffs]
@@ -144,8 +180,30 @@ def run_cases(cases: list[tuple[str, TrainConfig, Examples, int]], world_size: i
         drift = working_weight_drift(model, theta0, diffs[0], recipe.eligibility.roles)
         if sft is not None:
             results[name] = {"diffs": sft.diffs, "heads": sft.heads, "stats": dict(recipe.stats.__dict__),
-                             "working_drift": drift}
+                             "working_drift": drift, "held_at_build": built, "first_layer_calls": layer_calls}
     return results
+
+
+def _count_first_layer_calls(model) -> list[int]:
+    """A counter of the calls, in training mode, of the first module inside the first decoder layer (activation
+    checkpointing recomputes the layer's forward, and so calls it again, in the backward pass); stays [0] for
+    models without decoder layers."""
+    calls = [0]
+    layer = next((m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")), None)
+    if layer is not None:
+        inner = next(layer.children())
+        inner.register_forward_hook(lambda module, args, out: calls.__setitem__(0, calls[0] + module.training))
+    return calls
+
+
+def _held_at_build(model) -> dict:
+    """Elements this rank holds of the model as built, and of the whole model: a model loaded straight into ZeRO-3
+    partitions holds about 1/W of it."""
+    from ltsft_dist.shards import is_zero3_param, param_shape
+
+    held = sum(p.ds_tensor.numel() if is_zero3_param(p) else p.numel() for p in model.parameters())
+    total = sum(math.prod(param_shape(p)) for p in model.parameters())
+    return {"held": held, "total": total, "partitioned": any(is_zero3_param(p) for p in model.parameters())}
 
 
 class StopAt(StepHook):
@@ -178,24 +236,27 @@ def run_interrupted(cfg: TrainConfig, examples: Examples, world_size: int, stops
         except Preempted as stop:
             stopped_at.append(stop.path.name)
             continue
-        return {"diffs": sft.diffs, "heads": sft.heads, "stopped_at": stopped_at} if sft is not None else None
+        return ({"diffs": sft.diffs, "heads": sft.heads, "stopped_at": stopped_at, "stats": dict(recipe.stats.__dict__)}
+                if sft is not None else None)
 
 
 LANGUAGES = ("de", "en", "sw")  # the source languages of the multi-source swap scenarios
 
 
-def language_sfts(density: float = 0.25, scale: float = 0.1) -> dict[str, SparseFineTuning]:
-    """Random language SFTs of the tiny masked LM (its fingerprint, its parameter names: the cls.* head ones are
-    absent from the classifier and must be skipped). Overlaps on purpose: "en" reuses half of "de"'s positions,
-    "sw" a quarter of each; every SFT also carries the masked-LM decoder as a dense head (ignored by the swap)."""
-    model = tiny_model("language")
-    meta = dict(kind="language", base_model="tiny-mlm", base_fingerprint=base_fingerprint(model), k=0,
+def language_sfts(density: float = 0.25, scale: float = 0.1, model=None) -> dict[str, SparseFineTuning]:
+    """Random language SFTs of `model` (by default the tiny masked LM), with its fingerprint and parameter names.
+    Overlaps on purpose: "en" reuses half of "de"'s positions, "sw" a quarter of each. The output embeddings are
+    frozen in language SFTs; a masked LM's SFTs carry its decoder as a dense head (absent from the task model and
+    ignored by the swap), as trained ones do."""
+    model = model if model is not None else tiny_model("language")
+    meta = dict(kind="language", base_model="tiny-lm", base_fingerprint=base_fingerprint(model), k=0,
                 density=density, training_config={})
+    output = next(n for n, p in model.named_parameters() if p is model.get_output_embeddings().weight)
     g = torch.Generator().manual_seed(7)
     picks: dict[str, dict[str, torch.Tensor]] = {lang: {} for lang in LANGUAGES}
     shapes = {}
     for name, p in model.named_parameters():
-        if name == "cls.predictions.decoder.weight":
+        if name == output:
             continue
         n = p.numel()
         shapes[name] = tuple(p.shape)
@@ -204,7 +265,9 @@ def language_sfts(density: float = 0.25, scale: float = 0.1) -> dict[str, Sparse
         sw = torch.cat([de[:len(de) // 4], en[-len(en) // 4:], torch.randperm(n, generator=g)[:len(de) // 2]])
         for lang, idx in zip(LANGUAGES, (de, en, sw)):
             picks[lang][name] = torch.unique(idx)  # sorted, no duplicates
-    head = {"cls.predictions.decoder.weight": model.cls.predictions.decoder.weight.detach().clone()}
+    from ltsft_dist.models import is_decoder
+
+    head = {} if is_decoder(model.config.model_type) else {output: model.get_output_embeddings().weight.detach().clone()}
     out = {}
     for lang in LANGUAGES:
         diffs = {name: (idx, torch.randn(len(idx), generator=g) * scale) for name, idx in picks[lang].items()}

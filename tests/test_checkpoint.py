@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -52,23 +53,218 @@ def test_resume_is_bit_identical(stage, resumed, uninterrupted):
         assert torch.equal(got["heads"][name], value)
 
 
-def _resume_elsewhere(output_dir: str) -> str:
+def test_results_after_a_resume_equal_those_of_an_uninterrupted_run(resumed, uninterrupted):
+    """results.json is written from these statistics: the losses of every step, the selection's threshold and ties,
+    the checks; only the timings (seconds) differ."""
+    for stage in (2, 3):
+        got, _ = resumed()[f"z{stage}"]
+        want = uninterrupted()[f"z{stage}"]["stats"]
+        assert got["stats"]["seconds"].keys() == want["seconds"].keys() == {"phase1", "select", "phase2"}
+        assert [len(v) for v in got["stats"]["losses"].values()] == [6, 6]
+        assert {k: v for k, v in got["stats"].items() if k != "seconds"} == \
+            {k: v for k, v in want.items() if k != "seconds"}, stage
+
+
+def _resume_elsewhere(output_dir: str) -> tuple:
+    """Resume a W=2 ZeRO-2 checkpoint (phase 2, step 4 of 6) at W=1: first with a model of another shape (refused),
+    then with the right one (runs to the end)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
     from ltsft_dist.errors import LtsftError
+    from ltsft_dist.recipe import LTSFTRecipe
+    from scenarios import TINY, ds_config_for
 
     cfg = task_config("zero2.json")
-    cfg.output_dir = output_dir
+    cfg.output_dir, cfg.micro_batch_size = output_dir, cfg.batch_size
+    torch.manual_seed(0)
+    other = BertForSequenceClassification(BertConfig(**TINY, num_labels=4))
     try:
-        run_cases([("again", cfg, classification_examples(), 1)], 1)
+        LTSFTRecipe(other, classification_examples(), cfg, ds_config_for(cfg, 1), show_progress=False).run()
+        message = "no error"
     except LtsftError as err:
-        return str(err)
-    return "no error"
+        message = str(err)
+    sft = run_cases([("again", cfg, classification_examples(), 1)], 1)["again"]
+    return message, sft
 
 
-def test_resume_at_another_world_size_fails_clearly(resumed):
+def test_resume_at_another_world_size_works_and_another_model_is_refused(resumed, uninterrupted):
     _, output_dir = resumed()["z2"]
-    message = run_ranks(_resume_elsewhere, 1, output_dir)[0]
-    assert "written by 2 ranks with ZeRO stage 2, but this job has 1 ranks" in message
-    assert "Resume with 2 ranks" in message
+    message, got = run_ranks(_resume_elsewhere, 1, output_dir)[0]
+    assert "parameter classifier.weight has shape [3, 16] there but [4, 16] in this run" in message, message
+    assert "resume with the base model and eligibility that wrote it" in message, message
+    _assert_close_sft(got, uninterrupted()["z2"])
+
+
+# After a change of world size or ZeRO stage the gradients of the remaining steps are summed in another order
+# (another partition of the batch and of the all-reduce), which changes them by a few fp32 ulps; Adam divides by
+# √v, so a difference of relative size 1e-7 in a gradient moves an update of size lr = 3e-3 by about 3e-10, and
+# the few remaining steps of the tiny run stay far below 1e-6. A wrong restore (a missing moment, a shifted slice,
+# the wrong θ⁰) changes φ by the size of an update, 1e-3.
+ATOL = 1e-6
+
+
+def _assert_close_sft(got: dict, want: dict, atol: float = ATOL):
+    """The same mask bit for bit; values equal within fp32 rounding of a different reduction order (see ATOL)."""
+    assert got["diffs"].keys() == want["diffs"].keys()
+    for name, (idx, values) in want["diffs"].items():
+        assert torch.equal(got["diffs"][name][0], idx), name
+        torch.testing.assert_close(got["diffs"][name][1], values, rtol=0, atol=atol, msg=name)
+    for name, value in want["heads"].items():
+        torch.testing.assert_close(got["heads"][name], value, rtol=0, atol=atol, msg=name)
+
+
+def _stop(cfg, world_size: int, stop_step: int, in_phase2: bool) -> str:
+    """Run until rank W-1 asks for a stop before `stop_step` of the given phase; returns the checkpoint's name."""
+    from ltsft_dist.recipe import LTSFTRecipe, Preempted
+    from scenarios import StopAt, ds_config_for, tiny_model
+
+    cfg = copy.deepcopy(cfg)
+    cfg.micro_batch_size = cfg.batch_size // world_size
+    recipe = LTSFTRecipe(tiny_model(cfg.kind), classification_examples(), cfg, ds_config_for(cfg, world_size),
+                         show_progress=False)
+    recipe.step_hooks.append(StopAt(recipe, stop_step, in_phase2, rank=world_size - 1))
+    with pytest.raises(Preempted) as stop:
+        recipe.run()
+    return stop.value.path.name
+
+
+def _finish(cfg, world_size: int) -> dict | None:
+    """Resume to the end; rank 0 returns the SFT, the statistics and how many steps this run trained."""
+    from ltsft_dist.hooks import StepHook
+    from ltsft_dist.recipe import LTSFTRecipe
+    from scenarios import ds_config_for, tiny_model
+
+    class Count(StepHook):
+        steps = 0
+
+        def before_step(self, step: int) -> None:
+            self.steps += 1
+
+    cfg = copy.deepcopy(cfg)
+    cfg.micro_batch_size = cfg.batch_size // world_size
+    recipe = LTSFTRecipe(tiny_model(cfg.kind), classification_examples(), cfg, ds_config_for(cfg, world_size),
+                         show_progress=False, step_hooks=[count := Count()])
+    sft = recipe.run()
+    return sft and {"diffs": sft.diffs, "heads": sft.heads, "stats": dict(recipe.stats.__dict__),
+                    "steps_run": count.steps}
+
+
+def _interrupt_at_two_ranks(configs: dict) -> dict:
+    """W=2 ZeRO-2: stopped in phase 2 (checkpoint at step 2 of 6) and in phase 1 (step 3 of 6); the phase-2
+    checkpoint is copied and resumed here at ZeRO-3."""
+    import shutil
+
+    import torch.distributed as dist
+
+    out = {"p2": _stop(configs["p2"], 2, 1, True), "p1": _stop(configs["p1"], 2, 2, False),
+           "z0": _stop(configs["z0"], 2, 1, True)}
+    if dist.get_rank() == 0:
+        shutil.copytree(configs["p2"].output_dir, configs["z3"].output_dir, dirs_exist_ok=True)
+        shutil.copytree(configs["z0"].output_dir, configs["z0_to_z2"].output_dir, dirs_exist_ok=True)
+    dist.barrier()
+    out["z3"] = _finish(configs["z3"], 2)
+    out["z0_to_z2"] = _finish(configs["z0_to_z2"], 2)
+    return out
+
+
+def _resume_at_three_ranks(configs: dict) -> dict:
+    return {name: _finish(configs[name], 3) for name in ("p2", "p1")}
+
+
+def launch_across_layouts():
+    configs = {name: task_config("zero2.json") for name in ("p2", "p1")}
+    configs.update(z3=task_config("zero3.json"), z0=task_config("zero0.json"), z0_to_z2=task_config("zero2.json"))
+    first = run_ranks(_interrupt_at_two_ranks, 2, configs)[0]
+    return {"stopped": {k: first[k] for k in ("p2", "p1", "z0")}, "z3": first["z3"], "z0_to_z2": first["z0_to_z2"],
+            **run_ranks(_resume_at_three_ranks, 3, configs)[0]}
+
+
+@pytest.fixture(scope="session")
+def across(launches):
+    return functools.partial(launches, launch_across_layouts)
+
+
+def test_a_phase2_stop_resumed_at_three_ranks_keeps_the_mask(across, uninterrupted):
+    assert across()["stopped"]["p2"] == "round1-phase2-step0000002"
+    assert across()["p2"]["steps_run"] == 4  # phase 2's steps 3 to 6: resumed, not started over
+    _assert_close_sft(across()["p2"], uninterrupted()["z2"])
+
+
+def test_a_phase2_stop_resumed_at_zero3_keeps_the_mask(across, uninterrupted):
+    assert across()["z3"]["steps_run"] == 4
+    _assert_close_sft(across()["z3"], uninterrupted()["z2"])
+
+
+def test_a_zero0_checkpoint_resumed_at_zero2_keeps_the_mask(across, uninterrupted):
+    """ZeRO 0 holds every parameter whole on every rank and keeps AdamW's state per parameter, not per flat."""
+    assert across()["stopped"]["z0"] == "round1-phase2-step0000002"
+    assert across()["z0_to_z2"]["steps_run"] == 4
+    _assert_close_sft(across()["z0_to_z2"], uninterrupted()["z2"])
+
+
+def test_a_phase1_stop_resumed_at_three_ranks_selects_the_same_mask(across, uninterrupted):
+    assert across()["stopped"]["p1"] == "round1-phase1-step0000003"
+    assert across()["p1"]["steps_run"] == 3 + 6
+    _assert_close_sft(across()["p1"], uninterrupted()["z2"])
+
+
+def test_statistics_survive_a_change_of_layout(across, uninterrupted):
+    """Every step's loss is in the results (each rank's share of the mean: after the change, rank 0 of 3 holds
+    other examples, so only the steps before the stop can be compared exactly)."""
+    want = uninterrupted()["z2"]["stats"]
+    for name, done_before in (("p2", {"phase1": 6, "phase2": 2}), ("p1", {"phase1": 3, "phase2": 0})):
+        got = across()[name]["stats"]
+        assert [len(v) for v in got["losses"].values()] == [6, 6], name
+        for phase, steps in done_before.items():
+            assert got["losses"][phase][:steps] == want["losses"][phase][:steps], (name, phase)
+        assert got["seconds"].keys() == {"phase1", "select", "phase2"}
+        assert got["k"] == want["k"] and got["frozen_drift"] == 0
+
+
+def test_rng_states_round_trip():
+    """torch, numpy and python random continue where they were saved (the accelerator's too, where there is one)."""
+    import random
+
+    import numpy as np
+
+    from ltsft_dist import checkpoint
+
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    np.random.randn()  # a cached gaussian in numpy's state
+    saved = checkpoint._rng_states()
+    drawn = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)], np.random.randn())
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    checkpoint._set_rng_states(saved)
+    again = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)], np.random.randn())
+    assert torch.equal(drawn[0], again[0]) and np.array_equal(drawn[1], again[1])
+    assert drawn[2] == again[2] and drawn[3] == again[3]
+
+
+def test_rng_states_load_weights_only(tmp_path):
+    from ltsft_dist import checkpoint
+
+    torch.save(checkpoint._rng_states(), tmp_path / "rng.pt")
+    state = torch.load(tmp_path / "rng.pt", weights_only=True)
+    assert set(state) == {"torch", "accelerator", "numpy", "python"}
+
+
+@pytest.mark.parametrize("change,expected", [
+    (lambda p: p.pop("b"), "has no parameter b, which this model has"),
+    (lambda p: p.update(c={"shape": [1], "role": "frozen"}), "holds parameter c, which this model lacks"),
+    (lambda p: p.update(a={"shape": [2, 3], "role": "sparse"}), "parameter a has shape [2, 3] there but [2, 2]"),
+    (lambda p: p.update(b={"shape": [4], "role": "frozen"}), "parameter b has role frozen there but head"),
+])
+def test_a_checkpoint_of_another_model_or_eligibility_is_refused(tmp_path, change, expected):
+    from ltsft_dist import checkpoint
+    from ltsft_dist.errors import LtsftError
+
+    now = {"a": {"shape": [2, 2], "role": "sparse"}, "b": {"shape": [4], "role": "head"}}
+    saved = copy.deepcopy(now)
+    checkpoint._check_parameters(tmp_path, saved, now)  # the same: accepted
+    change(saved)
+    with pytest.raises(LtsftError, match="start over in a new output_dir") as err:
+        checkpoint._check_parameters(tmp_path, saved, now)
+    assert expected in str(err.value)
 
 
 def test_checkpoints_are_complete_and_pruned(resumed):
@@ -80,8 +276,12 @@ def test_checkpoints_are_complete_and_pruned(resumed):
     assert not [p for p in complete if p.endswith(".tmp")]
     assert len(complete) <= 2 and (root / "latest").read_text() in complete
     latest = root / (root / "latest").read_text()
-    assert (latest / "progress.json").is_file() and (latest / "ltsft_rank0.pt").is_file()
-    assert (latest / "ltsft_rank1.pt").is_file() and (latest / "engine").is_dir()
+    assert (latest / "progress.json").is_file() and (latest / "rng_rank0.pt").is_file()
+    assert (latest / "rng_rank1.pt").is_file() and not (latest / "engine").exists()
+    from scenarios import tiny_classifier
+
+    params = {p.name.removesuffix(".safetensors") for p in (latest / "params").iterdir()}
+    assert params == {name for name, _ in tiny_classifier().named_parameters()}  # one file per parameter
 
 
 def _stop_then(cfg, examples, world_size: int, stop_step: int, damage=None):
@@ -131,7 +331,7 @@ def _flip_a_byte_in_each(root):
     from ltsft_dist.checkpoint import _complete
 
     for directory in _complete(root):
-        path = directory / "ltsft_rank0.pt"
+        path = directory / "params" / "classifier.weight.safetensors"
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0xFF
         path.write_bytes(bytes(data))
@@ -170,11 +370,27 @@ def _damaged_checkpoints(configs: dict) -> dict:
     sft, said, resume_error = _stop_then(cfg, examples, 2, None)
     out["disk_full"] = (error, (latest, left), intact and intact.name,
                         sft and {"diffs": sft.diffs, "heads": sft.heads}, said, resume_error)
+    # A parameter file fails on rank 1 alone (safetensors' own error type): every rank must stop, none may hang.
+    from safetensors import SafetensorError
+
+    cfg = configs["one_rank"]
+    cfg.micro_batch_size = cfg.batch_size // 2
+    real_save_file = checkpoint.save_file
+
+    def save_file(tensors, path, *args, **kwargs):
+        if "phase2-step0000002" in str(path) and torch.distributed.get_rank() == 1:
+            raise SafetensorError("Error while serializing: I/O error: Disk quota exceeded (os error 122)")
+        return real_save_file(tensors, path, *args, **kwargs)
+
+    with mock.patch.object(checkpoint, "save_file", save_file):
+        _, _, error = _stop_then(cfg, examples, 2, None)
+    root = __import__("pathlib").Path(cfg.output_dir) / "checkpoints"
+    out["one_rank"] = (error, (root / "latest").read_text(), sorted(p.name for p in root.iterdir()))
     return out
 
 
 def launch_damaged():
-    configs = {name: task_config("zero2.json", checkpoint_every=2) for name in ("corrupt", "full")}
+    configs = {name: task_config("zero2.json", checkpoint_every=2) for name in ("corrupt", "full", "one_rank")}
     return run_ranks(_damaged_checkpoints, 2, configs)[0]
 
 
@@ -214,6 +430,13 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(damaged, 
     assert not [n for n in names if n.endswith(".tmp")], names  # the partial checkpoint is gone on resume
     assert resume_error is None, resume_error
     _assert_same_sft(got, uninterrupted()["z2"])
+
+
+def test_a_write_failing_on_one_rank_stops_every_rank_and_keeps_the_previous_checkpoint(damaged):
+    error, latest, names = damaged()["one_rank"]
+    assert error is not None and "could not write checkpoint" in error, error
+    assert "rank 1: Error while serializing" in error and "Disk quota exceeded" in error, error
+    assert latest == "round1-phase1-step0000004" and ".round1-phase2-step0000002.tmp" not in names, names
 
 
 def _resume_with_a_changed_language_sft(output_dir: str) -> tuple:

@@ -150,7 +150,7 @@ def test_train_as_a_library_call(tmp_path):
     config as it was."""
     from ltsft_dist.demo_text import sentences
 
-    (tmp_path / "en.txt").write_text("\n".join(sentences("en", 32)))
+    (tmp_path / "en.txt").write_text("\n".join(sentences("en", 200)))  # enough for 8 packed blocks
     program = f"""
 import ltsft_dist
 from ltsft_dist.config import DataConfig, ModelConfig, PhaseConfig, TrainConfig

@@ -200,7 +200,7 @@ def _fetch_on_ranks(empty_cache: str):
         return dataset
 
     datasets.load_dataset = timed_load
-    text = read_source(SourceConfig(language="de", hf_dataset=WIKI_ID, hf_config=WIKI_CONFIG), "mlm").records
+    text = list(read_source(SourceConfig(language="de", hf_dataset=WIKI_ID, hf_config=WIKI_CONFIG), "mlm").records)
     read = (loads[0], text)
     messages = {}
     attempts = {"model": lambda: hub.resolve("ltsft-test/missing", "--base"),

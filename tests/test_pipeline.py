@@ -14,7 +14,7 @@ from pipelines import tiny_pipeline
 
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.launch_env import free_port
-from ltsft_dist.pipeline import load_pipeline, plan
+from ltsft_dist.pipeline import load_pipeline, plan, stage_argv
 from ltsft_dist.sft import SparseFineTuning
 
 pytestmark = [pytest.mark.slow, pytest.mark.multirank]
@@ -87,12 +87,26 @@ def test_an_interrupted_stage_resumes_from_its_checkpoints(finished):
         assert (again.diffs[name][0] == indices).all() and (again.diffs[name][1] == values).all(), name
 
 
-@pytest.mark.parametrize("name", ["paper_nli_americasnli.yaml", "paper_qa_xquad.yaml", "demo_pipeline.yaml"])
+@pytest.mark.parametrize("name", ["paper_nli_americasnli.yaml", "paper_qa_xquad.yaml", "demo_pipeline.yaml",
+                                  "decoder_instruct_xcopa.yaml"])
 def test_the_shipped_pipeline_configs_plan(name):
     stages = plan(load_pipeline(CONFIGS / name))
     assert stages[-2].name == "task" and stages[-1].name == "eval"
     task = stages[-2].config
     assert set(task["language_sfts"]) <= {s.name.split(":")[1] for s in stages if s.name.startswith("lang:")}
+
+
+def test_the_decoder_pipeline_trains_clm_language_sfts_an_instruct_task_sft_and_scores_xcopa():
+    """A real-run config for a hub decoder: every stage's task follows from the config, the evaluation's task is
+    another than the task SFT's, and the eval stage gets every target language's language SFT."""
+    stages = {s.name: s for s in plan(load_pipeline(CONFIGS / "decoder_instruct_xcopa.yaml"))}
+    languages = [name for name in stages if name.startswith("lang:")]
+    assert all(stages[name].config["task"] == "clm" for name in languages)
+    assert stages["task"].config["task"] == "instruct" and set(stages["task"].config["language_sfts"]) == {
+        "en", "es", "de"}
+    ev = stages["eval"].config
+    assert ev["task"] == "xcopa" and set(ev["lang_sfts"]) == set(ev["data"]) == {"et", "ht", "id", "sw"}
+    assert ev["base"] == "Qwen/Qwen2.5-0.5B" and "--task" in stage_argv(stages["eval"])
 
 
 def test_pipeline_config_errors(tmp_path):

@@ -7,6 +7,8 @@ for the session (a failing launch fails every test with its traceback, once).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -16,18 +18,23 @@ from scenarios import classification_examples, task_config, tiny_classifier
 pytestmark = [pytest.mark.slow, pytest.mark.multirank]
 WORLD = 2
 
+# Mixed precision and overflow (the L1 pull into the fp32 master gradients, redone skipped steps), ZeRO 1-3.
+PRECISION_PROBES = ["optimizer.optimizer.register_step_pre_hook", "optimizer.clip_grad", "optimizer.loss_scale",
+                    "engine.was_step_applied"]
 # (stage, internal): what shards.py does with it. Each probe raises AssertionError describing what it found.
 PROBES = {
     0: ["engine.optimizer.param_groups", "param.grad", "bfloat16_enabled/fp16_enabled"],
     1: ["optimizer.optimizer", "optimizer.single_partition_of_fp32_groups", "optimizer.bit16_groups",
         "param._hp_mapping", "_hp_mapping.get_lp_grad_fragment", "optimizer.update_lp_params",
-        "optimizer.optimizer.register_step_post_hook", "optimizer.optimizer.state"],
+        "optimizer.optimizer.register_step_post_hook", "optimizer.optimizer.state",
+        "optimizer.optimizer.state written"] + PRECISION_PROBES,
     3: ["optimizer.optimizer", "optimizer.fp32_partitioned_groups_flat", "optimizer.fp16_groups",
         "optimizer.grad_position", "param.partition_numel/ds_numel", "optimizer.averaged_gradients",
         "optimizer._partition_all_parameters/_reassign_or_swap_out_partitioned_parameters",
         "optimizer.persistent_parameters", "optimizer.invalidate_secondary_tensor",
-        "optimizer.optimizer.register_step_post_hook", "optimizer.optimizer.state", "param.ds_shape",
-        "param.ds_tensor/ds_status", "param.ds_process_group", "ZeroParamStatus"],
+        "optimizer.optimizer.register_step_post_hook", "optimizer.optimizer.state",
+        "optimizer.optimizer.state written", "param.ds_shape", "param.ds_tensor/ds_status",
+        "param.ds_process_group", "ZeroParamStatus"] + PRECISION_PROBES,
 }
 PROBES[2] = PROBES[1]
 GLOBAL_PROBES = ["deepspeed.ops.__compatible_ops__['deepspeed_shm_comm']"]
@@ -45,13 +52,13 @@ def _engine(stage: int):
     return engine, model
 
 
-def _backward(engine) -> None:
+def _backward(engine, loss_factor: float = 1.0) -> None:
     import torch.distributed as dist
 
     from ltsft_dist.data import StepOrder
 
     batch = StepOrder(classification_examples(n=8), 8, 4, dist.get_rank(), WORLD, 0).batch_at(0, 0)
-    engine.backward(engine(**batch).loss)
+    engine.backward(engine(**batch).loss * loss_factor)
 
 
 def _expect(condition, found: str) -> None:
@@ -135,6 +142,63 @@ def _probe(stage: int, name: str, engine, model) -> None:
         keys = {id(t) for t in opt.optimizer.state}
         _expect(keys <= {id(t) for t in _masters(stage, opt)}, "state is not keyed by the fp32 master flats")
         _expect(all(torch.is_tensor(s.get("exp_avg")) for s in opt.optimizer.state.values()), "no exp_avg tensors")
+    elif name == "optimizer.optimizer.register_step_pre_hook":  # the stepped fp32 flat carries its gradient
+        from ltsft_dist.shards import Shards
+
+        shards, seen = Shards(engine, model), []
+        shards.before_optimizer_step(lambda segments: seen.extend(
+            (s, shards.master_grad(s).dtype, shards.master_grad(s).numel()) for s in segments))
+        _backward(engine)
+        engine.step()
+        _expect(sorted(s for s, _, _ in seen) == list(range(len(shards.segments))),
+                f"the pre hook saw segments {seen}, not each of {len(shards.segments)} once")
+        _expect(all(dtype == torch.float32 and numel == shards.segments[s].numel() for s, dtype, numel in seen),
+                f"master_grad is not the segment's fp32 gradient: {seen}")
+    elif name == "optimizer.clip_grad":  # off inside Shards.unclipped(): the hook sees the reduced gradient as is
+        from ltsft_dist.shards import Shards
+
+        shards = Shards(engine, model)
+        _expect(opt.clip_grad == 0.5 == shards.max_grad_norm(), f"clip_grad {opt.clip_grad}, expected 0.5")
+        seen = []
+        shards.before_optimizer_step(lambda segments: seen.extend(
+            float(shards.master_grad(s).double().pow(2).sum()) for s in segments))
+        _backward(engine, loss_factor=100.0)  # a gradient norm well above the threshold
+        local = sum(float(g.double().pow(2).sum()) for g in shards.grads())
+        total = torch.tensor([local], dtype=torch.float64)
+        dist.all_reduce(total)
+        _expect(math.sqrt(float(total)) > 0.5, "the gradient is too small to be clipped: the probe proves nothing")
+        with shards.unclipped():
+            _expect(opt.clip_grad == 0.0, "unclipped() did not turn clipping off")
+            engine.step()
+        _expect(opt.clip_grad == 0.5, "unclipped() did not restore clip_grad")
+        _expect(math.isclose(sum(seen), local, rel_tol=1e-5), f"clipped anyway: {sum(seen)} vs {local}")
+    elif name == "optimizer.loss_scale":  # fp16's dynamic scale (CPU DeepSpeed has no fp16): 1 in fp32
+        from ltsft_dist.shards import Shards
+
+        _expect(float(opt.loss_scale) == 1.0, f"loss_scale {opt.loss_scale!r}")
+        shards = Shards(engine, model)
+        _expect(shards.loss_scale() == 1.0 and not shards.loss_scale_adapts and not shards.mixed_precision,
+                "fp32 reported as scaled or mixed precision")
+    elif name == "engine.was_step_applied":  # an inf gradient: DeepSpeed skips the step and says so
+        from ltsft_dist.shards import Shards
+
+        shards = Shards(engine, model)
+        _backward(engine)
+        engine.step()
+        _expect(not shards.step_skipped(), "a clean step reported as skipped")
+        masters = [s.clone() for s in shards.segments]
+        _backward(engine)
+        grads = shards.grads()
+        if grads:
+            grads[0][0] = float("inf")
+        engine.step()
+        _expect(shards.step_skipped(), "a step with an inf gradient was not skipped")
+        _expect(all(torch.equal(a, b) for a, b in zip(masters, shards.segments)), "the skipped step moved masters")
+        _backward(engine)
+        engine.step()
+        _expect(not shards.step_skipped(), "the step after a skipped one reported as skipped")
+    elif name == "optimizer.optimizer.state written":  # a checkpoint's resume: state set into a fresh optimizer
+        _state_written_is_used(engine, model)
     elif name == "optimizer.fp32_partitioned_groups_flat":
         _one_flat_fp32_master_per_group(opt.fp32_partitioned_groups_flat, opt.fp16_groups)
     elif name == "optimizer.fp16_groups":
@@ -195,6 +259,37 @@ def _probe(stage: int, name: str, engine, model) -> None:
         raise AssertionError(f"no probe for {name}")
 
 
+def _state_written_is_used(engine, model) -> None:
+    """Shards.load_optimizer_state writes AdamW's state into `optimizer.optimizer.state` keyed by the fp32 flats
+    (ZeRO-3 empties the inner param_groups between steps, so not through `load_state_dict`): the next step must use
+    it. Step 2 is taken twice from the same masters, once with the state as DeepSpeed left it, once with it
+    cleared and written back; the masters must come out bit-identical."""
+    from ltsft_dist.shards import Shards
+
+    shards = Shards(engine, model)
+    _backward(engine)
+    engine.step()
+    scalars = shards.optimizer_scalars()
+    _expect(scalars == {"step": {"value": 1.0, "dtype": "float32"}}, f"scalar state after one step: {scalars}")
+    masters = [s.clone() for s in shards.segments]
+    saved = [{k: v.view(-1).clone() for k, v in shards.optimizer_state(i).items() if torch.is_tensor(v) and v.dim()}
+             for i in range(len(shards.segments))]
+    _expect(all(set(state) == {"exp_avg", "exp_avg_sq"} for state in saved), "per-element state is not AdamW's")
+    _backward(engine)
+    engine.step()
+    want = [s.clone() for s in shards.segments]
+    with torch.no_grad():
+        for segment, master in zip(shards.segments, masters):
+            segment.copy_(master)
+    shards.inner_optimizer.state.clear()
+    shards.load_optimizer_state(saved, scalars)
+    shards.sync_working_weights()
+    _backward(engine)
+    engine.step()
+    _expect(all(torch.equal(a, b) for a, b in zip(want, shards.segments)),
+            "a step after writing the optimizer state differs from the step with DeepSpeed's own state")
+
+
 def _one_flat_fp32_master_per_group(flats: list, groups: list) -> None:
     _expect(all(t.dtype == torch.float32 and t.dim() == 1 for t in flats), "not flat fp32 tensors")
     _expect(len(flats) == len(groups), "not one per parameter (sub-)group")
@@ -249,3 +344,47 @@ def test_deepspeed_internal(facts, stage, internal):
     problems = [f"rank {r}: {f[(stage, internal)]}" for r, f in enumerate(facts) if f[(stage, internal)]]
     assert not problems, (f"{where}: the DeepSpeed internal `{internal}` that ltsft_dist/shards.py relies on has "
                           "changed:\n" + "\n".join(problems))
+
+
+def _untie_partitioned_tied_base() -> dict:
+    """A tied decoder (Gemma) saved whole, then loaded under ZeRO-3 as `ltsft train` loads it: the untied output
+    head is a whole copy of the partitioned embedding (`shards.full_copy`), partitioned in turn by the engine."""
+    import tempfile
+
+    import deepspeed
+
+    from ltsft_dist import comm
+    from ltsft_dist.config import ModelConfig
+    from ltsft_dist.engine import build_engine, ds_config_for
+    from ltsft_dist.models import build_model
+    from ltsft_dist.shards import is_zero3_param
+
+    sizes = dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                 intermediate_size=24, max_position_embeddings=32, head_dim=8)
+    directory = comm.broadcast_object(tempfile.mkdtemp(prefix="ltsft-gemma-") if comm.rank() == 0 else None)
+    if comm.rank() == 0:
+        from transformers import AutoModelForCausalLM, GemmaConfig
+
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(GemmaConfig(**sizes, tie_word_embeddings=True)).save_pretrained(directory)
+    comm.barrier()
+    cfg = task_config("zero3.json", kind="language", task="clm", batch_size=8, micro_batch_size=4,
+                      model=ModelConfig(name_or_path=directory, architecture="gemma"))
+    ds = ds_config_for(cfg, WORLD)
+    model = build_model(cfg.model, "clm", ds_config=ds)
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    with deepspeed.zero.GatheredParameters([embedding]):
+        whole = embedding.detach().clone()
+    facts = {"embedding_partitioned": is_zero3_param(embedding), "head_separate": head is not embedding,
+             "head_is_the_embedding": torch.equal(head.detach(), whole)}
+    build_engine(model, ds, lr=1e-3, weight_decay=0.0)
+    facts["head_partitioned_by_engine"] = is_zero3_param(model.get_output_embeddings().weight)
+    return facts
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_a_tied_base_loaded_into_zero3_partitions_unties_into_a_whole_copy():
+    for rank, facts in enumerate(run_ranks(_untie_partitioned_tied_base, WORLD)):
+        assert facts == {"embedding_partitioned": True, "head_separate": True, "head_is_the_embedding": True,
+                         "head_partitioned_by_engine": True}, f"rank {rank}: {facts}"

@@ -1,9 +1,9 @@
 """The per-step language delta swap (`ltsft_dist.swap`) of multi-source task training.
 
 Distributed runs (one W=2 launch, several scenarios: ZeRO 0, 1, 2 with gradient accumulation, 3 with every
-parameter persistent, 3 with mixed persistent/partitioned parameters and accumulation, 2 in bf16; one W=1 launch:
-ZeRO 3 mixed, where DeepSpeed's "gather" makes param.data a view of the partition) train a
-multi-source task LT-SFT on three languages whose language SFTs overlap each other and the task mask, and are
+parameter persistent, 3 with mixed persistent/partitioned parameters and accumulation, 2 in bf16, and a decoder
+family: instruction tuning of a tiny Llama at ZeRO 3 mixed with accumulation; one W=1 launch: ZeRO 3 mixed, where
+DeepSpeed's "gather" makes param.data a view of the partition) train a multi-source task LT-SFT on three languages whose language SFTs overlap each other and the task mask, and are
 checked two ways:
 
 - **Exact** (bit for bit), at every step, by checking hooks around the swap: between steps the working weights
@@ -32,11 +32,12 @@ import torch
 
 from distributed import run_ranks
 from oracle import oracle_ltsft
-from scenarios import (LANGUAGES, classification_examples, ds_config_for, language_sfts, task_config, tiny_model,
-                       working_weight_drift)
-from ltsft_dist.config import PhaseConfig
+from scenarios import (LANGUAGES, TINY_LLAMA, classification_examples, ds_config_for, instruct_examples, language_sfts,
+                       model_for, task_config, tiny_model, working_weight_drift)
+from ltsft_dist.config import ModelConfig, PhaseConfig
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.hooks import StepHook
+from ltsft_dist.models import build_model
 from ltsft_dist.multisource import MultiSourceOrder, build_multisource
 from ltsft_dist.sft import SparseFineTuning
 from ltsft_dist.swap import LanguageSwap
@@ -46,27 +47,39 @@ from ltsft_dist.swap import LanguageSwap
 # ---------------------------------------------------------------------- data and language SFTs
 
 
-def sources() -> dict:
-    return {"de": classification_examples(n=36, seed=11), "en": classification_examples(n=60, seed=12),
-            "sw": classification_examples(n=48, seed=13)}
+# The model families: a tiny BERT classifier (task classification), and a tiny Llama tuned on instructions
+# (task instruct) with its output head frozen.
+DECODER = ModelConfig(tiny=dict(TINY_LLAMA), architecture="llama")
 
 
-def multisource_config(stage_file: str, **overrides):
-    cfg = task_config(stage_file, density=0.3, batch_size=12,
+def sources(decoder: bool = False) -> dict:
+    examples = instruct_examples if decoder else classification_examples
+    return {"de": examples(n=36, seed=11), "en": examples(n=60, seed=12), "sw": examples(n=48, seed=13)}
+
+
+def multisource_config(stage_file: str, decoder: bool = False, **overrides):
+    family = {"task": "instruct", "model": copy.deepcopy(DECODER), "weight_decay": 0.05} if decoder else {}
+    cfg = task_config(stage_file, density=0.3, batch_size=12, **family,
                       phase1=PhaseConfig(steps=10, lr=3e-3, warmup_steps=2), phase2=PhaseConfig(steps=10, lr=3e-3))
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
 
 
+@functools.lru_cache(maxsize=None)
+def family_sfts(decoder: bool = False) -> dict:
+    """The family's language SFTs: of its language model (a decoder's built as a clm language SFT's base)."""
+    return language_sfts(model=build_model(DECODER, "clm", seed=0)) if decoder else language_sfts()
+
+
 # ---------------------------------------------------------------------- the naive reference
 
 
-def reference_ltsft(config, sfts: dict | None):
+def reference_ltsft(config, sfts: dict | None, decoder: bool = False):
     """Single-process LT-SFT (the oracle), every step on one language with its SFT applied/reverted around
     forward/backward. Returns (mask, phi, heads) as tests/oracle.py."""
-    order = MultiSourceOrder(sources(), config.batch_size, config.batch_size, 0, 1, config.seed)
-    return oracle_ltsft(tiny_model("task"), None, config, order=order, sfts=sfts)
+    order = MultiSourceOrder(sources(decoder), config.batch_size, config.batch_size, 0, 1, config.seed)
+    return oracle_ltsft(model_for(config), None, config, order=order, sfts=sfts)
 
 
 # ---------------------------------------------------------------------- exactness checks inside the run
@@ -151,13 +164,14 @@ class _Post(StepHook):
 
 
 def _scenarios():
-    return [  # (name, deepspeed config, accumulation, ZeRO-3 persistence threshold, compare with reference)
-        ("z0", "zero0.json", 1, None, True),
-        ("z1", "zero1.json", 1, None, True),
-        ("z2-accum", "zero2.json", 2, None, True),
-        ("z3", "zero3.json", 1, None, True),  # tiny model: every parameter is persistent (default threshold 1e5)
-        ("z3-mixed-accum", "zero3.json", 2, 100, True),  # matrices partitioned, biases/LayerNorms persistent
-        ("z2-bf16", "zero2_bf16.json", 1, None, False),
+    return [  # (name, deepspeed config, accumulation, ZeRO-3 persistence threshold, compare with reference, decoder)
+        ("z0", "zero0.json", 1, None, True, False),
+        ("z1", "zero1.json", 1, None, True, False),
+        ("z2-accum", "zero2.json", 2, None, True, False),
+        ("z3", "zero3.json", 1, None, True, False),  # tiny model: every parameter persistent (threshold 1e5)
+        ("z3-mixed-accum", "zero3.json", 2, 100, True, False),  # matrices partitioned, biases/LayerNorms persistent
+        ("z2-bf16", "zero2_bf16.json", 1, None, False, False),
+        ("decoder-z3-mixed-accum", "zero3.json", 2, 100, True, True),  # instruction tuning of a tiny Llama
     ]
 
 
@@ -170,17 +184,17 @@ def run_swap_cases(world_size: int, names) -> dict:
     from ltsft_dist.recipe import LTSFTRecipe
 
     results = {}
-    sfts = language_sfts()
-    for name, stage_file, accumulation, threshold, _ in _scenarios():
+    for name, stage_file, accumulation, threshold, _, decoder in _scenarios():
         if name not in names:
             continue
-        cfg = multisource_config(stage_file)
+        sfts = family_sfts(decoder)
+        cfg = multisource_config(stage_file, decoder)
         cfg.micro_batch_size = cfg.batch_size // (world_size * accumulation)
         ds = ds_config_for(cfg, world_size)
         if threshold is not None:
             ds["zero_optimization"]["stage3_param_persistence_threshold"] = threshold
-        model = tiny_model("task")
-        order, swap = build_multisource(model, sources(), sfts, cfg)  # before the engine exists
+        model = model_for(cfg)
+        order, swap = build_multisource(model, sources(decoder), sfts, cfg)  # before the engine exists
         checks = _Checks(sfts, order)
         recipe = LTSFTRecipe(model, order.examples, cfg, ds, show_progress=False, order=order,
                              step_hooks=[checks.pre, swap, checks.post])
@@ -190,7 +204,7 @@ def run_swap_cases(world_size: int, names) -> dict:
         persistent = sum(1 for p in model.parameters() if getattr(p, "ds_persist", False))
         diffs = [sft.diffs if sft is not None else None]
         dist.broadcast_object_list(diffs, src=0)
-        theta0 = dict(tiny_model("task").named_parameters())
+        theta0 = dict(model_for(cfg).named_parameters())
         drift = working_weight_drift(model, theta0, diffs[0], recipe.eligibility.roles)
         if sft is not None:
             results[name] = {"diffs": sft.diffs, "heads": sft.heads, "stats": dict(recipe.stats.__dict__),
@@ -211,8 +225,9 @@ def distributed(launches):
 
 
 @functools.lru_cache(maxsize=None)
-def reference(with_swap: bool = True):
-    return reference_ltsft(multisource_config("zero0.json"), language_sfts() if with_swap else None)
+def reference(with_swap: bool = True, decoder: bool = False):
+    return reference_ltsft(multisource_config("zero0.json", decoder), family_sfts(decoder) if with_swap else None,
+                           decoder)
 
 
 RUNS = [(2, s[0]) for s in _scenarios()] + [(1, name) for name in W1_SCENARIOS]
@@ -240,7 +255,7 @@ def test_zero3_scenarios_cover_persistent_and_partitioned_parameters(distributed
 @pytest.mark.parametrize("world_size,case", [(w, c) for w, c in RUNS if dict((s[0], s[4]) for s in _scenarios())[c]])
 def test_matches_naive_reference(world_size, case, distributed):
     got = distributed(world_size)[case]
-    mask, phi, heads = reference()
+    mask, phi, heads = reference(True, dict((s[0], s[5]) for s in _scenarios())[case])
     assert set(got["diffs"]) == {n for n, m in mask.items() if m.any()}
     for name, (idx, values) in got["diffs"].items():
         assert torch.equal(idx, torch.nonzero(mask[name].reshape(-1)).view(-1)), f"{name}: mask differs"

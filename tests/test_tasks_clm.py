@@ -56,9 +56,13 @@ def test_encode_packs_full_blocks_with_a_document_boundary_after_every_line(tok)
     assert bool((ids[:, 0] == tok.bos_token_id).all())  # every block starts as the tokenizer starts a text
     assert bool((labels[:, 0] == -100).all()) and torch.equal(labels[:, 1:], ids[:, 1:])
     stream = [i for line in tok(LINES, add_special_tokens=False)["input_ids"] for i in line + [tok.eos_token_id]]
-    body = ids[:, 1:].reshape(-1).tolist()  # the blocks, their <s> removed, are the stream in order...
+    body = ids[:-1, 1:].reshape(-1).tolist()  # the blocks, their <s> removed, are the stream in order...
     assert body == stream[:len(body)]
-    assert encoded.report["dropped_tokens"] == len(stream) - len(body) < 15  # ...less a last partial block
+    partial = len(stream) - len(body)
+    assert 0 < partial < 15  # ...and the last block completes the partial rest with the tokens before it
+    assert ids[-1, 1:].tolist() == stream[-15:]
+    assert encoded.report["tokens"] == encoded.report["tokens_used"] == len(stream)
+    assert encoded.report["tokens_dropped"] == 0 and encoded.report["tokens_repeated"] == 15 - partial
     assert stream.count(tok.eos_token_id) == len(LINES)
 
 
@@ -123,8 +127,8 @@ def _config(tmp_path: Path, **changes) -> Path:
     ({"task": "mlm"}, r"model.architecture: 'llama' is a decoder, and task mlm trains encoder models only: set "
                       r"task: clm to train this architecture, or set model.architecture to one of bert, xlm-roberta"),
     ({"kind": "task", "task": "qa", "model.architecture": "qwen2"},
-     r"model.architecture: 'qwen2' is a decoder, and task qa trains encoder models only: set model.architecture to "
-     r"one of bert, xlm-roberta"),
+     r"model.architecture: 'qwen2' is a decoder, and task qa trains encoder models only: set task: instruct to train "
+     r"this architecture, or set model.architecture to one of bert, xlm-roberta"),
     ({"model.architecture": "bert"}, r"model.architecture: 'bert' is an encoder, and task clm trains decoder "
                                      r"models only: set task: mlm to train this architecture, or set "
                                      r"model.architecture to one of llama, qwen2, mistral, gemma"),
@@ -228,6 +232,10 @@ def test_ltsft_train_clm_on_two_ranks_keeps_the_best_phi_by_held_out_perplexity(
                      "model.norm": ["0", "0", "20"]}  # real sizes, although ZeRO-3 has partitioned the model
     results = json.loads((out / "results.json").read_text())
     assert results["frozen_drift"] == 0
+    data = results["data"]["en"]  # the token accounting, also on stderr
+    assert data["tokens"] == data["tokens_used"] > 0 and data["held_out_tokens"] == data["held_out_tokens_used"] > 0
+    assert f"data [en]: {data['tokens'] + data['held_out_tokens']} tokens, " in result.stderr
+    assert len(list((tmp_path / "token_cache").iterdir())) == 1  # rank 0 built it once; both parts in it
     evals = results["eval_losses"]["phase2"]
     assert [e["step"] for e in evals] == [2, 4, 6]
     assert all(e["perplexity"] == pytest.approx(math.exp(e["all"])) and e["perplexity_en"] == e["perplexity"]

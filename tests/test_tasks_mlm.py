@@ -11,6 +11,7 @@ from transformers import BertConfig, BertForMaskedLM
 from ltsft_dist.data import train_wordpiece
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.tasks import mlm
+from ltsft_dist.token_cache import text_file
 
 WORDS = "the river flows north through the old town and past the harbour into the cold sea".split()
 LINES = [" ".join(WORDS[i % 7:i % 7 + 3 + i % 9]) + f" number {i}" for i in range(100)]
@@ -23,13 +24,17 @@ def tok():
 
 def test_text_file_lines(tmp_path):
     path = tmp_path / "sw.txt"
-    path.write_text("  first line \n\n second line\r\n   \n", encoding="utf-8")
-    assert mlm.read_text_lines(path) == ["first line", "second line"]
+    path.write_text("\ufeff  first line \n\n second line\r\n   \n", encoding="utf-8")
+    assert list(text_file(path)) == ["first line", "second line"]
+    assert list(text_file(path)) == ["first line", "second line"]  # read again from the start, lazily
     (tmp_path / "blank.txt").write_text("\n  \n")
     with pytest.raises(LtsftError, match="blank.txt: the file is empty"):
-        mlm.read_text_lines(tmp_path / "blank.txt")
+        text_file(tmp_path / "blank.txt")
     with pytest.raises(LtsftError, match="nope.txt: file not found"):
-        mlm.read_text_lines(tmp_path / "nope.txt")
+        text_file(tmp_path / "nope.txt")
+    (tmp_path / "bad.txt").write_bytes(b"ok\nfine\n\xff broken\n")
+    with pytest.raises(LtsftError, match=r"bad.txt:3: not valid UTF-8"):
+        list(text_file(tmp_path / "bad.txt"))
 
 
 def test_hf_text_column(monkeypatch):
@@ -40,10 +45,10 @@ def test_hf_text_column(monkeypatch):
         return datasets.Dataset.from_dict({"text": ["a b", "  ", None, "c d "], "id": [1, 2, 3, 4]})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    assert mlm.load_hf_lines("wikimedia/wikipedia", "20231101.sw") == ["a b", "c d"]
+    assert list(mlm.load_hf_text("wikimedia/wikipedia", "20231101.sw")) == ["a b", "c d"]
     assert calls == [("wikimedia/wikipedia", "20231101.sw", "train")]
     with pytest.raises(LtsftError, match=r"no column 'content' \(has \['text', 'id'\]\)"):
-        mlm.load_hf_lines("wikimedia/wikipedia", "20231101.sw", column="content")
+        mlm.load_hf_text("wikimedia/wikipedia", "20231101.sw", column="content")
 
 
 def test_held_out_split_is_seeded_disjoint_and_ordered():

@@ -4,6 +4,7 @@ is one registered class, and nothing outside `ltsft_dist/tasks/` branches on a t
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -37,7 +38,13 @@ def _files(tmp_path: Path) -> dict[str, Path]:
     conllu = tmp_path / "pos.conllu"
     conllu.write_text("1\tAnna\t_\tPROPN\t_\t_\t2\tnsubj\t_\t_\n2\tschl\u00e4ft\t_\tVERB\t_\t_\t0\troot\t_\t_\n\n"
                       "1\tWir\t_\tPRON\t_\t_\t2\tnsubj\t_\t_\n2\tgehen\t_\tVERB\t_\t_\t0\troot\t_\t_\n")
-    return {"mlm": text, "classification": jsonl, "nli": FIXTURES / "xnli.dev.tsv", "qa": FIXTURES / "squad_tiny.json",
+    instruct = tmp_path / "instruct.jsonl"
+    instruct.write_text("".join(f'{{"prompt": "{a}", "response": "{b}"}}\n' for a, b in zip(LINES, LINES[1:])))
+    copa = tmp_path / "copa.jsonl"
+    copa.write_text("".join(json.dumps({"premise": f"{a}.", "choice1": b, "choice2": c, "question": q, "label": i % 2})
+                            + "\n" for i, (a, b, c, q) in enumerate(zip(LINES, LINES[1:], LINES[2:],
+                                                                      ["cause", "effect"] * 6))))
+    return {"mlm": text, "instruct": instruct, "xcopa": copa, "classification": jsonl, "nli": FIXTURES / "xnli.dev.tsv", "qa": FIXTURES / "squad_tiny.json",
             "ner": conll, "pos": conllu}
 
 
@@ -45,11 +52,11 @@ def _overrides(task: type[Task], *names: str) -> list[str]:
     return [name for name in names if getattr(task, name) is not getattr(Task, name)]
 
 
-def test_the_seven_tasks_are_registered_with_what_the_interface_requires():
-    assert sorted(task_names()) == ["classification", "clm", "mlm", "ner", "nli", "pos", "qa"]
-    assert sorted(task_names(evaluated=True)) == ["classification", "ner", "nli", "pos", "qa"]
+def test_the_nine_tasks_are_registered_with_what_the_interface_requires():
+    assert sorted(task_names()) == ["classification", "clm", "instruct", "mlm", "ner", "nli", "pos", "qa", "xcopa"]
+    assert sorted(task_names(evaluated=True)) == ["classification", "ner", "nli", "pos", "qa", "xcopa"]
     assert task_names(kind="language") == ["mlm", "clm"]
-    assert [name for name in task_names() if get_task(name).decoder] == ["clm"]
+    assert [name for name in task_names() if get_task(name).decoder] == ["clm", "instruct", "xcopa"]
     for name in task_names():
         task = get_task(name)
         assert task.name == name and task.kind in ("language", "task")
@@ -65,22 +72,24 @@ def test_the_seven_tasks_are_registered_with_what_the_interface_requires():
             assert task.output_fields
 
 
-@pytest.mark.parametrize("name", ["mlm", "classification", "nli", "qa", "ner", "pos"])
+@pytest.mark.parametrize("name", ["mlm", "instruct", "classification", "nli", "qa", "ner", "pos", "xcopa"])
 def test_every_task_reads_encodes_and_scores_through_the_interface(name, tmp_path):
     task, path = get_task(name), _files(tmp_path)[name]
     fmt = task.sniff(path)
     assert fmt in task.formats
-    language = "en" if name in ("nli", "qa") else "de"
+    language = "en" if name in ("nli", "qa", "xcopa") else "de"
     records = read_source(SourceConfig(language=language, train_file=str(path)), name).records
     texts = task.texts(records)
     assert texts and all(isinstance(t, str) and t.strip() for t in texts)
-    tokenizer = train_wordpiece(texts, vocab_size=300)
+    tokenizer = train_wordpiece(texts, vocab_size=300, causal=task.decoder)
     labels = task.label_names(records, None)
     assert (labels is not None) == task.labelled
     encoded = task.encode(tokenizer, records, Encoding(max_seq_length=48, stride=8, max_query_length=8), labels)
     assert isinstance(encoded, Encoded) and isinstance(encoded.examples, Examples)
     assert encoded.records == records
-    assert encoded.rows == len(records) or name == "qa" and encoded.rows > len(records)  # QA: windows per question
+    n = len(list(records))  # (a language task's records are a lazy TextSource)
+    # QA: windows per question; multiple choice: a row per choice
+    assert encoded.rows == n or name in ("qa", "xcopa") and encoded.rows > n
     assert all(len(t) == encoded.rows for t in encoded.examples.tensors.values())
     assert encoded.examples.mlm is not None or any(k in encoded.examples.tensors for k in ("labels", "start_positions"))
     if not task.metrics:
@@ -92,7 +101,7 @@ def test_every_task_reads_encodes_and_scores_through_the_interface(name, tmp_pat
         outputs = task.forward(model.eval(), encoded.examples.tensors)
     assert len(outputs) == len(task.output_fields) and all(o.shape[0] == encoded.rows for o in outputs)
     scores = task.score(encoded, outputs, language, EvalOptions())
-    assert set(task.metrics) <= set(scores) and scores["examples"] == len(records)
+    assert set(task.metrics) <= set(scores) and scores["examples"] == n
     assert all(0 <= scores[m] <= 100 for m in task.metrics)
 
 

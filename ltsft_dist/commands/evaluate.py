@@ -1,4 +1,5 @@
-"""``ltsft eval`` (zero-shot transfer scores per target language) and ``ltsft export`` (SFTs merged into the base)."""
+"""``ltsft eval`` (zero-shot transfer scores per target language), ``ltsft export`` (SFTs merged into the base) and
+``ltsft generate`` (a decoder with its SFTs continuing prompts)."""
 
 from __future__ import annotations
 
@@ -76,6 +77,25 @@ def register(subparsers) -> None:
                     "the GPU when there is one); the model is always saved from the CPU")
     ex.set_defaults(func=export_command)
 
+    gen = subparsers.add_parser(
+        "generate", help="continue prompts with a decoder and its SFTs applied in memory (to try a result)",
+        description="Apply the SFTs (composed, as ltsft export merges them) to the decoder base in memory and print "
+                    "each prompt's continuation. Greedy unless --temperature is given.")
+    gen.add_argument("--base", required=True, metavar="DIR|HUB_ID",
+                     help="the decoder base with its tokenizer: a directory written by save_pretrained or a hub id")
+    gen.add_argument("--sft", dest="sfts", action="append", required=True, metavar="DIR",
+                     help="an SFT to apply (repeatable: e.g. a language SFT and an instruction task SFT)")
+    gen.add_argument("--prompt", dest="prompts", action="append", required=True, metavar="TEXT",
+                     help="a prompt to continue (repeatable)")
+    gen.add_argument("--chat", action="store_true",
+                     help="give each prompt as a user turn through the tokenizer's chat template")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (default 64)")
+    gen.add_argument("--temperature", type=float, default=0.0,
+                     help="sampling temperature; 0 (the default) generates greedily")
+    gen.add_argument("--seed", type=int, default=0, help="the sampling seed (default 0)")
+    gen.add_argument("--device", help="where the model runs (default: the accelerator when there is one, else CPU)")
+    gen.set_defaults(func=generate_command)
+
 
 def parse_pairs(values: list[str], flag: str) -> dict[str, str]:
     """LANG=VALUE arguments as a dict; malformed or repeated languages are errors."""
@@ -121,4 +141,13 @@ def export_command(args: argparse.Namespace) -> int:
 
     out = export_merged(args.base, args.sfts, args.task, args.output, overwrite=args.overwrite, device=args.device)
     print(f"wrote {out} (load it with transformers' AutoModelFor...from_pretrained)")
+    return 0
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    from ltsft_dist.generate import GenerationOptions, generate
+
+    options = GenerationOptions(args.max_new_tokens, args.chat, args.temperature, args.seed)
+    for prompt, text in zip(args.prompts, generate(args.base, args.sfts, args.prompts, options, args.device)):
+        print(f"{prompt}{text}" if not args.chat else text)
     return 0

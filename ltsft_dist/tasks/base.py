@@ -6,6 +6,7 @@ never branches on a task's name. Its parts:
 
 - `kind`: the kind of SFT it trains (a language SFT learns a language, a task SFT a task);
 - `decoder`: whether its models are decoders (causal LMs: Llama, Qwen2, ...) rather than encoders (BERT, XLM-R);
+- `token_loss`: whether its loss is a per-token mean over a varying number of labelled tokens per row;
 - `model_class`: the `transformers` Auto class of its model, `prepare_model` for what that model needs first;
 - `formats`: its readers, keyed by format name from one vocabulary (`FORMAT_NAMES`), and one rule that tells the
   format of a file (`sniff`);
@@ -80,6 +81,9 @@ class Task:
     name: ClassVar[str]
     kind: ClassVar[str] = "task"  # the SFT kind that trains it: language | task
     decoder: ClassVar[bool] = False  # trains decoder models (causal LMs), else encoders
+    # The loss is a mean over labelled tokens (-100 elsewhere) whose number varies per row: the trainer averages
+    # over the global batch's labelled tokens. A decoder's labels must then be -100 at position 0 (never predicted).
+    token_loss: ClassVar[bool] = False
     model_class: ClassVar[str]  # a transformers Auto class, e.g. "AutoModelForSequenceClassification"
     formats: ClassVar[dict[str, Format]]
     labelled: ClassVar[bool] = False  # the head's outputs are named labels (recorded as data.labels)
@@ -93,8 +97,13 @@ class Task:
         return getattr(transformers, self.model_class)
 
     def prepare_model(self, model: torch.nn.Module, tie_output_embeddings: bool = False) -> None:
-        """What the model needs before training or loading an SFT of this task (nothing by default);
-        `tie_output_embeddings` is a language SFT's eligibility.tie_output_embeddings."""
+        """What the model needs before training or loading an SFT of this task. A decoder's output head is
+        untied from its input embeddings: it stays frozen at θ⁰ (the eligibility default) while they train,
+        unless a language SFT's eligibility.tie_output_embeddings keeps them one matrix."""
+        if self.decoder and not tie_output_embeddings:
+            from ltsft_dist.models import untie_output_embeddings
+
+            untie_output_embeddings(model)
 
     # --- data --------------------------------------------------------------------------------------------------
 

@@ -1,7 +1,9 @@
 """Language-SFT data: raw text of one language for masked language modelling, with a held-out split.
 
-Text comes one sentence per line (a file) or from a text column (a HF dataset), and becomes fixed-length rows
-either line by line (long lines truncated, and counted) or packed into blocks of consecutive tokens.
+Text comes one sentence per line (a file) or from a text column (a HF dataset), read lazily (`TextSource`), and
+becomes fixed-length rows (`ltsft_dist.token_cache`): packed into blocks of consecutive tokens, or line by line
+(long lines truncated, and counted). In training the rows come from the on-disk token cache, memory-mapped;
+small lists of lines (tests, a tiny base's pretraining text) are encoded in memory by the same packing.
 The held-out lines are split off *before* packing, so no eval block shares text with a train block.
 Eval masking is drawn once from a fixed seed and stored as `labels`: every evaluation of every checkpoint
 scores the same masked positions, so eval losses are comparable across checkpoints and runs.
@@ -11,41 +13,32 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
+import numpy as np
 import torch
 
 from ltsft_dist.data import Examples, MLMSpec, bert_mask
 from ltsft_dist.errors import LtsftError
-from ltsft_dist.tasks._io import load_hf_dataset, read_text
+from ltsft_dist.tasks._io import load_hf_dataset
 from ltsft_dist.tasks.base import Encoded, Encoding, Format, Task, register_task
+from ltsft_dist.token_cache import (Layout, Rows, TextSource, cached_rows, columns, dataset_text, pack_lines,
+                                     text_file)
 
 
-def read_text_lines(path: str | Path) -> list[str]:
-    """Non-blank lines, stripped (one sentence per line, the format of the paper's Wikipedia dumps)."""
-    path, text = read_text(path)
-    return [line.strip() for line in text.split("\n") if line.strip()]
-
-
-def lines_from_dataset(dataset, column: str = "text", source: str = "dataset") -> list[str]:
-    if column not in dataset.column_names:
-        raise LtsftError(f"{source}: no column {column!r} (has {dataset.column_names}); pass the text column name")
-    lines = [str(t).strip() for t in dataset[column] if t is not None and str(t).strip()]
-    if not lines:
-        raise LtsftError(f"{source}: column {column!r} holds no text")
-    return lines
-
-
-def load_hf_lines(path: str, config: str | None = None, split: str = "train", column: str = "text") -> list[str]:
-    """Lines from a HF dataset (hub or local cache), e.g. ("wikimedia/wikipedia", "20231101.sw")."""
+def load_hf_text(path: str, config: str | None = None, split: str = "train", column: str = "text") -> TextSource:
+    """A HF dataset's text column (hub or local cache), e.g. ("wikimedia/wikipedia", "20231101.sw")."""
     dataset, source = load_hf_dataset(path, config, split)
-    return lines_from_dataset(dataset, column, source)
+    return dataset_text(dataset, column, source)
 
 
-def split_held_out(lines: list[str], fraction: float = 0.05, seed: int = 0) -> tuple[list[str], list[str]]:
-    """(train, eval): a seeded random `fraction` of the lines (at least one) held out; both keep file order."""
+def split_held_out(lines: list[str] | TextSource, fraction: float = 0.05,
+                   seed: int = 0) -> tuple[list[str], list[str]] | tuple[TextSource, TextSource]:
+    """(train, eval): a seeded random `fraction` of the lines (at least one) held out; both keep file order. A
+    `TextSource` is split lazily, each line held out with probability `fraction` (`TextSource.split`)."""
     if not 0 < fraction < 1:
         raise LtsftError(f"eval fraction {fraction} must be between 0 and 1 (e.g. 0.05)")
+    if isinstance(lines, TextSource):
+        return lines.split(fraction, seed)
     n_eval = max(1, round(fraction * len(lines)))
     if n_eval >= len(lines):
         raise LtsftError(f"{len(lines)} lines are too few to hold out {fraction:.0%}; add text or lower the fraction")
@@ -53,58 +46,12 @@ def split_held_out(lines: list[str], fraction: float = 0.05, seed: int = 0) -> t
     return [x for i, x in enumerate(lines) if i not in held], [x for i, x in enumerate(lines) if i in held]
 
 
-def _special_frame(tokenizer) -> tuple[list[int], list[int]]:
-    """The ids the tokenizer puts before and after one sequence ([CLS] … [SEP], <s> … </s>)."""
-    body, full = tokenizer("a", add_special_tokens=False)["input_ids"], tokenizer("a")["input_ids"]
-    for i in range(len(full) - len(body) + 1):
-        if body and full[i:i + len(body)] == body:
-            return full[:i], full[i + len(body):]
-    raise LtsftError("cannot find the tokenizer's special-token template; use a tokenizer with a post-processor")
-
-
-def _rows(tokenizer, rows: list[list[int]], max_len: int) -> dict[str, torch.Tensor]:
-    if tokenizer.pad_token_id is None:
-        raise LtsftError("the tokenizer has no pad token; set one (e.g. tokenizer.pad_token = ...)")
-    ids = torch.full((len(rows), max_len), tokenizer.pad_token_id)
-    mask = torch.zeros((len(rows), max_len), dtype=torch.long)
-    for r, row in enumerate(rows):
-        ids[r, :len(row)] = torch.tensor(row)
-        mask[r, :len(row)] = 1
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-@dataclass
-class TokenRows:
-    rows: list[list[int]]  # token ids, each row framed by the tokenizer's special tokens, at most max_len long
-    truncated: int = 0  # lines cut to max_len (line-by-line mode)
-    empty: int = 0  # lines with no tokens, left out
-    dropped: int = 0  # tokens of a last partial block left out (full_blocks)
-
-
-def token_rows(tokenizer, lines: list[str], max_len: int, packed: bool = False, separator: int | None = None,
-               full_blocks: bool = False) -> TokenRows:
-    """Lines as rows of at most `max_len` tokens: one per line (truncated), or `packed`: the lines' tokens
-    concatenated in order (each line followed by `separator`, if given) and cut into blocks, each framed by the
-    special tokens. `full_blocks`: a last partial block is left out, so every row is exactly `max_len` long."""
-    prefix, suffix = _special_frame(tokenizer)
-    room = max_len - len(prefix) - len(suffix)
-    if room <= 0:
-        raise LtsftError(f"max_len={max_len} leaves no room for text after the special tokens; raise it")
-    tokens = tokenizer(lines, add_special_tokens=False)["input_ids"]
-    empty = sum(1 for t in tokens if not t)
-    tokens = [t for t in tokens if t]
-    if not tokens:
-        raise LtsftError("no tokens in the given lines: the text is empty for this tokenizer")
-    truncated = dropped = 0
-    if packed:
-        end = [] if separator is None else [separator]
-        stream = [i for t in tokens for i in t + end]
-        bodies = [stream[s:s + room] for s in range(0, len(stream), room)]
-        if full_blocks and len(bodies[-1]) < room:
-            dropped = len(bodies.pop())
-    else:
-        bodies, truncated = [t[:room] for t in tokens], sum(1 for t in tokens if len(t) > room)
-    return TokenRows([prefix + body + suffix for body in bodies], truncated, empty, dropped)
+def text_rows(tokenizer, lines: list[str] | TextSource, layout: Layout, cache_dir: str | None = None) -> Rows:
+    """The rows of `lines`: from the token cache under `cache_dir` (a `TextSource`; collective under a
+    launcher), else packed in memory."""
+    if isinstance(lines, TextSource) and cache_dir:
+        return cached_rows(lines, tokenizer, layout, cache_dir)
+    return pack_lines(tokenizer, lines, layout)
 
 
 @dataclass
@@ -112,15 +59,18 @@ class EncodedText:
     examples: Examples
     truncated: int = 0  # lines cut to max_len (line-by-line mode)
     empty: int = 0  # lines with no tokens, left out
+    report: dict | None = None  # the token accounting (`TokenCount.report`)
 
 
-def encode_text(tokenizer, lines: list[str], max_len: int, packed: bool = False,
-                probability: float = 0.15) -> EncodedText:
-    """Fixed-length MLM rows: one per line (truncated), or `packed`: the lines' tokens concatenated in order
-    and cut into blocks, each framed by the special tokens (the last block padded)."""
-    rows = token_rows(tokenizer, lines, max_len, packed)
+def encode_text(tokenizer, lines: list[str] | TextSource, max_len: int, packed: bool = False,
+                probability: float = 0.15, cache_dir: str | None = None) -> EncodedText:
+    """MLM rows: one per line (truncated), or `packed`: the lines' tokens concatenated in order and cut into
+    blocks, each framed by the special tokens (the last block padded). Rows from the token cache stay on disk
+    (lazy `token_cache.Column`s); rows packed in memory are tensors."""
+    rows = text_rows(tokenizer, lines, Layout(max_len, packed), cache_dir)
     spec = MLMSpec(tokenizer.mask_token_id, tuple(tokenizer.all_special_ids), len(tokenizer), probability)
-    return EncodedText(Examples(_rows(tokenizer, rows.rows, max_len), mlm=spec), rows.truncated, rows.empty)
+    examples = Examples(columns(rows, dense=not isinstance(rows.ids, np.memmap)), mlm=spec)
+    return EncodedText(examples, rows.count.truncated, rows.count.empty, rows.count.report())
 
 
 def fixed_masks(examples: Examples, seed: int = 0) -> Examples:
@@ -162,8 +112,8 @@ def build_mlm_data(tokenizer, lines: list[str], max_len: int, packed: bool = Fal
 
 # Monolingual text, what every language SFT reads: a file of lines, or a HF dataset's text column.
 TEXT_FORMATS = {
-    "text": Format(lambda s: read_text_lines(s.train_file), suffixes=(".txt",)),
-    "hf": Format(lambda s: load_hf_lines(s.hf_dataset, s.hf_config, s.split, s.column)),
+    "text": Format(lambda s: text_file(s.train_file), suffixes=(".txt",)),
+    "hf": Format(lambda s: load_hf_text(s.hf_dataset, s.hf_config, s.split, s.column)),
 }
 
 
@@ -173,6 +123,7 @@ class MaskedLM(Task):
 
     name = "mlm"
     kind = "language"
+    token_loss = True
     model_class = "AutoModelForMaskedLM"
     formats = TEXT_FORMATS
 
@@ -185,11 +136,10 @@ class MaskedLM(Task):
     def texts(self, records: list[str]) -> list[str]:
         return records
 
-    def encode(self, tokenizer, records: list[str], encoding: Encoding, labels=None) -> Encoded:
-        encoded = encode_text(tokenizer, records, encoding.max_seq_length, encoding.packed, encoding.mlm_probability)
-        return Encoded(encoded.examples, records,
-                           report={"rows": len(encoded.examples), "truncated": encoded.truncated,
-                                   "empty": encoded.empty})
+    def encode(self, tokenizer, records: list[str] | TextSource, encoding: Encoding, labels=None) -> Encoded:
+        encoded = encode_text(tokenizer, records, encoding.max_seq_length, encoding.packed, encoding.mlm_probability,
+                              getattr(records, "cache_dir", None))
+        return Encoded(encoded.examples, records, report=encoded.report)
 
     def held_out(self, encoded: Encoded, seed: int) -> Encoded:
         return Encoded(fixed_masks(encoded.examples, seed), encoded.records, report=encoded.report)

@@ -139,6 +139,7 @@ class TokenTagging(Task):
     """A tag per word (NER, POS), predicted on its first subword; `ner` and `pos` register their own."""
 
     model_class = "AutoModelForTokenClassification"
+    token_loss = True  # sentences have different numbers of words
     formats = {
         "conll": Format(lambda s: read_conll(s.train_file, s.language), suffixes=(".conll", ".conllu", ".txt")),
         "hf": Format(lambda s: load_hf_sentences(s.hf_dataset, s.language, s.hf_config, s.split)),
