@@ -302,7 +302,7 @@ def build_base(config: PipelineConfig, stage: Stage) -> None:
     if unknown:
         raise LtsftError(f"base.pretrain_languages: {unknown} are not in `languages` ({', '.join(config.languages)})"
                          "; list languages whose text the pipeline has")
-    texts = {lang: read_source(source, "mlm").records for lang, source in config.languages.items()}
+    texts = {lang: list(read_source(source, "mlm").records) for lang, source in config.languages.items()}
     model_dir = stage.directory / "model"
     save_tiny_base(model_dir, ModelConfig(tiny=b.tiny, architecture=b.architecture),
                    [t for lines in texts.values() for t in lines], seed=b.seed)
