@@ -38,6 +38,10 @@ class EligibilityConfig:
         "language SFTs: keep the output embedding tied to the input one, so the masked-word loss reaches a word's "
         "embedding row from the input and the prediction side, and freeze the rest of the prediction head (the "
         "default, false, is the paper's: untied, output embedding frozen)")})
+    freeze_word_embeddings: bool = field(default=False, metadata={"help": (
+        "keep the input word embeddings frozen, added to the exclude rules in force (the default ones or yours). "
+        "For a task SFT whose zero-shot target language has words of its own: the task then lives in the body, "
+        "which every language shares, and not in the source words' rows, which the target never reads")})
 
 
 def output_embedding_name(model) -> str | None:
@@ -111,6 +115,9 @@ def resolve(model: torch.nn.Module, kind: str, overrides: EligibilityConfig | No
     overrides = overrides or EligibilityConfig()
     rules = EligibilityConfig(*(getattr(overrides, f) if getattr(overrides, f) is not None else getattr(defaults, f)
                                 for f in ("include", "exclude", "head")))
+    if overrides.freeze_word_embeddings:
+        words = next(n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight)
+        rules.exclude = [*rules.exclude, "^" + re.escape(words) + "$"]
     compiled = {}
     for fieldname in ("include", "exclude", "head"):
         try:

@@ -122,3 +122,22 @@ def test_tie_output_embeddings_keeps_one_word_matrix_eligible_and_freezes_the_re
     task = TrainConfig(kind="task", density=0.1, model=cfg, eligibility=EligibilityConfig(tie_output_embeddings=True))
     with pytest.raises(LtsftError, match="eligibility.tie_output_embeddings: .*remove it"):
         task.validate()
+
+
+def test_freeze_word_embeddings_adds_the_input_word_matrix_to_the_exclude_rules_in_force():
+    """The demo's task SFT: the task is learned in the body every language shares, not in the source words' rows.
+    The key adds to the exclude rules (default or given) and leaves every other role as it was."""
+    from ltsft_dist.config import ModelConfig
+    from ltsft_dist.eligibility import EligibilityConfig, resolve
+    from ltsft_dist.models import build_model
+
+    model = build_model(ModelConfig(tiny=TINY), "classification", num_labels=3)
+    words = "bert.embeddings.word_embeddings.weight"
+    plain = resolve(model, "task").roles
+    frozen = resolve(model, "task", EligibilityConfig(freeze_word_embeddings=True)).roles
+    assert plain[words] == "sparse" and frozen[words] == "frozen"
+    assert {n: r for n, r in frozen.items() if n != words} == {n: r for n, r in plain.items() if n != words}
+    assert frozen["bert.embeddings.position_embeddings.weight"] == "sparse"
+    query = "bert.encoder.layer.0.attention.self.query.weight"
+    given = resolve(model, "task", EligibilityConfig(exclude=[r"\.layer\.0\."], freeze_word_embeddings=True)).roles
+    assert plain[query] == "sparse" and given[query] == "frozen" and given[words] == "frozen"
