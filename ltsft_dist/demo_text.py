@@ -73,6 +73,15 @@ SCRIPTS = {  # (consonants, vowels): disjoint alphabets, so no token is shared b
 CLASSES = ("animal", "tool", "food")  # the task's labels: the class of the object noun
 _PLACES, _TIMES, _GENERAL_VERBS, _GENERAL_ADJECTIVES, _NAMES_PER_GENDER, _NOUNS_PER_CLASS = 6, 4, 4, 4, 8, 12
 _VERBS_PER_CLASS, _ADJECTIVES_PER_CLASS = 3, 3
+# The classes differ in how they are used, as real word classes do: a grammar symmetric under swapping two classes
+# gives a cipher language no way to tell which of its classes is which source class (measured: the target's nouns
+# then land in a random source class, and the task cannot transfer). Running text mentions animals most; animals
+# can be subjects; how often the verb or adjective is one restricted to the object's class differs per class
+# (the adjective rate itself does not, so no sentence length depends on the class).
+_TEXT_CLASS_WEIGHTS = (0.5, 0.3, 0.2)
+_ANIMAL_SUBJECT = 0.2
+_CLASS_VERB_RATE = {"animal": 0.2, "tool": 0.5, "food": 0.8}
+_CLASS_ADJECTIVE_RATE = {"animal": 0.1, "tool": 0.3, "food": 0.5}  # of the 0.6 of objects with an adjective
 
 
 def _concepts() -> list[str]:
@@ -106,20 +115,23 @@ def lexicon(language: str, seed: int = 0) -> dict[str, str]:
 
 def _clause(rng: random.Random, label: str, pronoun: str | None = None) -> tuple[list[str], str]:
     """(concepts of a subject-verb-object clause whose object is of class `label`, the subject's pronoun);
-    the subject is `pronoun` when given, else a name or a pronoun."""
-    if pronoun is None and rng.random() < 0.7:
+    the subject is `pronoun` when given, else a plural animal, a name or a pronoun."""
+    roll = rng.random()
+    if pronoun is None and roll < _ANIMAL_SUBJECT:  # "the dogs ...": a plural animal subject
+        subject, pronoun = ["art.pl", f"noun.animal{rng.randrange(_NOUNS_PER_CLASS)}.pl"], "pron.pl"
+    elif pronoun is None and roll < _ANIMAL_SUBJECT + 0.7 * (1 - _ANIMAL_SUBJECT):
         gender = rng.choice("mf")
-        subject, pronoun = f"name.{gender}{rng.randrange(_NAMES_PER_GENDER)}", f"pron.{gender}"
+        subject, pronoun = [f"name.{gender}{rng.randrange(_NAMES_PER_GENDER)}"], f"pron.{gender}"
     else:
         pronoun = pronoun or rng.choice(("pron.m", "pron.f", "pron.pl"))
-        subject = pronoun
+        subject = [pronoun]
     number = "pl" if pronoun == "pron.pl" else "sg"  # the verb agrees with its subject
-    verb = (f"{label}{rng.randrange(_VERBS_PER_CLASS)}" if rng.random() < 0.4
+    verb = (f"{label}{rng.randrange(_VERBS_PER_CLASS)}" if rng.random() < _CLASS_VERB_RATE[label]
             else f"any{rng.randrange(_GENERAL_VERBS)}")  # some verbs take one class of object only
     obj_number = rng.choice(("sg", "pl"))
-    words = [subject, f"verb.{verb}.{number}", f"art.{obj_number}"]
+    words = [*subject, f"verb.{verb}.{number}", f"art.{obj_number}"]
     roll = rng.random()
-    if roll < 0.3:
+    if roll < _CLASS_ADJECTIVE_RATE[label]:
         words.append(f"adj.{label}{rng.randrange(_ADJECTIVES_PER_CLASS)}")
     elif roll < 0.6:
         words.append(f"adj.any{rng.randrange(_GENERAL_ADJECTIVES)}")
@@ -134,14 +146,18 @@ def _sentence(rng: random.Random, label: str, second_clause: bool) -> list[str]:
     if rng.random() < 0.5:
         words.append(f"time{rng.randrange(_TIMES)}")
     if second_clause and rng.random() < 0.3:  # "and he/she/they ...": pronouns agree with the first subject
-        words += ["and", *_clause(rng, rng.choice(CLASSES), pronoun)[0]]
+        words += ["and", *_clause(rng, _text_class(rng), pronoun)[0]]
     return words
+
+
+def _text_class(rng: random.Random) -> str:
+    return rng.choices(CLASSES, _TEXT_CLASS_WEIGHTS)[0]
 
 
 def generated_text(language: str, n: int, seed: int = 0, stream: str = "text") -> list[str]:
     """`n` sentences of running text (one or two clauses) in a generated language."""
     words, rng = lexicon(language, seed), random.Random(f"{seed}/{stream}/{language}")
-    return [" ".join(words[c] for c in _sentence(rng, rng.choice(CLASSES), True)) for _ in range(n)]
+    return [" ".join(words[c] for c in _sentence(rng, _text_class(rng), True)) for _ in range(n)]
 
 
 def object_class_examples(language: str, n: int, seed: int = 0, stream: str = "task") -> list[tuple[str, str]]:

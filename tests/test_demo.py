@@ -34,6 +34,20 @@ def test_task_labels_are_balanced_and_no_length_tells_them():
     assert max(means) - min(means) < 0.2, means
 
 
+def test_the_classes_are_used_differently_in_running_text():
+    """No two classes are interchangeable in the text (a grammar symmetric under swapping them would leave a cipher
+    language no way to tell which of its classes is which): they differ in frequency, and only animals are subjects."""
+    words = lexicon("tgt", seed=0)
+    concept = {w: c for c, w in words.items()}
+    counts, first = Counter(), Counter()
+    for line in generated_text("tgt", 3000, seed=0):
+        concepts = [concept[w] for w in line.split()]
+        counts.update(c.split(".")[1].rstrip("0123456789") for c in concepts if c.startswith("noun."))
+        first.update(c.split(".")[1].rstrip("0123456789") for c in concepts[1:2] if c.startswith("noun."))
+    assert counts["animal"] > 1.3 * counts["tool"] > 1.3 * 1.3 * counts["food"], counts
+    assert set(first) == {"animal"} and first["animal"] > 300, first
+
+
 def test_the_base_never_trains_the_rows_of_a_language_left_out_of_pretraining(tmp_path):
     """Pretrained on src1 only (embeddings tied): src1's embedding rows move, tgt's stay bit-identical to the
     initialisation."""
