@@ -1,12 +1,13 @@
 """Zero-shot multiple choice by log-likelihood, the way lm-evaluation-harness scores decoders: each choice's score is
 Σ log p(choice tokens | context); `acc` takes the best score, `acc_norm` the best after dividing it by the choice's
-length in characters.
+length in characters (the choice's own text, without the delimiter that joins it to the context, as lm-eval counts).
 
 Context and choice are encoded jointly and split at the length of the context's own encoding (lm-eval's rule, so a
 word piece that merges across the boundary is scored as part of the choice); the context is framed as the
 tokenizer frames a text (Llama's <s>). Every (example, choice) pair is one right-padded row whose labels are the
 choice's tokens; `forward` returns each row's summed log-probability. A task of this kind defines its reader, its
-prompt (`context`) and its choices (`continuations`).
+prompt (`context`), its `choices` and the `gold` one; each choice follows the context after `delimiter` (lm-eval's
+target delimiter, a space).
 """
 
 from __future__ import annotations
@@ -31,19 +32,24 @@ class Choices:
 
 class LogLikelihoodChoice(Task):
     """The scoring shared by log-likelihood multiple-choice tasks; subclasses set name, formats, and implement
-    `context`, `continuations` and `gold`."""
+    `context`, `choices` and `gold`."""
 
     decoder = True
     model_class = "AutoModelForCausalLM"
     metrics = ("acc", "acc_norm")
     output_fields = ("loglikelihood",)
+    delimiter = " "  # between the context and each choice
 
     def context(self, record) -> str:
         raise NotImplementedError
 
-    def continuations(self, record) -> list[str]:
-        """The choices as they follow the context (with their leading space)."""
+    def choices(self, record) -> list[str]:
+        """The choices' texts; their lengths in characters normalise `acc_norm`."""
         raise NotImplementedError
+
+    def continuations(self, record) -> list[str]:
+        """The choices as they follow the context."""
+        return [self.delimiter + choice for choice in self.choices(record)]
 
     def gold(self, record) -> int:
         raise NotImplementedError
@@ -58,7 +64,7 @@ class LogLikelihoodChoice(Task):
         for e, record in enumerate(records):
             context = self.context(record)
             n_context = len(tokenizer(context)["input_ids"])
-            for c, continuation in enumerate(self.continuations(record)):
+            for c, (choice_text, continuation) in enumerate(zip(self.choices(record), self.continuations(record))):
                 whole = tokenizer(context + continuation)["input_ids"]
                 if len(whole) > max_len:
                     raise LtsftError(f"{getattr(record, 'where', e)}: context and choice {c + 1} take {len(whole)} "
@@ -70,7 +76,7 @@ class LogLikelihoodChoice(Task):
                 targets.append([-100] * n_context + whole[n_context:])
                 example.append(e)
                 choice.append(c)
-                characters.append(len(continuation))
+                characters.append(len(choice_text))
         ids = torch.full((len(rows), max_len), pad if pad is not None else 0)
         labels_t = torch.full((len(rows), max_len), -100)
         mask = torch.zeros((len(rows), max_len), dtype=torch.long)
