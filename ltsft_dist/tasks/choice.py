@@ -21,6 +21,21 @@ from ltsft_dist.errors import LtsftError
 from ltsft_dist.tasks.base import Encoded, Encoding, Task
 
 
+def label_loglikelihoods(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, Σ log p(label token | the tokens before it) over the labelled positions (float64), and how many
+    there are: what multiple choice and perplexity are computed from."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]  # position t predicts token t+1
+    scored = labels != -100
+    # Normalised over the vocabulary only at the labelled positions: a [rows × length × vocabulary] copy in fp32
+    # is gigabytes for a real decoder's vocabulary.
+    logprobs = torch.log_softmax(logits[:, :-1][scored].float(), dim=-1)
+    picked = logprobs.gather(-1, labels[scored].unsqueeze(-1)).squeeze(-1).to(torch.float64)
+    rows = torch.arange(len(labels), device=labels.device).unsqueeze(1).expand_as(labels)[scored]
+    sums = torch.zeros(len(labels), dtype=torch.float64, device=labels.device).index_add_(0, rows, picked)
+    return sums, scored.sum(dim=1).to(torch.float64)
+
+
 @dataclass(frozen=True)
 class Choices:
     """How the rows map back to examples: row i scores choice `choice[i]` of example `example[i]`."""
@@ -87,15 +102,7 @@ class LogLikelihoodChoice(Task):
                        features=Choices(example, choice, characters), report={"rows": len(rows)})
 
     def forward(self, model, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]  # position t predicts token t+1
-        scored = labels != -100
-        # Normalised over the vocabulary only at the choice's positions: a [rows × length × vocabulary] copy in
-        # fp32 is gigabytes for a real decoder's vocabulary.
-        logprobs = torch.log_softmax(logits[:, :-1][scored].float(), dim=-1)
-        picked = logprobs.gather(-1, labels[scored].unsqueeze(-1)).squeeze(-1).to(torch.float64)
-        rows = torch.arange(len(labels), device=labels.device).unsqueeze(1).expand_as(labels)[scored]
-        return [torch.zeros(len(labels), dtype=torch.float64, device=labels.device).index_add_(0, rows, picked)]
+        return [label_loglikelihoods(model, batch)[0]]
 
     def score(self, encoded: Encoded, outputs: list[torch.Tensor], language: str, options) -> dict:
         features: Choices = encoded.features
