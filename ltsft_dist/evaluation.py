@@ -7,6 +7,7 @@ batch has the same rows whatever the world size, so the gathered logits, and hen
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from dataclasses import dataclass, field, fields
@@ -29,7 +30,8 @@ log = logging.getLogger(__name__)
 
 COMPOSED, TASK_ONLY = "task+lang", "task-only"
 SETTING_TITLES = {COMPOSED: "task+lang", TASK_ONLY: "TA-only"}
-METRIC_TITLES = {"exact_match": "EM", "f1": "F1", "accuracy": "acc", "acc": "acc", "acc_norm": "acc_norm"}
+METRIC_TITLES = {"exact_match": "EM", "f1": "F1", "accuracy": "acc", "acc": "acc", "acc_norm": "acc_norm",
+                 "perplexity": "ppl"}
 FILE_FORMATS = tuple(f for f in FORMAT_NAMES if f not in ("auto", "hf"))  # what --format takes
 
 
@@ -146,7 +148,7 @@ def read_eval_data(task: str, language: str, path, data_format: str | None = Non
         raise LtsftError(f"--data {path}: cannot tell the {task} format from the name and header; pass --format "
                          f"({', '.join(f for f in spec.formats if f != 'hf')})")
     examples = spec.read(SourceConfig(language=language, train_file=str(path)), data_format)
-    return examples[:limit] if limit else examples
+    return list(itertools.islice(examples, limit)) if limit else examples  # (clm's text is a lazy TextSource)
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -265,7 +267,7 @@ def evaluate(base_dir, task_sft: str, data: dict[str, str], lang_sfts: dict[str,
     inputs = _load_inputs(base_dir, task_sft, data, lang_sfts, task, options)
     model, tokenizer = _load_model(base_dir, inputs, task_sft, lang_sfts)
     task = get_task(inputs.task)
-    encoded = {lang: task.encode(tokenizer, records, options.encoding(), inputs.labels)
+    encoded = {lang: task.encode_for_eval(tokenizer, records, options.encoding(), inputs.labels)
                for lang, records in inputs.examples.items()}
 
     runs = [(lang, TASK_ONLY) for lang in encoded] + [(lang, COMPOSED) for lang in inputs.lang_sfts]

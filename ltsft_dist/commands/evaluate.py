@@ -35,7 +35,8 @@ def register(subparsers) -> None:
     ev.add_argument("--data", action="append", default=[], metavar="LANG=PATH",
                     help="evaluation file of target language LANG (repeatable, at least one). QA: SQuAD-format "
                          "JSON (e.g. xquad.de.json); NLI: XNLI TSV, AmericasNLI TSV or MultiNLI-style JSONL; NER/POS: "
-                         "CoNLL (CoNLL-U, or word ... tag columns as CoNLL-2003/WikiANN)")
+                         "CoNLL (CoNLL-U, or word ... tag columns as CoNLL-2003/WikiANN); decoders: XCOPA or Belebele "
+                         "JSONL, XNLI TSV (xnli_ll), text lines (clm: perplexity)")
     ev.add_argument("--format", dest="format", choices=FILE_FORMATS,
                     help="reader for every --data file (default: from the extension, and the header for TSV)")
     ev.add_argument("--max-seq-length", type=int, metavar="N",
