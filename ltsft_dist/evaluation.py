@@ -212,14 +212,16 @@ def _load_inputs(base_dir, task_sft: str, data: dict[str, str], lang_sfts: dict[
         raise LtsftError(f"--lang-sft {no_data[0]}=... has no --data {no_data[0]}=PATH; add the evaluation file of "
                          "that language or drop its language SFT")
     options.check()
-    base = resolve(base_dir, "--base")  # a hub id: rank 0 downloads it first
-    if not (base / "config.json").is_file():
-        raise LtsftError(f"--base {base_dir}: no config.json in {base}; pass a hub model or a directory written by "
-                         "save_pretrained (model and tokenizer)")
     sft = load_sft_flag(task_sft, "--task-sft", "task")
-    task = task or infer_task(sft, base)
+    config_dir = resolve(base_dir, "--base", allow_patterns=["config.json"])  # the base's kind before its weights
+    if not (config_dir / "config.json").is_file():
+        raise LtsftError(f"--base {base_dir}: no config.json in {config_dir}; pass a hub model or a directory "
+                         "written by save_pretrained (model and tokenizer)")
+    task = task or infer_task(sft, config_dir)
     spec = get_task(task, "--task", evaluated=True)
     spec.check_eval(options, list(data))
+    _require_base_kind(base_dir, config_dir, spec)
+    base = resolve(base_dir, "--base")  # a hub id: rank 0 downloads it first
     languages = {}
     for lang, path in lang_sfts.items():
         languages[lang] = load_sft_flag(path, f"--lang-sft {lang}", "language")
@@ -230,6 +232,18 @@ def _load_inputs(base_dir, task_sft: str, data: dict[str, str], lang_sfts: dict[
     examples = {lang: read_eval_data(task, lang, path, options.format, options.limit)
                 for lang, path in data.items()}
     return _Inputs(task, base, sft, languages, examples, labels)
+
+
+def _require_base_kind(base_dir, config_dir: Path, task: Task) -> None:
+    """A decoder task (xcopa, clm, ...) needs a decoder base and an encoder task an encoder base, as the base's
+    config.json tells."""
+    from ltsft_dist.preflight import base_kind
+
+    decoder, model_type = base_kind(config_dir)
+    if decoder is not None and decoder != task.decoder:
+        have, need = ("a decoder", "an encoder") if decoder else ("an encoder", "a decoder")
+        raise LtsftError(f"--base {base_dir}: {have} (model_type {model_type!r} in its config.json), but --task "
+                         f"{task.name} scores {need.split()[1]} models: pass {need} base, or the --task for this one")
 
 
 def _load_model(base_dir, inputs: _Inputs, task_sft: str, lang_sfts: dict[str, str]):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx2
 import huggingface_hub
+import huggingface_hub.constants
 import pytest
 import safetensors
 import safetensors.torch

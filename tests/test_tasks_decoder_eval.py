@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -261,3 +262,20 @@ def test_a_hub_dataset_language_without_prompt_words_is_refused_before_any_downl
     assert "hf" in get_task("belebele").formats and "hf" in get_task("xnli_ll").formats  # facebook/belebele, /xnli
     with pytest.raises(LtsftError, match="facebook/xnli: XNLI by log-likelihood has no prompt words for language 'qu'"):
         get_task("xnli_ll").read(SourceConfig(language="qu", hf_dataset="facebook/xnli", hf_config="qu"), "hf")
+
+
+@pytest.mark.parametrize("task, model_type, message", [
+    ("belebele", "bert", "an encoder (model_type 'bert' in its config.json), but --task belebele scores decoder "
+                         "models: pass a decoder base"),
+    ("nli", "llama", "a decoder (model_type 'llama' in its config.json), but --task nli scores encoder models: pass "
+                     "an encoder base"),
+])
+def test_ltsft_eval_refuses_a_base_of_the_wrong_kind_from_its_config_json_alone(sfts, tmp_path, task, model_type,
+                                                                                message):
+    base = tmp_path / model_type  # its config.json alone: reading any weights would fail differently
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": model_type}))
+    with pytest.raises(LtsftError, match=re.escape(f"--base {base}: {message}")):
+        cli("eval", "--base", base, "--task-sft", sfts / "task", "--task", task, "--data", f"en={XNLI}",
+            "--out", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
