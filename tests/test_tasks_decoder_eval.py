@@ -279,3 +279,24 @@ def test_ltsft_eval_refuses_a_base_of_the_wrong_kind_from_its_config_json_alone(
         cli("eval", "--base", base, "--task-sft", sfts / "task", "--task", task, "--data", f"en={XNLI}",
             "--out", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_perplexity_of_a_language_sft_alone_against_the_base(base, sfts, model_and_tokenizer, tmp_path):
+    """Without --task-sft (a task without a head): θ⁰ + φ_lang vs θ⁰, θ⁰'s perplexity the hand computation's."""
+    lines = sentences("de", 12, seed=3)
+    (tmp_path / "held.de.txt").write_text("\n".join(lines) + "\n")
+    argv = ["eval", "--base", base, "--task", "clm", "--lang-sft", f"de={sfts / 'de'}", "--data",
+            f"de={tmp_path / 'held.de.txt'}", "--max-seq-length", 40, "--out", tmp_path / "out", "--no-progress"]
+    assert cli(*argv) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["task_sft"] is None and results["settings"] == {"task+lang": "θ⁰ + φ_lang", "task-only": "θ⁰"}
+    de = results["languages"]["de"]
+    model, tokenizer = model_and_tokenizer
+    expected, tokens = _perplexity_by_hand(model, tokenizer, lines, 40)
+    assert de["task-only"]["perplexity"] == pytest.approx(expected, rel=1e-6) and de["task-only"]["tokens"] == tokens
+    assert de["task+lang"]["perplexity"] != de["task-only"]["perplexity"]
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| language | n | θ⁰+lang ppl | θ⁰ ppl |" in table and "(no task SFT)" in table
+    with pytest.raises(LtsftError, match=r"missing --task-sft: .* without one, --task names a task scored on the base "
+                                         r"alone \(clm, xcopa, xnli_ll, belebele\)"):
+        cli(*[a for a in argv if a not in ("--task", "clm")])
