@@ -1,11 +1,12 @@
-"""Zero-shot evaluation of decoders beyond XCOPA: XNLI by log-likelihood (`xnli_ll`, lm-eval's "premise, right?
-Yes/Also/No, hypothesis" prompt), Belebele passage questions (`belebele`, lm-eval's "P: ... Q: ... A: ..." prompt)
+"""Zero-shot evaluation of decoders beyond XCOPA: XNLI by log-likelihood (`xnli_ll`, lm-eval's whole sequences
+"premise, right? Yes/Also/No, hypothesis"), Belebele passage questions (`belebele`, lm-eval's "P: ... Q: ... A: ..." prompt)
 and per-language perplexity of held-out text (`clm`). Each: the prompt as lm-eval builds it, scores equal to a hand
 computation with plain transformers on a tiny random Llama, clear errors for bad input, and `ltsft eval` with a task
 SFT, with and without a language SFT."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -66,14 +67,14 @@ def test_xnli_prompt_is_lm_evals_per_language():
     task = get_task("xnli_ll")
     en = read_eval_data("xnli_ll", "en", XNLI)
     assert [r.label for r in en] == [2, 0, 1]  # contradiction, entailment, neutral: the choices' order
-    assert task.context(en[0]) == "The cat sat on the mat., right?"
-    assert task.continuations(en[0]) == [" Yes, The cat is standing.", " Also, The cat is standing.",
-                                         " No, The cat is standing."]
+    assert task.context(en[0]) == ""  # lm-eval 0.4.13 scores each whole sequence after the start of a text
+    assert task.continuations(en[0]) == [" The cat sat on the mat., right? Yes, The cat is standing.",
+                                         " The cat sat on the mat., right? Also, The cat is standing.",
+                                         " The cat sat on the mat., right? No, The cat is standing."]
     de = read_eval_data("xnli_ll", "de", XNLI)[0]
-    assert task.context(de).endswith(", richtig?")
-    assert [c.split(",")[0] for c in task.choices(de)] == ["Ja", "Auch", "Nein"]
+    assert [c.split(", ")[1] for c in task.choices(de)] == ["richtig? Ja", "richtig? Auch", "richtig? Nein"]
     sw = read_eval_data("xnli_ll", "sw", XNLI)[0]
-    assert task.context(sw).endswith(", sahihi?") and task.choices(sw)[2].startswith("Hapana, ")
+    assert ", sahihi? Hapana, " in task.choices(sw)[2] and task.metrics == ("acc",)  # lm-eval reports acc only
 
 
 def test_xnli_scores_equal_a_hand_computation(model_and_tokenizer):
@@ -84,8 +85,8 @@ def test_xnli_scores_equal_a_hand_computation(model_and_tokenizer):
     hand, choices = [], []
     for r in records:  # the prompt written out here, not taken from the task
         question, *labels = words[r.language]
-        choices.append([f"{w}, {r.hypothesis}" for w in labels])
-        hand.append([by_hand(model, tokenizer, f"{r.premise}, {question}?", " " + c) for c in choices[-1]])
+        choices.append([f"{r.premise}, {question}? {w}, {r.hypothesis}" for w in labels])
+        hand.append([by_hand(model, tokenizer, "", " " + c) for c in choices[-1]])  # after <s> alone
     encoded = task.encode(tokenizer, records, Encoding(max_seq_length=64))
     assert encoded.rows == 18  # a row per (pair, choice)
     outputs = _outputs(task, model, encoded, batch=4)
@@ -93,6 +94,30 @@ def test_xnli_scores_equal_a_hand_computation(model_and_tokenizer):
     acc, acc_norm = acc_and_acc_norm(hand, choices, [r.label for r in records])
     scores = task.score(encoded, outputs, "en", EvalOptions())
     assert scores == {"acc": pytest.approx(acc), "acc_norm": pytest.approx(acc_norm), "examples": 6}
+
+
+def test_an_empty_context_is_the_end_of_sequence_token_for_a_tokenizer_without_a_beginning_one(model_and_tokenizer):
+    """lm-eval conditions a whole-sequence choice on BOS, or on EOS where the tokenizer has none (Qwen2's): every
+    token of the choice is then scored, the first one too."""
+    from tokenizers import processors
+
+    model, tokenizer = model_and_tokenizer
+    no_bos = copy.deepcopy(tokenizer)
+    no_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
+    no_bos.bos_token = None
+    assert no_bos("")["input_ids"] == [] and no_bos.eos_token_id is not None
+    task = get_task("xnli_ll")
+    record = read_eval_data("xnli_ll", "en", XNLI)[0]
+    encoded = task.encode(no_bos, [record], Encoding(max_seq_length=64))
+    ids, labels = encoded.examples.tensors["input_ids"][0], encoded.examples.tensors["labels"][0]
+    choice = no_bos(task.continuations(record)[0])["input_ids"]
+    assert ids[:len(choice) + 1].tolist() == [no_bos.eos_token_id, *choice]
+    assert labels[0] == -100 and labels[1:len(choice) + 1].tolist() == choice  # the first token is scored too
+    whole = torch.tensor([[no_bos.eos_token_id, *choice]])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(whole).logits[0].double(), -1)
+    expected = sum(float(logprobs[t - 1, whole[0, t]]) for t in range(1, whole.shape[1]))
+    assert float(_outputs(task, model, encoded, batch=3)[0][0]) == pytest.approx(expected, abs=1e-5)
 
 
 def test_xnli_bad_input_names_the_file_the_line_and_the_fix(tmp_path):
@@ -116,7 +141,7 @@ def test_belebele_prompt_is_lm_evals():
     assert [r.correct for r in records] == [1, 0, 3, 2] and records[1].where.endswith("belebele_eng_Latn.jsonl:2")
     assert task.context(records[1]) == (
         "P: The river flows north through the old town. In spring the water rises and the bridges close for a week."
-        "\nQ: Which way does the river flow?\nA: North\nB: South\nC: East\nD: West\nAnswer：")  # lm-eval's "："
+        "\nQ: Which way does the river flow?\nA: North\nB: South\nC: East\nD: West\nAnswer:")
     assert task.continuations(records[1]) == [" A", " B", " C", " D"]
     assert task.gold(records[1]) == 0
 
@@ -129,7 +154,7 @@ def test_belebele_scores_equal_a_hand_computation(model_and_tokenizer):
     hand = []
     for row in rows:
         context = (f"P: {row['flores_passage']}\nQ: {row['question'].strip()}\nA: {row['mc_answer1']}\n"
-                   f"B: {row['mc_answer2']}\nC: {row['mc_answer3']}\nD: {row['mc_answer4']}\nAnswer：")
+                   f"B: {row['mc_answer2']}\nC: {row['mc_answer3']}\nD: {row['mc_answer4']}\nAnswer:")
         hand.append([by_hand(model, tokenizer, context, " " + letter) for letter in "ABCD"])
     encoded = task.encode(tokenizer, records, Encoding(max_seq_length=160))
     outputs = _outputs(task, model, encoded, batch=3)
@@ -219,8 +244,7 @@ def cli(*argv) -> int:
 
 
 @pytest.mark.parametrize("task, data, header", [
-    ("xnli_ll", {"de": XNLI, "en": XNLI}, "| language | n | task+lang acc | task+lang acc_norm | TA-only acc | "
-                                          "TA-only acc_norm |"),
+    ("xnli_ll", {"de": XNLI, "en": XNLI}, "| language | n | task+lang acc | TA-only acc |"),
     ("belebele", {"de": BELEBELE, "en": BELEBELE}, "| language | n | task+lang acc | task+lang acc_norm | "
                                                    "TA-only acc | TA-only acc_norm |"),
     ("clm", {"de": "held.de.txt", "en": "held.en.txt"}, "| language | n | task+lang ppl | TA-only ppl |"),

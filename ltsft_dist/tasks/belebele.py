@@ -1,7 +1,6 @@
 """Belebele (Bandarkar et al., 2024), multiple-choice reading comprehension on FLORES passages in 122 language
 variants, scored zero-shot by log-likelihood as lm-evaluation-harness scores it: the passage, the question and the
-four answers lettered A-D, then "Answer：" (lm-eval's template ends in a full-width colon, kept so that scores
-compare), continued by each letter.
+four answers lettered A-D, then "Answer:", continued by each letter.
 
 Files are the release's JSON lines (one per language, e.g. `est_Latn.jsonl`), with Belebele's field names:
 `{"flores_passage", "question", "mc_answer1", ..., "mc_answer4", "correct_answer_num"}` (the correct answer's
@@ -63,7 +62,7 @@ class Belebele(LogLikelihoodChoice):
 
     def context(self, record: BelebeleRecord) -> str:
         answers = "".join(f"\n{letter}: {answer}" for letter, answer in zip(LETTERS, record.answers))
-        return f"P: {record.passage}\nQ: {record.question.strip()}{answers}\nAnswer："
+        return f"P: {record.passage}\nQ: {record.question.strip()}{answers}\nAnswer:"
 
     def choices(self, record: BelebeleRecord) -> list[str]:
         return list(LETTERS)

@@ -3,8 +3,10 @@
 length in characters (the choice's own text, without the delimiter that joins it to the context, as lm-eval counts).
 
 Context and choice are encoded jointly and split at the length of the context's own encoding (lm-eval's rule, so a
-word piece that merges across the boundary is scored as part of the choice); the context is framed as the
-tokenizer frames a text (Llama's <s>). Every (example, choice) pair is one right-padded row whose labels are the
+word piece that merges across the boundary is scored as part of the choice; white space ending the context moves to
+the choice first, as lm-eval moves it); the context is framed as the tokenizer frames a text (Llama's <s>). An empty
+context (a task that scores whole sequences) is the beginning-of-sequence token, or the end-of-sequence token of a
+tokenizer without one, as in lm-eval. Every (example, choice) pair is one right-padded row whose labels are the
 choice's tokens; `forward` returns each row's summed log-probability. A task of this kind defines its reader, its
 prompt (`context`), its `choices` and the `gold` one; each choice follows the context after `delimiter` (lm-eval's
 target delimiter, a space).
@@ -70,17 +72,20 @@ class LogLikelihoodChoice(Task):
         raise NotImplementedError
 
     def texts(self, records: list) -> list[str]:
-        return [text for r in records for text in [self.context(r), *self.continuations(r)]]
+        return [text for r in records for text in [self.context(r), *self.continuations(r)] if text.strip()]
 
     def encode(self, tokenizer, records: list, encoding: Encoding, labels=None) -> Encoded:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         rows, targets, example, choice, characters = [], [], [], [], []
         max_len = encoding.max_seq_length
+        prefix = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
         for e, record in enumerate(records):
             context = self.context(record)
-            n_context = len(tokenizer(context)["input_ids"])
+            n_context = len(tokenizer(context.rstrip())["input_ids"])
+            start = prefix if n_context == 0 else []  # nothing to condition on but the start of a sequence
+            n_context += len(start)
             for c, (choice_text, continuation) in enumerate(zip(self.choices(record), self.continuations(record))):
-                whole = tokenizer(context + continuation)["input_ids"]
+                whole = start + tokenizer(context + continuation)["input_ids"]
                 if len(whole) > max_len:
                     raise LtsftError(f"{getattr(record, 'where', e)}: context and choice {c + 1} take {len(whole)} "
                                      f"tokens, more than --max-seq-length {max_len}; raise it")

@@ -1,6 +1,7 @@
-"""XNLI for decoders, zero-shot by log-likelihood as lm-evaluation-harness scores it (the XGLM/mGPT prompt): the
-context is the premise followed by the language's "right?", each choice the language's "Yes" / "Also" / "No"
-(entailment, neutral, contradiction), a comma and the hypothesis: `"{premise}, right?" + " Yes, {hypothesis}"`.
+"""XNLI for decoders, zero-shot by log-likelihood as lm-evaluation-harness (0.4.13) scores it, with the XGLM/mGPT
+prompt: each choice is a whole sequence, the premise, the language's "right?", its "Yes" / "Also" / "No"
+(entailment, neutral, contradiction) and the hypothesis, `"{premise}, right? Yes, {hypothesis}"`, scored after an
+empty context (the tokenizer's beginning-of-sequence token alone); lm-eval reports `acc` only.
 
 The data are read by the NLI task's readers (`ltsft_dist.tasks.nli`: the XNLI 1.0 TSV, MultiNLI-style JSONL for
 English, the HF `facebook/xnli` dataset), whose label order (entailment, neutral, contradiction) is the choices'.
@@ -42,12 +43,14 @@ def _with_prompt_words(fmt: Format) -> Format:
 class XNLILogLikelihood(LogLikelihoodChoice):
     name = "xnli_ll"
     formats = {name: _with_prompt_words(NLI.formats[name]) for name in ("xnli-tsv", "multinli-jsonl", "hf")}
+    metrics = ("acc",)
 
     def context(self, record: NLIRecord) -> str:
-        return f"{record.premise}, {WORDS[record.language][0]}?"
+        return ""
 
     def choices(self, record: NLIRecord) -> list[str]:
-        return [f"{word}, {record.hypothesis}" for word in WORDS[record.language][1:]]
+        right, *answers = WORDS[record.language]
+        return [f"{record.premise}, {right}? {answer}, {record.hypothesis}" for answer in answers]
 
     def gold(self, record: NLIRecord) -> int:
         return record.label
