@@ -7,8 +7,8 @@ and what to set, and all of them are reported at once.
   told by its config.json alone (fetched from the hub without the weights);
 - `check_environment()`: the GPUs the job was given are usable by this torch, and the installed dependencies lie in
   the ranges pyproject.toml pins (the versions tested: `shards.py` reads DeepSpeed 0.19 internals);
-- `check_pipeline(...)`: all three for every training stage of a pipeline (`ltsft pipeline --check`, and before any stage
-  of `ltsft pipeline` runs);
+- `check_pipeline(...)`: all three for every training stage of a pipeline (`ltsft pipeline --check`, and before
+  any stage of `ltsft pipeline` runs);
 - `before_training(config, world_size)`: the start of every training run, collective: every rank's problems and
   whether it can read a file rank 0 wrote into the run directory (ranks share it: a shared file system is
   required), gathered so that every rank stops with the same list.

@@ -1,5 +1,6 @@
 """Zero-shot evaluation of decoders beyond XCOPA: XNLI by log-likelihood (`xnli_ll`, lm-eval's whole sequences
-"premise, right? Yes/Also/No, hypothesis"), Belebele passage questions (`belebele`, lm-eval's "P: ... Q: ... A: ..." prompt)
+"premise, right? Yes/Also/No, hypothesis"), Belebele passage questions (`belebele`, lm-eval's "P: ... Q: ... A: ..."
+prompt)
 and per-language perplexity of held-out text (`clm`). Each: the prompt as lm-eval builds it, scores equal to a hand
 computation with plain transformers on a tiny random Llama, clear errors for bad input, and `ltsft eval` with a task
 SFT, with and without a language SFT."""
@@ -39,7 +40,8 @@ SIZES = dict(vocab_size=500, hidden_size=16, num_hidden_layers=2, num_attention_
 def base(tmp_path_factory):
     """A tiny Llama and its WordPiece tokenizer, trained on the fixtures' text and the demo sentences."""
     texts = [line for line in XNLI.read_text(encoding="utf-8").splitlines()[1:]]
-    texts += [v for row in map(json.loads, BELEBELE.read_text().splitlines()) for v in row.values() if isinstance(v, str)]
+    rows = map(json.loads, BELEBELE.read_text().splitlines())
+    texts += [v for row in rows for v in row.values() if isinstance(v, str)]
     texts += sentences("en", 40, seed=1) + sentences("de", 40, seed=1)
     directory = tmp_path_factory.mktemp("base") / "llama"
     save_tiny_base(directory, ModelConfig(tiny=SIZES, architecture="llama"), texts, seed=5)
@@ -195,7 +197,8 @@ def test_belebele_accepts_an_integer_answer_number(tmp_path):
 def _perplexity_by_hand(model, tokenizer, lines: list[str], max_len: int) -> tuple[float, int]:
     """exp(mean NLL per token) of the text: its lines' tokens, each line closed by </s>, in blocks of max_len - 1
     tokens each scored after <s> alone; every token of the text is predicted once."""
-    stream = [t for ids in tokenizer(lines, add_special_tokens=False)["input_ids"] for t in ids + [tokenizer.eos_token_id]]
+    lines_ids = tokenizer(lines, add_special_tokens=False)["input_ids"]
+    stream = [t for ids in lines_ids for t in ids + [tokenizer.eos_token_id]]
     nll = 0.0
     for start in range(0, len(stream), max_len - 1):
         block = [tokenizer.bos_token_id] + stream[start:start + max_len - 1]
@@ -271,7 +274,8 @@ def test_ltsft_eval_with_and_without_a_language_sft(base, sfts, model_and_tokeni
             expected, tokens = _perplexity_by_hand(model, tokenizer, sentences("de", 12, seed=3), 160)
         finally:
             task_sft.revert(model)
-        assert de["task-only"]["perplexity"] == pytest.approx(expected, rel=1e-6) and de["task-only"]["tokens"] == tokens
+        assert de["task-only"]["perplexity"] == pytest.approx(expected, rel=1e-6)
+        assert de["task-only"]["tokens"] == tokens
         assert "perplexity, lower is better" in markdown_table(results)
 
 
