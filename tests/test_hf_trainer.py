@@ -188,3 +188,55 @@ def test_offload_the_masking_does_not_handle_is_refused():
     with pytest.raises(LtsftError, match='zero_force_ds_cpu_optimizer": false'):
         check_trainer(_fake_trainer(_args(), cpu))
     check_trainer(_fake_trainer(_args(), {**cpu, "zero_force_ds_cpu_optimizer": False}))
+
+
+# --- the examples, offline on a tiny base ------------------------------------------------------------------------
+
+TINY_BASE = dict(vocab_size=200, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=30,
+                 max_position_embeddings=64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["mlm", "xnli"])
+def test_example_runs_offline_on_a_tiny_model(script, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from ltsft_dist.config import PACKAGE_DS_CONFIGS, ModelConfig
+    from ltsft_dist.demo_text import nli_examples, sentences
+    from ltsft_dist.models import save_tiny_base
+    from ltsft_dist.sft import SparseFineTuning
+
+    save_tiny_base(tmp_path / "base", ModelConfig(tiny=dict(TINY_BASE)), sentences("en", 300))
+    if script == "mlm":
+        data = tmp_path / "en.txt"
+        data.write_text("\n".join(sentences("en", 300, seed=1)) + "\n")
+        extra = ["--sft_kind", "language", "--max_seq_length", "16"]
+    else:
+        data = tmp_path / "nli.jsonl"
+        data.write_text("".join(json.dumps({"premise": p, "hypothesis": h, "label": label}) + "\n"
+                                for p, h, label in nli_examples("en", 64)))
+        extra = ["--sft_kind", "task"]
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    example = Path(__file__).resolve().parents[1] / "examples" / f"run_{script}_ltsft.py"
+    subprocess.run([sys.executable, str(example), "--model_name_or_path", str(tmp_path / "base"),
+                    "--train_file", str(data), "--output_dir", str(out),
+                    "--deepspeed", str(PACKAGE_DS_CONFIGS / "zero0.json"), "--per_device_train_batch_size", "8",
+                    "--learning_rate", "1e-3", "--max_steps", "6", "--phase1_steps", "3", "--density", "0.05",
+                    "--report_to", "tensorboard", "--logging_steps", "1", "--save_strategy", "no",
+                    "--languages", "en", *extra], env=env, check=True, timeout=600, cwd=tmp_path)
+    sft = SparseFineTuning.from_pretrained(out / "sft")
+    assert sft.metadata.kind == ("language" if script == "mlm" else "task")
+    assert sft.metadata.languages == ["en"] and sft.metadata.base_model == str(tmp_path / "base")
+    assert sum(len(idx) for idx, _ in sft.diffs.values()) == sft.metadata.k > 0
+    if script == "xnli":
+        assert any(name.startswith("classifier") for name in sft.heads)  # the dense task head
+    else:
+        assert not any("LayerNorm" in name for name in sft.diffs)  # language SFTs freeze the norms
+    assert list((out / "runs").rglob("events.out.tfevents.*"))  # the Trainer's TensorBoard logs
