@@ -18,8 +18,7 @@ from datasets import load_dataset
 from transformers import (AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling, HfArgumentParser,
                           TrainingArguments)
 
-from ltsft_dist.engine import init_distributed
-from ltsft_dist.integrations.hf import LTSFTArguments, LTSFTTrainer
+from ltsft_dist.integrations.hf import LTSFTArguments, LTSFTTrainer, join_process_group
 
 
 @dataclass
@@ -36,7 +35,7 @@ class DataArguments:
 
 
 def main(argv: list[str] | None = None) -> None:
-    init_distributed()  # the ranks of whichever launcher started us (none: one rank)
+    join_process_group()  # the ranks of whichever launcher started us (none: one rank); before TrainingArguments
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, LTSFTArguments))
     model_args, data_args, training_args, ltsft_args = parser.parse_args_into_dataclasses(argv)
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)

@@ -18,8 +18,7 @@ from datasets import load_dataset
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
                           HfArgumentParser, TrainingArguments)
 
-from ltsft_dist.engine import init_distributed
-from ltsft_dist.integrations.hf import LTSFTArguments, LTSFTTrainer
+from ltsft_dist.integrations.hf import LTSFTArguments, LTSFTTrainer, join_process_group
 from ltsft_dist.sft import SparseFineTuning
 
 LABELS = ("entailment", "neutral", "contradiction")  # XNLI's label ids
@@ -39,7 +38,7 @@ class DataArguments:
 
 
 def main(argv: list[str] | None = None) -> None:
-    init_distributed()
+    join_process_group()
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, LTSFTArguments))
     model_args, data_args, training_args, ltsft_args = parser.parse_args_into_dataclasses(argv)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)

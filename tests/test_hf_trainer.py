@@ -40,9 +40,10 @@ def _trainer(cfg, stage: int, output_dir: str, save_steps: int = 0, crash_at: in
 
     from ltsft_dist.config import PACKAGE_DS_CONFIGS
     from ltsft_dist.engine import read_ds_config
-    from ltsft_dist.integrations.hf import LTSFTArguments, LTSFTTrainer
+    from ltsft_dist.integrations.hf import LTSFTArguments, LTSFTTrainer, join_process_group
 
     AcceleratorState._reset_state()  # each case its own DeepSpeed plugin (the process group stays)
+    join_process_group()
 
     class CrashAt(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -55,7 +56,8 @@ def _trainer(cfg, stage: int, output_dir: str, save_steps: int = 0, crash_at: in
         learning_rate=cfg.phase1.lr, warmup_steps=cfg.phase1.warmup_steps, weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, max_steps=cfg.phase1.steps + cfg.phase2.steps,
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, report_to=[],
-        logging_steps=1, disable_tqdm=True, average_tokens_across_devices=False)
+        logging_steps=1, disable_tqdm=True, average_tokens_across_devices=False,
+        accelerator_config={"use_configured_state": True})
     ltsft = LTSFTArguments(sft_kind=cfg.kind, density=cfg.density, phase1_steps=cfg.phase1.steps,
                            phase2_steps=cfg.phase2.steps)
     return LTSFTTrainer(model=tiny_model(cfg.kind), args=args, train_dataset=classification_examples(),
@@ -145,7 +147,8 @@ def _args(**kwargs):
 
 
 def _fake_trainer(args, ds: dict, optimizer=None, deepspeed=True):
-    return SimpleNamespace(args=SimpleNamespace(optim=args.optim, hf_deepspeed_config=SimpleNamespace(config=ds)),
+    return SimpleNamespace(args=SimpleNamespace(optim=args.optim, hf_deepspeed_config=SimpleNamespace(config=ds),
+                                                world_size=1),
                            is_deepspeed_enabled=deepspeed, optimizer=optimizer, lr_scheduler=None)
 
 

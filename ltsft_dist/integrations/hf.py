@@ -13,6 +13,8 @@ phase changes happen right after the optimizer step that ends a phase.
 
 from __future__ import annotations
 
+import operator
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,6 +106,31 @@ class LTSFTArguments:
         if phase2 <= 0:
             raise LtsftError(f"{where}: phase2_steps: must be positive, got {phase2}")
         return config.complete()
+
+
+def join_process_group() -> None:
+    """Join the ranks of whichever launcher started us (`ltsft_dist.engine.init_distributed`; none: one rank), and
+    set up accelerate's state for them. Call it before `TrainingArguments`.
+
+    On GPUs accelerate counts the ranks itself. On CPUs it gives a process group no backend and counts one process
+    (then DeepSpeed refuses the batch size at W > 1): here its state is made to say what the process group says,
+    and `TrainingArguments(accelerator_config={"use_configured_state": True})` keeps it (without that,
+    TrainingArguments starts accelerate's state afresh; `LTSFTTrainer` then stops naming the fix)."""
+    from accelerate.state import PartialState
+
+    from ltsft_dist.devices import accelerator_type
+    from ltsft_dist.engine import init_distributed
+
+    init_distributed()
+    if not PartialState._shared_state:
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # what TrainingArguments(deepspeed=...) sets for it
+        try:
+            PartialState()
+        finally:
+            del os.environ["ACCELERATE_USE_DEEPSPEED"]
+    if accelerator_type() != "cuda":
+        PartialState._shared_state.update(num_processes=comm.world_size(), process_index=comm.rank(),
+                                          local_process_index=int(os.environ.get("LOCAL_RANK", comm.rank())))
 
 
 class SparseFineTuner:
@@ -286,6 +313,11 @@ def check_trainer(trainer) -> None:
     from ltsft_dist import preflight
 
     args = trainer.args
+    if args.world_size != comm.world_size():
+        raise LtsftError(
+            f"the Trainer counts {args.world_size} process(es) but {comm.world_size()} ranks were launched (accelerate "
+            "counts one process on CPUs): call ltsft_dist.integrations.hf.join_process_group() before "
+            'TrainingArguments, and give it accelerator_config={"use_configured_state": True}')
     if not trainer.is_deepspeed_enabled:
         raise LtsftError("LTSFTTrainer: TrainingArguments.deepspeed is not set: LT-SFT runs on the Trainer's DeepSpeed "
                          "engine (also for one process); pass deepspeed=<a config with \"auto\" values>, e.g. "
@@ -354,7 +386,9 @@ class LTSFTTrainerMixin:
         args, world = self.args, comm.world_size()
         order = StepOrder(self.train_dataset, args.per_device_train_batch_size * world * args.gradient_accumulation_steps,
                           args.per_device_train_batch_size, comm.rank(), world, args.seed)
-        return torch.utils.data.DataLoader(ScheduledBatches(order, self.tuner), batch_size=None)
+        # items are whole micro-batches: batches of one, unwrapped (a sampler lets the Trainer skip on resume)
+        return torch.utils.data.DataLoader(ScheduledBatches(order, self.tuner), batch_size=1,
+                                           collate_fn=operator.itemgetter(0))
 
     def _state_file(self, checkpoint) -> Path:
         return Path(checkpoint) / STATE_DIR / f"rank{comm.rank()}.pt"
