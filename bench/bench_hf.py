@@ -87,7 +87,8 @@ def worker(steps: int, repeats: int, micro: int, seq: int, density: float) -> di
             out = comm.broadcast_object(tempfile.mkdtemp(prefix="bench-hf-") if comm.rank() == 0 else None)
             config = TrainConfig(kind="task", density=density, output_dir=out, resume=False,
                                  phase1=PhaseConfig(steps=PHASE1, lr=1e-4), phase2=PhaseConfig(steps=steps, lr=1e-4),
-                                 batch_size=micro * world, micro_batch_size=micro, weight_decay=0.01, max_grad_norm=1.0)
+                                 batch_size=micro * world, micro_batch_size=micro, weight_decay=0.01,
+                                 max_grad_norm=1.0).complete()
             starts = (_recipe_run(model, examples, config, micro, world) if kind == "ltsft"
                       else _trainer_run(model, examples, config, micro, out))
             step = statistics.median(b - a for a, b in zip(starts, starts[1:]))
