@@ -68,6 +68,36 @@ def _result(sft, stats) -> dict | None:
     return None if sft is None else {"diffs": sft.diffs, "heads": sft.heads, "frozen_drift": stats.frozen_drift}
 
 
+def _accelerate_run(cfg, world_size: int):
+    """The same run as a custom accelerate loop with the `LTSFT` helper, fed ltsft's batches in ltsft's order."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DeepSpeedPlugin
+
+    from ltsft_dist import comm
+    from ltsft_dist.data import StepOrder
+    from ltsft_dist.engine import ds_config_for
+    from ltsft_dist.integrations.hf import LoopArguments, LTSFT, LTSFTArguments, join_process_group
+
+    AcceleratorState._reset_state()
+    join_process_group()
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config_for(cfg, world_size)))
+    loop = LoopArguments(max_steps=cfg.phase1.steps + cfg.phase2.steps, learning_rate=cfg.phase1.lr,
+                         per_device_train_batch_size=cfg.micro_batch_size, warmup_steps=cfg.phase1.warmup_steps,
+                         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed)
+    ltsft = LTSFT(tiny_model(cfg.kind), LTSFTArguments(sft_kind=cfg.kind, density=cfg.density,
+                                                       phase1_steps=cfg.phase1.steps), loop, accelerator)
+    model, optimizer, scheduler = ltsft.prepare(ltsft.tuner.model)
+    order = StepOrder(classification_examples(), cfg.batch_size, cfg.micro_batch_size, comm.rank(), world_size,
+                      cfg.seed)
+    for step in range(ltsft.total_steps):
+        batch = {k: v.to(accelerator.device) for k, v in order.batch_at(ltsft.tuner.phase_at(step)[2], 0).items()}
+        with accelerator.accumulate(model):
+            accelerator.backward(model(**batch).loss)
+        scheduler.step()
+    return _result(ltsft.finish(), ltsft.tuner.stats)
+
+
 def run_pairs(stages: list[int], world_size: int, resume_stage: int | None) -> dict:
     """Per stage: `ltsft train`'s recipe and the LTSFTTrainer on the same setup; with `resume_stage`, also a
     Trainer run that crashes mid-phase 2 and is resumed from its checkpoint. Rank 0 returns the SFTs."""
@@ -87,6 +117,7 @@ def run_pairs(stages: list[int], world_size: int, resume_stage: int | None) -> d
         out[f"hf-z{stage}"] = _result(trainer.sft, trainer.tuner.stats)
         if comm.rank() == 0:
             out[f"hf-z{stage}"]["saved"] = sorted(p.name for p in (Path(directory) / "sft").iterdir())
+        out[f"accelerate-z{stage}"] = _accelerate_run(cfg, world_size)
     if resume_stage is not None:
         cfg = _config(resume_stage, world_size)
         directory = comm.broadcast_object(tempfile.mkdtemp(prefix="ltsft-hf-") if comm.rank() == 0 else None)
@@ -131,6 +162,13 @@ def test_trainer_matches_ltsft_train(world_size, stage, pairs):
     assert ours["frozen_drift"] == 0
     assert sum(len(idx) for idx, _ in ours["diffs"].values()) > 0
     assert ours["saved"] and any(name.endswith(".safetensors") for name in ours["saved"])
+
+
+@pytest.mark.parametrize("world_size,stage", [(1, 0), (2, 2), (2, 3)])
+def test_accelerate_loop_matches_ltsft_train(world_size, stage, pairs):
+    result = pairs(world_size)
+    _assert_same_sft(result[f"accelerate-z{stage}"], result[f"ltsft-z{stage}"])
+    assert result[f"accelerate-z{stage}"]["frozen_drift"] == 0
 
 
 def test_trainer_resumed_mid_phase2_matches_uninterrupted(pairs):

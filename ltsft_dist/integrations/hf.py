@@ -344,6 +344,64 @@ def check_trainer(trainer) -> None:
     preflight.require(problems)
 
 
+@dataclass
+class LoopArguments:
+    """Your loop's settings that LT-SFT needs, named as in `TrainingArguments` (for `LTSFT`, without a Trainer)."""
+
+    max_steps: int = field(metadata=field_help("optimizer steps: rounds × (phase1_steps + phase2_steps)"))
+    learning_rate: float = field(metadata=field_help("peak learning rate of each phase"))
+    per_device_train_batch_size: int = field(metadata=field_help("per rank per forward pass"))
+    gradient_accumulation_steps: int = field(default=1, metadata=field_help("micro-batches per optimizer step"))
+    warmup_steps: int = field(default=0, metadata=field_help("linear warm-up steps of each phase"))
+    weight_decay: float = field(default=0.0, metadata=field_help("AdamW's, not on biases and norms"))
+    max_grad_norm: float = field(default=1.0, metadata=field_help("must equal the DeepSpeed config's clipping"))
+    seed: int = field(default=42, metadata=field_help("random selection's seed (RAND-SFT)"))
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    output_dir: str = field(default=".", metadata=field_help("recorded in the SFT's training config"))
+
+    def get_warmup_steps(self, steps: int) -> int:
+        return self.warmup_steps
+
+
+class LTSFT:
+    """LT-SFT in your own loop under `accelerate launch --use_deepspeed` (any ZeRO stage), on the same core:
+
+        ltsft = LTSFT(model, LTSFTArguments(...), LoopArguments(...), accelerator)
+        model, optimizer, scheduler = ltsft.prepare(model)        # accelerator.prepare + θ⁰ + the masked step
+        for step in range(ltsft.total_steps):
+            for batch in micro_batches(step):
+                with accelerator.accumulate(model):
+                    accelerator.backward(model(**batch).loss)      # at the boundary: mask, L1 pull, engine step
+            scheduler.step()
+        sft = ltsft.finish()                                       # rank 0: the SparseFineTuning
+
+    `accelerator.backward` runs the optimizer step at each accumulation boundary (as accelerate does under
+    DeepSpeed); phase changes (selection, rewind) happen right after the step that ends a phase."""
+
+    def __init__(self, model: torch.nn.Module, ltsft_args: LTSFTArguments, loop_args: LoopArguments, accelerator):
+        self.args, self.accelerator = loop_args, accelerator
+        self.tuner = SparseFineTuner(model, ltsft_args.train_config(loop_args, accelerator.num_processes),
+                                     ltsft_args.base_model)
+        self.total_steps = self.tuner.total_steps
+
+    def prepare(self, model: torch.nn.Module, *others):
+        """`accelerator.prepare(model, AdamW, *others)`, θ⁰ from the engine it built, the masked step in place of
+        accelerate's; returns the prepared model, optimizer and `others`, then the per-phase LR scheduler."""
+        args = self.args
+        optimizer = adamw(model, args.learning_rate, args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
+                          eps=args.adam_epsilon)
+        prepared = self.accelerator.prepare(model, optimizer, *others)
+        engine = self.accelerator.deepspeed_engine_wrapped.engine
+        self.tuner.attach(engine)
+        self.accelerator.deepspeed_engine_wrapped = MaskedEngine(engine, self.tuner)
+        return (*prepared, PhaseLR(prepared[1], self.tuner.lr))
+
+    def finish(self) -> SparseFineTuning | None:
+        return self.tuner.finish()
+
+
 class LTSFTTrainerMixin:
     """LT-SFT for a Trainer class: `class MyTrainer(LTSFTTrainerMixin, Trainer)` (before the Trainer in the bases),
     or `LTSFTTrainer`. `train_dataset` may also be ltsft `Examples`, fed in `ltsft train`'s order.
