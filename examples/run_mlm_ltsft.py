@@ -18,7 +18,7 @@ from datasets import load_dataset
 from transformers import (AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling, HfArgumentParser,
                           TrainingArguments)
 
-from ltsft_dist.integrations.hf import LTSFTArguments, LTSFTTrainer, join_process_group
+from ltsft_dist.integrations.hf import LTSFTArguments, LTSFTTrainer, join_process_group, token_mean_loss
 
 
 @dataclass
@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=data_args.mlm_probability)
     ltsft_args.base_model = ltsft_args.base_model or model_args.model_name_or_path
     trainer = LTSFTTrainer(model=model, args=training_args, train_dataset=train, data_collator=collator,
-                           processing_class=tokenizer, ltsft_args=ltsft_args)
+                           processing_class=tokenizer, ltsft_args=ltsft_args,
+                           compute_loss_func=token_mean_loss)  # the mean over the step's masked tokens
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
 

@@ -16,15 +16,15 @@ import pytest
 import torch
 
 from distributed import run_ranks
-from scenarios import classification_examples, task_config, tiny_model
+from scenarios import classification_examples, mlm_examples, task_config, tiny_model
 from ltsft_dist.config import PhaseConfig
 from ltsft_dist.errors import LtsftError
 
 PHASE = PhaseConfig(steps=6, lr=3e-3, warmup_steps=2)  # both phases: the Trainer's warm-up applies to each
 
 
-def _config(stage: int, world_size: int):
-    cfg = task_config(f"zero{stage}.json", phase1=PHASE, phase2=copy.deepcopy(PHASE))
+def _config(stage: int, world_size: int, **overrides):
+    cfg = task_config(f"zero{stage}.json", phase1=PHASE, phase2=copy.deepcopy(PHASE), **overrides)
     cfg.micro_batch_size = cfg.batch_size // world_size
     return cfg
 
@@ -33,14 +33,17 @@ class Crash(Exception):
     pass
 
 
-def _trainer(cfg, stage: int, output_dir: str, save_steps: int = 0, crash_at: int = 0):
+def _trainer(cfg, output_dir: str, examples=None, accumulation: int = 1, save_steps: int = 0, crash_at: int = 0):
+    """The LTSFTTrainer of `cfg`'s setup (its DeepSpeed file, batch split, optimizer settings, schedule). MLM's
+    per-token loss is averaged over the step's tokens on all ranks, as `ltsft train` does (`token_mean_loss` with
+    `average_tokens_across_devices`); a classifier's mean loss is only left unscaled without the latter (README)."""
     from transformers import TrainerCallback, TrainingArguments
 
     from accelerate.state import AcceleratorState
 
     from ltsft_dist.config import PACKAGE_DS_CONFIGS
     from ltsft_dist.engine import read_ds_config
-    from ltsft_dist.integrations.hf import LTSFTArguments, LTSFTTrainer, join_process_group
+    from ltsft_dist.integrations.hf import LTSFTArguments, LTSFTTrainer, join_process_group, token_mean_loss
 
     AcceleratorState._reset_state()  # each case its own DeepSpeed plugin (the process group stays)
     join_process_group()
@@ -51,16 +54,19 @@ def _trainer(cfg, stage: int, output_dir: str, save_steps: int = 0, crash_at: in
                 raise Crash(state.global_step)
 
     args = TrainingArguments(
-        output_dir=output_dir, deepspeed=read_ds_config(PACKAGE_DS_CONFIGS / f"zero{stage}.json"),
-        per_device_train_batch_size=cfg.micro_batch_size, gradient_accumulation_steps=1,
+        output_dir=output_dir, deepspeed=read_ds_config(PACKAGE_DS_CONFIGS / cfg.deepspeed),
+        per_device_train_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=accumulation,
         learning_rate=cfg.phase1.lr, warmup_steps=cfg.phase1.warmup_steps, weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, max_steps=cfg.phase1.steps + cfg.phase2.steps,
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, report_to=[],
-        logging_steps=1, disable_tqdm=True, average_tokens_across_devices=False,
+        logging_steps=1, disable_tqdm=True, average_tokens_across_devices=accumulation > 1,
         accelerator_config={"use_configured_state": True})
     ltsft = LTSFTArguments(sft_kind=cfg.kind, density=cfg.density, phase1_steps=cfg.phase1.steps,
                            phase2_steps=cfg.phase2.steps)
-    return LTSFTTrainer(model=tiny_model(cfg.kind), args=args, train_dataset=classification_examples(),
+    return LTSFTTrainer(model=tiny_model(cfg.kind), args=args,
+                        train_dataset=classification_examples() if examples is None else examples,
+                        compute_loss_func=token_mean_loss if examples is not None and examples.mlm else None,
                         ltsft_args=ltsft, callbacks=[CrashAt()])
 
 
@@ -98,35 +104,43 @@ def _accelerate_run(cfg, world_size: int):
     return _result(ltsft.finish(), ltsft.tuner.stats)
 
 
-def run_pairs(stages: list[int], world_size: int, resume_stage: int | None) -> dict:
-    """Per stage: `ltsft train`'s recipe and the LTSFTTrainer on the same setup; with `resume_stage`, also a
-    Trainer run that crashes mid-phase 2 and is resumed from its checkpoint. Rank 0 returns the SFTs."""
+def run_pairs(stages: list[int], world_size: int, resume_stage: int | None, extra: bool) -> dict:
+    """Per stage: `ltsft train`'s recipe, the LTSFTTrainer and the accelerate loop on the same setup; with `extra`,
+    a language SFT with accumulation (recipe and Trainer); with `resume_stage`, a Trainer run
+    that crashes mid-phase 2 and is resumed from its checkpoint. Rank 0 returns the SFTs."""
     from ltsft_dist import comm
     from ltsft_dist.engine import ds_config_for
     from ltsft_dist.recipe import LTSFTRecipe
 
+    def run_dir() -> str:
+        return comm.broadcast_object(tempfile.mkdtemp(prefix="ltsft-hf-") if comm.rank() == 0 else None)
+
+    cases = [(f"z{stage}", _config(stage, world_size), classification_examples(), 1) for stage in stages]
+    if extra:
+        language = _config(2, world_size, kind="language", weight_decay=0.05, batch_size=24)
+        language.micro_batch_size = language.batch_size // (world_size * 2)
+        cases.append(("language-accum-z2", language, mlm_examples(), 2))
     out = {}
-    for stage in stages:
-        cfg = _config(stage, world_size)
-        recipe = LTSFTRecipe(tiny_model(cfg.kind), classification_examples(), cfg, ds_config_for(cfg, world_size),
-                             show_progress=False)
-        out[f"ltsft-z{stage}"] = _result(recipe.run(), recipe.stats)
-        directory = comm.broadcast_object(tempfile.mkdtemp(prefix="ltsft-hf-") if comm.rank() == 0 else None)
-        trainer = _trainer(cfg, stage, directory)
+    for name, cfg, examples, accumulation in cases:
+        recipe = LTSFTRecipe(tiny_model(cfg.kind), examples, cfg, ds_config_for(cfg, world_size), show_progress=False)
+        out[f"ltsft-{name}"] = _result(recipe.run(), recipe.stats)
+        directory = run_dir()
+        trainer = _trainer(cfg, directory, examples, accumulation)
         trainer.train()
-        out[f"hf-z{stage}"] = _result(trainer.sft, trainer.tuner.stats)
+        out[f"hf-{name}"] = _result(trainer.sft, trainer.tuner.stats)
         if comm.rank() == 0:
-            out[f"hf-z{stage}"]["saved"] = sorted(p.name for p in (Path(directory) / "sft").iterdir())
-        out[f"accelerate-z{stage}"] = _accelerate_run(cfg, world_size)
+            out[f"hf-{name}"]["saved"] = sorted(p.name for p in (Path(directory) / "sft").iterdir())
+        if name in [f"z{stage}" for stage in stages]:
+            out[f"accelerate-{name}"] = _accelerate_run(cfg, world_size)
     if resume_stage is not None:
         cfg = _config(resume_stage, world_size)
-        directory = comm.broadcast_object(tempfile.mkdtemp(prefix="ltsft-hf-") if comm.rank() == 0 else None)
+        directory = run_dir()
         try:
-            _trainer(cfg, resume_stage, directory, save_steps=8, crash_at=9).train()
+            _trainer(cfg, directory, save_steps=8, crash_at=9).train()
             raise AssertionError("the run did not crash")
         except Crash:
             pass
-        trainer = _trainer(cfg, resume_stage, directory)
+        trainer = _trainer(cfg, directory)
         trainer.train(resume_from_checkpoint=f"{directory}/checkpoint-8")
         out[f"resumed-z{resume_stage}"] = _result(trainer.sft, trainer.tuner.stats)
     return out if comm.rank() == 0 else None
@@ -134,7 +148,7 @@ def run_pairs(stages: list[int], world_size: int, resume_stage: int | None) -> d
 
 def launch(world_size: int) -> dict:
     stages, resume = ([0], None) if world_size == 1 else ([2, 3], 2)
-    return run_ranks(run_pairs, world_size, stages, world_size, resume)[0]
+    return run_ranks(run_pairs, world_size, stages, world_size, resume, world_size > 1)[0]
 
 
 @pytest.fixture(scope="session")
@@ -154,10 +168,10 @@ def _assert_same_sft(a: dict, b: dict, atol: float = 2e-6) -> None:
         torch.testing.assert_close(head, b["heads"][name], rtol=0, atol=atol, msg=f"{name}: head differs")
 
 
-@pytest.mark.parametrize("world_size,stage", [(1, 0), (2, 2), (2, 3)])
-def test_trainer_matches_ltsft_train(world_size, stage, pairs):
+@pytest.mark.parametrize("world_size,case", [(1, "z0"), (2, "z2"), (2, "z3"), (2, "language-accum-z2")])
+def test_trainer_matches_ltsft_train(world_size, case, pairs):
     result = pairs(world_size)
-    ours, theirs = result[f"hf-z{stage}"], result[f"ltsft-z{stage}"]
+    ours, theirs = result[f"hf-{case}"], result[f"ltsft-{case}"]
     _assert_same_sft(ours, theirs)
     assert ours["frozen_drift"] == 0
     assert sum(len(idx) for idx, _ in ours["diffs"].values()) > 0

@@ -308,6 +308,18 @@ class ScheduledBatches(torch.utils.data.Dataset):
         return self.order.batch_at(self.tuner.phase_at(step)[2], micro)
 
 
+def token_mean_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """`Trainer(compute_loss_func=token_mean_loss)`: an encoder's per-token loss (MLM, tagging) as `ltsft train`
+    computes it: cross-entropy summed over the labelled tokens, divided by the labelled tokens of the whole step
+    (all micro-batches; all ranks with `average_tokens_across_devices`). BERT's own MLM loss is a per-micro-batch
+    mean, which the Trainer then neither averages over accumulation steps nor over ranks' token counts."""
+    logits = outputs["logits"]
+    total = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten().to(logits.device),
+                                              reduction="sum")
+    count = labels.ne(-100).sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    return total / count
+
+
 def check_trainer(trainer) -> None:
     """Refuse what the masking does not handle, naming the argument and the fix."""
     from ltsft_dist import preflight
