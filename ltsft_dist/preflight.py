@@ -94,7 +94,12 @@ def check_precision(config: TrainConfig, where: str, prefix: str = "") -> list[P
     from ltsft_dist.engine import read_ds_config
 
     path = config.deepspeed_path()
-    ds, at = read_ds_config(path), str(path)
+    return check_ds_config(read_ds_config(path), str(path), config.model.dtype, where, prefix)
+
+
+def check_ds_config(ds: dict, at: str, model_dtype: str = "fp32", where: str = "training config",
+                    prefix: str = "") -> list[Problem]:
+    """`check_precision` on a DeepSpeed config mapping `ds` read from `at` (also the Trainer integration's)."""
     fp16 = _enabled(ds, "fp16")
     bf16 = _enabled(ds, "bf16") or _enabled(ds, "bfloat16")
     zero = ds.get("zero_optimization") or {}
@@ -107,11 +112,11 @@ def check_precision(config: TrainConfig, where: str, prefix: str = "") -> list[P
             f"weights, which DeepSpeed keeps only under ZeRO): set it to 1, 2 or 3, or set {prefix}deepspeed: "
             "zero2_bf16.json in the training config")))
     trains_in = "fp16" if fp16 else "bf16" if bf16 else "fp32"
-    if config.model.dtype not in ("fp32", trains_in):
+    if model_dtype not in ("fp32", trains_in):
         problems.append(Problem(where, f"{prefix}model.dtype", (
-            f"the model is loaded in {config.model.dtype} but {at} trains in {trains_in}: set {prefix}model.dtype: "
-            f"fp32 (the default), or give {prefix}deepspeed a config with \"{config.model.dtype}\": "
-            '{"enabled": true} at ZeRO stage 1-3' + (" (zero2_bf16.json)" if config.model.dtype == "bf16" else ""))))
+            f"the model is loaded in {model_dtype} but {at} trains in {trains_in}: set {prefix}model.dtype: "
+            f"fp32 (the default), or give {prefix}deepspeed a config with \"{model_dtype}\": "
+            '{"enabled": true} at ZeRO stage 1-3' + (" (zero2_bf16.json)" if model_dtype == "bf16" else ""))))
     accumulate = str((ds.get("data_types") or {}).get("grad_accum_dtype", "")).lower()
     if bf16 and stage == 1 and offload != "cpu" and accumulate in _FP32:
         problems.append(Problem(at, "data_types.grad_accum_dtype", (
