@@ -1,9 +1,10 @@
 """A task SFT (NLI) with the transformers Trainer, in the shape of HF's run_xnli.py, trained as the paper does it:
-on the source language with that language's SFT applied (`--language_sft`), so that at inference the task SFT
-composes with any target language's SFT.
+on the source language with that language's SFT applied to θ⁰ at every step (`--language_sfts en=DIR`, swapped
+into the working weights as `ltsft train`'s `language_sfts` does; the task SFT stays relative to θ⁰), so that at
+inference the task SFT composes with any target language's SFT.
 
     deepspeed --num_gpus 2 examples/run_xnli_ltsft.py --model_name_or_path xlm-roberta-base \
-        --train_file mnli.jsonl --language_sft runs/en/sft --output_dir runs/nli \
+        --train_file mnli.jsonl --language_sfts en=runs/en/sft --output_dir runs/nli \
         --deepspeed ltsft_dist/ds_configs/zero2.json --per_device_train_batch_size 16 --learning_rate 2e-5 \
         --max_steps 10000 --sft_kind task --phase1_steps 5000 --density 0.028
 
@@ -19,7 +20,6 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Dat
                           HfArgumentParser, TrainingArguments)
 
 from ltsft_dist.integrations.hf import LTSFTArguments, LTSFTTrainer, join_process_group
-from ltsft_dist.sft import SparseFineTuning
 
 LABELS = ("entailment", "neutral", "contradiction")  # XNLI's label ids
 
@@ -27,8 +27,6 @@ LABELS = ("entailment", "neutral", "contradiction")  # XNLI's label ids
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(metadata={"help": "the base model θ⁰: a hub id or a directory"})
-    language_sft: str | None = field(default=None, metadata={"help": "the source language's SFT, applied to θ⁰ "
-                                                                     "while the task SFT trains"})
 
 
 @dataclass
@@ -45,8 +43,6 @@ def main(argv: list[str] | None = None) -> None:
     model = AutoModelForSequenceClassification.from_pretrained(
         model_args.model_name_or_path, num_labels=len(LABELS), id2label=dict(enumerate(LABELS)),
         label2id={name: i for i, name in enumerate(LABELS)})
-    if model_args.language_sft:
-        SparseFineTuning.from_pretrained(model_args.language_sft).apply(model, skip_missing_heads=True)
     raw = load_dataset("json", data_files={"train": data_args.train_file})["train"]
 
     def encode(batch):

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from distributed import run_ranks
-from scenarios import classification_examples, mlm_examples, task_config, tiny_model
+from scenarios import classification_examples, language_sfts, mlm_examples, task_config, tiny_model
 from ltsft_dist.config import PhaseConfig
 from ltsft_dist.errors import LtsftError
+from ltsft_dist.multisource import MultiSourceOrder, SamplingConfig
 
 PHASE = PhaseConfig(steps=6, lr=3e-3, warmup_steps=2)  # both phases: the Trainer's warm-up applies to each
 
@@ -33,7 +34,8 @@ class Crash(Exception):
     pass
 
 
-def _trainer(cfg, output_dir: str, examples=None, accumulation: int = 1, save_steps: int = 0, crash_at: int = 0):
+def _trainer(cfg, output_dir: str, examples=None, accumulation: int = 1, save_steps: int = 0, crash_at: int = 0,
+             language_sfts=None):
     """The LTSFTTrainer of `cfg`'s setup (its DeepSpeed file, batch split, optimizer settings, schedule). MLM's
     per-token loss is averaged over the step's tokens on all ranks, as `ltsft train` does (`token_mean_loss` with
     `average_tokens_across_devices`); a classifier's mean loss is only left unscaled without the latter (README)."""
@@ -63,10 +65,11 @@ def _trainer(cfg, output_dir: str, examples=None, accumulation: int = 1, save_st
         logging_steps=1, disable_tqdm=True, average_tokens_across_devices=accumulation > 1,
         accelerator_config={"use_configured_state": True})
     ltsft = LTSFTArguments(sft_kind=cfg.kind, density=cfg.density, phase1_steps=cfg.phase1.steps,
-                           phase2_steps=cfg.phase2.steps)
+                           phase2_steps=cfg.phase2.steps, language_sfts=language_sfts,
+                           sampling=cfg.sampling.policy, sampling_temperature=cfg.sampling.temperature)
     return LTSFTTrainer(model=tiny_model(cfg.kind), args=args,
                         train_dataset=classification_examples() if examples is None else examples,
-                        compute_loss_func=token_mean_loss if examples is not None and examples.mlm else None,
+                        compute_loss_func=token_mean_loss if getattr(examples, "mlm", None) else None,
                         ltsft_args=ltsft, callbacks=[CrashAt()])
 
 
@@ -104,10 +107,51 @@ def _accelerate_run(cfg, world_size: int):
     return _result(ltsft.finish(), ltsft.tuner.stats)
 
 
-def run_pairs(stages: list[int], world_size: int, resume_stage: int | None, extra: bool) -> dict:
+# Multi-source NLI-shaped classification: two source languages of different sizes (so the sampling policy matters)
+SOURCES = {"de": (48, 1), "en": (36, 11)}  # language -> (examples, seed)
+SAMPLING = SamplingConfig(policy="temperature", temperature=3.0)
+
+
+def multisource_sources() -> dict:
+    return {lang: classification_examples(n=n, seed=seed) for lang, (n, seed) in SOURCES.items()}
+
+
+def run_multisource(stage: int, world_size: int, directory: str) -> dict:
+    """`ltsft train`'s multi-source set-up (`build_multisource`: one language per step, its SFT swapped in) and
+    the LTSFTTrainer given the same sources and the language SFTs as LANG=DIR, on the same model and schedule."""
+    from ltsft_dist import comm
+    from ltsft_dist.engine import ds_config_for
+    from ltsft_dist.multisource import build_multisource
+    from ltsft_dist.recipe import LTSFTRecipe
+
+    sfts = {lang: sft for lang, sft in language_sfts().items() if lang in SOURCES}
+    if comm.rank() == 0:
+        for lang, sft in sfts.items():
+            sft.save_pretrained(Path(directory) / f"lang-{lang}")
+    comm.barrier()
+    cfg = _config(stage, world_size, sampling=copy.deepcopy(SAMPLING))
+    model = tiny_model(cfg.kind)
+    order, swap = build_multisource(model, multisource_sources(), sfts, cfg, sampling=cfg.sampling,
+                                    rank=comm.rank(), world_size=world_size)
+    recipe = LTSFTRecipe(model, order.examples, cfg, ds_config_for(cfg, world_size), show_progress=False,
+                         order=order, step_hooks=[swap])
+    out = {"ltsft": _result(recipe.run(), recipe.stats)}
+    trainer = _trainer(cfg, str(Path(directory) / "hf"), multisource_sources(),
+                       language_sfts=[f"{lang}={directory}/lang-{lang}" for lang in sorted(sfts)])
+    trainer.train()
+    out["hf"] = _result(trainer.sft, trainer.tuner.stats)
+    if out["hf"] is not None:
+        out["hf"]["swapped_steps"] = trainer.tuner.step_hooks[0].steps
+        out["hf"]["languages"] = trainer.sft.metadata.languages
+    return out
+
+
+def run_pairs(stages: list[int], world_size: int, resume_stage: int | None, extra: bool,
+              multisource_stage: int | None = None) -> dict:
     """Per stage: `ltsft train`'s recipe, the LTSFTTrainer and the accelerate loop on the same setup; with `extra`,
     a language SFT with accumulation (recipe and Trainer); with `resume_stage`, a Trainer run
-    that crashes mid-phase 2 and is resumed from its checkpoint. Rank 0 returns the SFTs."""
+    that crashes mid-phase 2 and is resumed from its checkpoint; with `multisource_stage`, a multi-source task SFT
+    with per-step language SFTs (recipe and Trainer). Rank 0 returns the SFTs."""
     from ltsft_dist import comm
     from ltsft_dist.engine import ds_config_for
     from ltsft_dist.recipe import LTSFTRecipe
@@ -143,12 +187,15 @@ def run_pairs(stages: list[int], world_size: int, resume_stage: int | None, extr
         trainer = _trainer(cfg, directory)
         trainer.train(resume_from_checkpoint=f"{directory}/checkpoint-8")
         out[f"resumed-z{resume_stage}"] = _result(trainer.sft, trainer.tuner.stats)
+    if multisource_stage is not None:
+        for side, result in run_multisource(multisource_stage, world_size, run_dir()).items():
+            out[f"{side}-multisource-z{multisource_stage}"] = result
     return out if comm.rank() == 0 else None
 
 
 def launch(world_size: int) -> dict:
-    stages, resume = ([0], None) if world_size == 1 else ([2, 3], 2)
-    return run_ranks(run_pairs, world_size, stages, world_size, resume, world_size > 1)[0]
+    stages, resume, multisource = ([0], None, 0) if world_size == 1 else ([2, 3], 2, 2)
+    return run_ranks(run_pairs, world_size, stages, world_size, resume, world_size > 1, multisource)[0]
 
 
 @pytest.fixture(scope="session")
@@ -185,6 +232,21 @@ def test_accelerate_loop_matches_ltsft_train(world_size, stage, pairs):
     assert result[f"accelerate-z{stage}"]["frozen_drift"] == 0
 
 
+@pytest.mark.parametrize("world_size,stage", [(1, 0), (2, 2)])
+def test_multisource_trainer_with_language_sfts_matches_ltsft_train(world_size, stage, pairs):
+    result = pairs(world_size)
+    ours, theirs = result[f"hf-multisource-z{stage}"], result[f"ltsft-multisource-z{stage}"]
+    _assert_same_sft(ours, theirs)
+    assert ours["frozen_drift"] == 0 and sum(len(idx) for idx, _ in ours["diffs"].values()) > 0
+    steps = PHASE.steps * 2
+    assert ours["swapped_steps"] == steps  # a language SFT in every step
+    assert ours["languages"] == sorted(SOURCES)
+    # both languages trained in each phase (each phase restarts the order), so both SFTs were swapped in
+    order = MultiSourceOrder(multisource_sources(), 12, 12, 0, 1, seed=task_config().seed,
+                             policy=SAMPLING.policy, temperature=SAMPLING.temperature)
+    assert {order.language_at(step) for step in range(PHASE.steps)} == set(SOURCES)
+
+
 def test_trainer_resumed_mid_phase2_matches_uninterrupted(pairs):
     result = pairs(2)
     _assert_same_sft(result["resumed-z2"], result["hf-z2"])
@@ -215,6 +277,30 @@ def test_max_steps_shorter_than_phase1_is_refused():
     assert (config.phase1.steps, config.phase2.steps) == (6, 4)
     with pytest.raises(LtsftError, match="LTSFTArguments: k: give exactly one of k"):
         LTSFTArguments(phase1_steps=6).train_config(_args(max_steps=10), 1)
+
+
+def test_language_sft_arguments_are_checked():
+    from ltsft_dist.integrations.hf import LTSFT, LoopArguments, LTSFTArguments
+
+    args = LTSFTArguments(density=0.1, phase1_steps=6, language_sfts=["en=runs/en/sft", "de=runs/de/sft"],
+                          sampling="uniform")
+    config = args.train_config(_args(max_steps=10), 1)
+    assert config.language_sfts == {"en": "runs/en/sft", "de": "runs/de/sft"}
+    assert config.sampling.policy == "uniform"
+    for entry in ("en", "=runs/en", "en="):
+        with pytest.raises(LtsftError, match=rf"LTSFTArguments.language_sfts: '{entry}': .*as LANG=DIR"):
+            LTSFTArguments(density=0.1, phase1_steps=6, language_sfts=[entry]).train_config(_args(max_steps=10), 1)
+    with pytest.raises(LtsftError, match="language_sfts: 'en=b': give each source language once"):
+        LTSFTArguments(density=0.1, phase1_steps=6, language_sfts=["en=a", "en=b"]).train_config(
+            _args(max_steps=10), 1)
+    with pytest.raises(LtsftError, match="language_sfts: .*task SFTs only.*sft_kind=task"):
+        LTSFTArguments(sft_kind="language", density=0.1, phase1_steps=6,
+                       language_sfts=["en=a"]).train_config(_args(max_steps=10), 1)
+    with pytest.raises(LtsftError, match="sampling='often': use one of proportional, uniform, temperature"):
+        LTSFTArguments(density=0.1, phase1_steps=6, sampling="often").train_config(_args(max_steps=10), 1)
+    with pytest.raises(LtsftError, match="language_sfts: the per-step language swap .* use LTSFTTrainer"):
+        LTSFT(torch.nn.Linear(2, 2), args, LoopArguments(max_steps=10, learning_rate=1e-3,
+                                                          per_device_train_batch_size=4), accelerator=None)
 
 
 def test_unsupported_optimizer_is_refused():
@@ -273,7 +359,13 @@ def test_example_runs_offline_on_a_tiny_model(script, tmp_path):
         data = tmp_path / "nli.jsonl"
         data.write_text("".join(json.dumps({"premise": p, "hypothesis": h, "label": label}) + "\n"
                                 for p, h, label in nli_examples("en", 64)))
-        extra = ["--sft_kind", "task"]
+        from transformers import AutoModelForSequenceClassification
+
+        from sfts import random_sft
+
+        base = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3)
+        random_sft(base, density=0.1).save_pretrained(tmp_path / "lang-en")  # swapped in at every step
+        extra = ["--sft_kind", "task", "--language_sfts", f"en={tmp_path / 'lang-en'}"]
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
            "OMP_NUM_THREADS": "1"}
@@ -292,6 +384,7 @@ def test_example_runs_offline_on_a_tiny_model(script, tmp_path):
     assert sum(len(idx) for idx, _ in sft.diffs.values()) == sft.metadata.k > 0
     if script == "xnli":
         assert any(name.startswith("classifier") for name in sft.heads)  # the dense task head
+        assert sft.metadata.training_config["language_sfts"] == {"en": str(tmp_path / "lang-en")}
     else:
         assert not any("LayerNorm" in name for name in sft.diffs)  # language SFTs freeze the norms
     assert list((out / "runs").rglob("events.out.tfevents.*"))  # the Trainer's TensorBoard logs

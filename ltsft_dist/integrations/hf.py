@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import operator
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from ltsft_dist.engine import adamw
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.files import write_atomically
 from ltsft_dist.masking import GradientMask, L1Pull
+from ltsft_dist.multisource import POLICIES, SamplingConfig, build_multisource
 from ltsft_dist.recipe import (RunStats, extract_sft, fragments_by_role, frozen_drift, linear_lr, select_masks,
                                selection_scalars, sft_metadata)
 from ltsft_dist.shards import Shards, param_shape
@@ -69,6 +71,25 @@ class LTSFTArguments:
     languages: list[str] = field(default_factory=list, metadata=field_help("language code(s), recorded in the SFT"))
     base_model: str = field(default="", metadata=field_help("the base model's hub id or directory, recorded in the SFT"))
     sft_dir: str = field(default="sft", metadata=field_help("where the SFT is written, inside output_dir"))
+    language_sfts: list[str] | None = field(default=None, metadata=field_help(
+        "task SFTs: LANG=DIR (a directory or hub id) per source language; each step trains on one language with "
+        "its SFT applied to θ⁰ for the step, as ltsft train's language_sfts (several languages: train_dataset "
+        "maps each language to its ltsft Examples)"))
+    sampling: str = field(default="proportional", metadata=field_help(
+        "multi-source: which language each step trains on (proportional | uniform | temperature)"))
+    sampling_temperature: float = field(default=1.0, metadata=field_help(
+        'for sampling "temperature": p ∝ size^(1/T)'))
+
+    def language_sft_paths(self) -> dict[str, str]:
+        """`language_sfts` as {language: directory or hub id}."""
+        paths = {}
+        for entry in self.language_sfts or []:
+            language, sep, path = entry.partition("=")
+            if not sep or not language or not path or language in paths:
+                raise LtsftError(f"LTSFTArguments.language_sfts: {entry!r}: give each source language once, as "
+                                 "LANG=DIR (e.g. en=runs/lang-en/sft)")
+            paths[language] = path
+        return paths
 
     def train_config(self, args, world_size: int) -> TrainConfig:
         """The equivalent `ltsft train` config at `world_size` ranks (validated: errors name the argument)."""
@@ -105,6 +126,13 @@ class LTSFTArguments:
         config.validate(where)
         if phase2 <= 0:
             raise LtsftError(f"{where}: phase2_steps: must be positive, got {phase2}")
+        config.language_sfts = self.language_sft_paths()
+        if config.language_sfts and self.sft_kind == "language":
+            raise LtsftError(f"{where}: language_sfts: language SFTs are applied while training task SFTs only: "
+                             "remove them, or set sft_kind=task")
+        if self.sampling not in POLICIES:
+            raise LtsftError(f"{where}: sampling={self.sampling!r}: use one of {', '.join(POLICIES)}")
+        config.sampling = SamplingConfig(policy=self.sampling, temperature=self.sampling_temperature)
         return config.complete()
 
 
@@ -159,6 +187,8 @@ class SparseFineTuner:
         self.step = 0  # optimizer steps done
         self.engine = self.shards = self.snapshot = self.selected = self.mask = self.l1 = None
         self.log = lambda values: None  # where selection scalars go (the Trainer's `log`)
+        self.step_hooks = []  # `hooks.StepHook`s around each step (the language swap), called as the recipe does
+        self._in_step = False
 
     def phase_at(self, step: int) -> tuple[int, str, int, PhaseConfig]:
         """(round, phase name, step within the phase, the phase) of the run's optimizer step `step`."""
@@ -210,8 +240,24 @@ class SparseFineTuner:
         self.selected = result.masks
         self.stats.threshold = result.threshold
         self.stats.ties_at_threshold, self.stats.ties_taken = result.ties_at_threshold, result.ties_taken
-        self.log(selection_scalars(self.shards, self.shapes, self.eligibility.roles, self.sparse, self.selected, {},
+        sfts = {lang: sft for hook in self.step_hooks for lang, sft in hook.sfts.items()}
+        self.log(selection_scalars(self.shards, self.shapes, self.eligibility.roles, self.sparse, self.selected, sfts,
                                    k_round, result.threshold))
+
+    def begin_step(self) -> None:
+        """Before a forward pass: at the step's first, the hooks' `before_step` (the step's language SFT goes
+        into the working weights). The hooks see the step within its phase, as the recipe's do."""
+        if not self._in_step:
+            within = self.phase_at(self.step)[2]
+            for hook in self.step_hooks:
+                hook.before_step(within)
+            self._in_step = True
+
+    def restore(self) -> None:
+        """Undo what the hooks left in the weights (a step that failed midway)."""
+        for hook in self.step_hooks:
+            hook.restore()
+        self._in_step = False
 
     def optimizer_step(self) -> None:
         """At an accumulation boundary, after the last backward: mask (phase 2) and pull the reduced gradients,
@@ -219,6 +265,11 @@ class SparseFineTuner:
         if self.step >= self.total_steps:
             raise LtsftError(f"optimizer step {self.step + 1} is past the LT-SFT schedule of {self.total_steps} "
                              "steps: the loop must stop at max_steps = rounds × (phase1_steps + phase2_steps)")
+        if self._in_step:
+            within = self.phase_at(self.step)[2]
+            for hook in self.step_hooks:
+                hook.before_optimizer_step(within)
+            self._in_step = False
         grads = self.shards.grads()
         if self.mask is not None:
             self.mask.mask_gradients(grads)
@@ -393,6 +444,10 @@ class LTSFT:
     DeepSpeed); phase changes (selection, rewind) happen right after the step that ends a phase."""
 
     def __init__(self, model: torch.nn.Module, ltsft_args: LTSFTArguments, loop_args: LoopArguments, accelerator):
+        if ltsft_args.language_sfts:
+            raise LtsftError("LTSFTArguments.language_sfts: the per-step language swap needs the step's data, which "
+                             "your loop feeds: use LTSFTTrainer, or apply ltsft_dist.swap.LanguageSwap around each "
+                             "step of your loop yourself")
         self.args, self.accelerator = loop_args, accelerator
         self.tuner = SparseFineTuner(model, ltsft_args.train_config(loop_args, accelerator.num_processes),
                                      ltsft_args.base_model)
@@ -416,7 +471,12 @@ class LTSFT:
 
 class LTSFTTrainerMixin:
     """LT-SFT for a Trainer class: `class MyTrainer(LTSFTTrainerMixin, Trainer)` (before the Trainer in the bases),
-    or `LTSFTTrainer`. `train_dataset` may also be ltsft `Examples`, fed in `ltsft train`'s order.
+    or `LTSFTTrainer`. `train_dataset` may also be ltsft `Examples` (or {language: Examples}), fed in `ltsft
+    train`'s order.
+
+    Multi-source (`LTSFTArguments.language_sfts`): `train_dataset` maps each source language to its `Examples`
+    ({"en": ..., "de": ...}), fed one language per step (`multisource.MultiSourceOrder`) with that language's SFT
+    swapped in for the step (`swap.LanguageSwap`), as `ltsft train` does; another dataset trains on one language.
 
     After `train()`, `self.sft` is the SparseFineTuning (rank 0; also saved to output_dir/sft_dir) and
     `self.tuner.stats` the run's statistics."""
@@ -430,7 +490,43 @@ class LTSFTTrainerMixin:
         if self.args.max_steps <= 0:
             self.args.max_steps = self.tuner.total_steps
         self.tuner.log = self.log
+        self.order = self._order_and_swap()
         self.sft = None
+
+    def _order_and_swap(self):
+        """As `ltsft train` sets up its data (`training.TrainingRun.setup`), before the engine is built: the order of
+        ltsft `Examples` (one language per step with several sources or language SFTs: `build_multisource`;
+        else `StepOrder`; None: the Trainer's own sampling of another dataset) and the language swap, which joins
+        the tuner's step hooks."""
+        from ltsft_dist.swap import LanguageSwap
+        from ltsft_dist.training import load_language_sfts
+
+        config, data = self.ltsft_config, self.train_dataset
+        sfts = load_language_sfts(config)
+        if isinstance(data, Examples) and len(sfts) == 1:  # one source language with its SFT
+            data = {next(iter(sfts)): data}
+        if isinstance(data, Mapping):
+            extra = sorted(set(sfts) - set(data))
+            if extra:
+                raise LtsftError(f"LTSFTArguments.language_sfts: {extra[0]!r} is not a source language of "
+                                 f"train_dataset ({', '.join(sorted(data))})")
+        config.languages = config.languages or sorted(data if isinstance(data, Mapping) else sfts)
+        rank, world, swap = comm.rank(), comm.world_size(), None
+        if isinstance(data, Mapping) and (len(data) > 1 or sfts):
+            order, swap = build_multisource(self.model, data, sfts or None, config, sampling=config.sampling,
+                                            rank=rank, world_size=world)
+        elif isinstance(data, (Mapping, Examples)):
+            examples = data if isinstance(data, Examples) else next(iter(data.values()))
+            order = StepOrder(examples, config.batch_size, config.micro_batch_size, rank, world, config.seed)
+        elif len(sfts) > 1:
+            raise LtsftError(f"LTSFTArguments.language_sfts names {len(sfts)} languages: multi-source training needs "
+                             "train_dataset as {language: ltsft_dist.data.Examples} (one language per step); with "
+                             "another dataset give the one source language's SFT")
+        else:  # the Trainer's own batches; a language SFT is then that of every step
+            order = None
+            swap = LanguageSwap(self.model, sfts, lambda step: next(iter(sfts))) if sfts else None
+        self.tuner.step_hooks = [swap] if swap is not None else []
+        return order
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -451,13 +547,10 @@ class LTSFTTrainerMixin:
         return self.lr_scheduler
 
     def get_train_dataloader(self):
-        if not isinstance(self.train_dataset, Examples):
+        if self.order is None:
             return super().get_train_dataloader()
-        args, world = self.args, comm.world_size()
-        order = StepOrder(self.train_dataset, args.per_device_train_batch_size * world * args.gradient_accumulation_steps,
-                          args.per_device_train_batch_size, comm.rank(), world, args.seed)
         # items are whole micro-batches: batches of one, unwrapped (a sampler lets the Trainer skip on resume)
-        return torch.utils.data.DataLoader(ScheduledBatches(order, self.tuner), batch_size=1,
+        return torch.utils.data.DataLoader(ScheduledBatches(self.order, self.tuner), batch_size=1,
                                            collate_fn=operator.itemgetter(0))
 
     def _state_file(self, checkpoint) -> Path:
@@ -483,6 +576,10 @@ class LTSFTTrainerMixin:
                              "resume from a checkpoint an LTSFTTrainer wrote at this number of ranks")
         self.tuner.load_state_dict(torch.load(path, weights_only=True), str(path))
 
+    def training_step(self, *args, **kwargs):
+        self.tuner.begin_step()
+        return super().training_step(*args, **kwargs)
+
     def log(self, logs: dict, *args, **kwargs):
         """The Trainer's logs (TensorBoard with report_to) plus the LT-SFT phase of the logged step."""
         if "loss" in logs and 0 < self.state.global_step <= self.tuner.total_steps:
@@ -492,7 +589,10 @@ class LTSFTTrainerMixin:
     def train(self, *args, **kwargs):
         """The Trainer's `train()` (resume_from_checkpoint and all), then the SFT: saved by rank 0 to
         output_dir/sft_dir, as `ltsft train` writes it."""
-        output = super().train(*args, **kwargs)
+        try:
+            output = super().train(*args, **kwargs)
+        finally:  # an error mid-step must not leave a language delta in the working weights
+            self.tuner.restore()
         self.sft = self.tuner.finish()
         stats = self.tuner.stats
         self.log({"sft/k": float(stats.k), "sft/frozen_drift": float(stats.frozen_drift)})
