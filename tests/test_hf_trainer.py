@@ -49,6 +49,10 @@ def _trainer(cfg, output_dir: str, examples=None, accumulation: int = 1, save_st
 
     AcceleratorState._reset_state()  # each case its own DeepSpeed plugin (the process group stays)
     join_process_group()
+    ds = read_ds_config(PACKAGE_DS_CONFIGS / cfg.deepspeed)
+    bf16 = (ds.get("bf16") or {}).get("enabled") is True
+    if bf16:  # TrainingArguments fills "auto" with its bf16=False here: a DeepSpeed bf16=true would mismatch it
+        ds["bf16"]["enabled"] = "auto"
 
     class CrashAt(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -56,7 +60,7 @@ def _trainer(cfg, output_dir: str, examples=None, accumulation: int = 1, save_st
                 raise Crash(state.global_step)
 
     args = TrainingArguments(
-        output_dir=output_dir, deepspeed=read_ds_config(PACKAGE_DS_CONFIGS / cfg.deepspeed),
+        output_dir=output_dir, deepspeed=ds,
         per_device_train_batch_size=cfg.micro_batch_size,
         gradient_accumulation_steps=accumulation,
         learning_rate=cfg.phase1.lr, warmup_steps=cfg.phase1.warmup_steps, weight_decay=cfg.weight_decay,
@@ -64,6 +68,10 @@ def _trainer(cfg, output_dir: str, examples=None, accumulation: int = 1, save_st
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, report_to=[],
         logging_steps=1, disable_tqdm=True, average_tokens_across_devices=accumulation > 1,
         accelerator_config={"use_configured_state": True})
+    if bf16:  # what TrainingArguments(bf16=True) gives DeepSpeed on a GPU; on a CPU transformers refuses bf16=True
+        # unless use_cpu, which turns DeepSpeed off
+        args.hf_deepspeed_config.config["bf16"]["enabled"] = True
+        args.hf_deepspeed_config._dtype = torch.bfloat16
     ltsft = LTSFTArguments(sft_kind=cfg.kind, density=cfg.density, phase1_steps=cfg.phase1.steps,
                            phase2_steps=cfg.phase2.steps, language_sfts=language_sfts,
                            sampling=cfg.sampling.policy, sampling_temperature=cfg.sampling.temperature)
@@ -164,6 +172,7 @@ def run_pairs(stages: list[int], world_size: int, resume_stage: int | None, extr
         language = _config(2, world_size, kind="language", weight_decay=0.05, batch_size=24)
         language.micro_batch_size = language.batch_size // (world_size * 2)
         cases.append(("language-accum-z2", language, mlm_examples(), 2))
+        cases.append(("z2-bf16", _config(2, world_size, deepspeed="zero2_bf16.json"), classification_examples(), 1))
     out = {}
     for name, cfg, examples, accumulation in cases:
         recipe = LTSFTRecipe(tiny_model(cfg.kind), examples, cfg, ds_config_for(cfg, world_size), show_progress=False)
@@ -174,6 +183,8 @@ def run_pairs(stages: list[int], world_size: int, resume_stage: int | None, extr
         out[f"hf-{name}"] = _result(trainer.sft, trainer.tuner.stats)
         if comm.rank() == 0:
             out[f"hf-{name}"]["saved"] = sorted(p.name for p in (Path(directory) / "sft").iterdir())
+            out[f"hf-{name}"]["bf16"] = trainer.accelerator.deepspeed_engine_wrapped.engine.bfloat16_enabled()
+            out[f"ltsft-{name}"]["bf16"] = recipe.engine.bfloat16_enabled()
         if name in [f"z{stage}" for stage in stages]:
             out[f"accelerate-{name}"] = _accelerate_run(cfg, world_size)
     if resume_stage is not None:
@@ -203,16 +214,16 @@ def pairs(launches):
     return functools.partial(launches, launch)
 
 
-def _assert_same_sft(a: dict, b: dict, atol: float = 2e-6) -> None:
+def _assert_same_sft(a: dict, b: dict, atol: float = 2e-6, rtol: float = 0.0) -> None:
     assert a is not None and b is not None
     assert sorted(a["diffs"]) == sorted(b["diffs"])
     for name, (idx, values) in a["diffs"].items():
         other_idx, other_values = b["diffs"][name]
         assert torch.equal(idx, other_idx), f"{name}: masks differ"
-        torch.testing.assert_close(values, other_values, rtol=0, atol=atol, msg=f"{name}: φ differs")
+        torch.testing.assert_close(values, other_values, rtol=rtol, atol=atol, msg=f"{name}: φ differs")
     assert sorted(a["heads"]) == sorted(b["heads"])
     for name, head in a["heads"].items():
-        torch.testing.assert_close(head, b["heads"][name], rtol=0, atol=atol, msg=f"{name}: head differs")
+        torch.testing.assert_close(head, b["heads"][name], rtol=rtol, atol=atol, msg=f"{name}: head differs")
 
 
 @pytest.mark.parametrize("world_size,case", [(1, "z0"), (2, "z2"), (2, "z3"), (2, "language-accum-z2")])
@@ -223,6 +234,15 @@ def test_trainer_matches_ltsft_train(world_size, case, pairs):
     assert ours["frozen_drift"] == 0
     assert sum(len(idx) for idx, _ in ours["diffs"].values()) > 0
     assert ours["saved"] and any(name.endswith(".safetensors") for name in ours["saved"])
+
+
+def test_trainer_bf16_matches_ltsft_train(pairs):
+    """bf16 from the DeepSpeed config at W=2 ZeRO-2: the same mask, φ within bf16 tolerance (torch's defaults)."""
+    result = pairs(2)
+    ours, theirs = result["hf-z2-bf16"], result["ltsft-z2-bf16"]
+    assert ours["bf16"] and theirs["bf16"]
+    _assert_same_sft(ours, theirs, atol=1e-5, rtol=1.6e-2)
+    assert ours["frozen_drift"] == 0 and sum(len(idx) for idx, _ in ours["diffs"].values()) > 0
 
 
 @pytest.mark.parametrize("world_size,stage", [(1, 0), (2, 2), (2, 3)])
