@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -124,9 +125,10 @@ def multisource_sources() -> dict:
     return {lang: classification_examples(n=n, seed=seed) for lang, (n, seed) in SOURCES.items()}
 
 
-def run_multisource(stage: int, world_size: int, directory: str) -> dict:
+def run_multisource(stage: int, world_size: int, directory: str, resume: bool) -> dict:
     """`ltsft train`'s multi-source set-up (`build_multisource`: one language per step, its SFT swapped in) and
-    the LTSFTTrainer given the same sources and the language SFTs as LANG=DIR, on the same model and schedule."""
+    the LTSFTTrainer given the same sources and the language SFTs as LANG=DIR, on the same model and schedule;
+    with `resume`, a Trainer run that crashes mid-phase 2, resumed, and resumed after a language SFT changed."""
     from ltsft_dist import comm
     from ltsft_dist.engine import ds_config_for
     from ltsft_dist.multisource import build_multisource
@@ -144,13 +146,34 @@ def run_multisource(stage: int, world_size: int, directory: str) -> dict:
     recipe = LTSFTRecipe(model, order.examples, cfg, ds_config_for(cfg, world_size), show_progress=False,
                          order=order, step_hooks=[swap])
     out = {"ltsft": _result(recipe.run(), recipe.stats)}
-    trainer = _trainer(cfg, str(Path(directory) / "hf"), multisource_sources(),
-                       language_sfts=[f"{lang}={directory}/lang-{lang}" for lang in sorted(sfts)])
+    given = [f"{lang}={directory}/lang-{lang}" for lang in sorted(sfts)]
+    trainer = _trainer(cfg, str(Path(directory) / "hf"), multisource_sources(), language_sfts=given)
     trainer.train()
     out["hf"] = _result(trainer.sft, trainer.tuner.stats)
     if out["hf"] is not None:
         out["hf"]["swapped_steps"] = trainer.tuner.step_hooks[0].steps
         out["hf"]["languages"] = trainer.sft.metadata.languages
+    if resume:
+        run = str(Path(directory) / "crashed")
+        try:
+            _trainer(cfg, run, multisource_sources(), save_steps=8, crash_at=9, language_sfts=given).train()
+            raise AssertionError("the run did not crash")
+        except Crash:
+            pass
+        trainer = _trainer(cfg, run, multisource_sources(), language_sfts=given)
+        trainer.train(resume_from_checkpoint=f"{run}/checkpoint-8")
+        out["resumed"] = _result(trainer.sft, trainer.tuner.stats)
+        comm.barrier()
+        if comm.rank() == 0:  # the same language, other values: a resume would mix two runs
+            changed = language_sfts(scale=0.2)["de"]
+            changed.save_pretrained(Path(directory) / "lang-de")
+        comm.barrier()
+        try:
+            _trainer(cfg, run, multisource_sources(), language_sfts=given).train(
+                resume_from_checkpoint=f"{run}/checkpoint-8")
+            out["changed"] = "resumed"
+        except LtsftError as err:
+            out["changed"] = str(err)
     return out
 
 
@@ -199,7 +222,7 @@ def run_pairs(stages: list[int], world_size: int, resume_stage: int | None, extr
         trainer.train(resume_from_checkpoint=f"{directory}/checkpoint-8")
         out[f"resumed-z{resume_stage}"] = _result(trainer.sft, trainer.tuner.stats)
     if multisource_stage is not None:
-        for side, result in run_multisource(multisource_stage, world_size, run_dir()).items():
+        for side, result in run_multisource(multisource_stage, world_size, run_dir(), world_size > 1).items():
             out[f"{side}-multisource-z{multisource_stage}"] = result
     return out if comm.rank() == 0 else None
 
@@ -265,6 +288,13 @@ def test_multisource_trainer_with_language_sfts_matches_ltsft_train(world_size, 
     order = MultiSourceOrder(multisource_sources(), 12, 12, 0, 1, seed=task_config().seed,
                              policy=SAMPLING.policy, temperature=SAMPLING.temperature)
     assert {order.language_at(step) for step in range(PHASE.steps)} == set(SOURCES)
+
+
+def test_multisource_trainer_resumed_mid_phase2_matches_uninterrupted(pairs):
+    result = pairs(2)
+    _assert_same_sft(result["resumed-multisource-z2"], result["hf-multisource-z2"])
+    assert re.search(r"language SFT 'de' changed since .*checkpoint-8.* resuming would mix two runs",
+                     result["changed-multisource-z2"])
 
 
 def test_trainer_resumed_mid_phase2_matches_uninterrupted(pairs):

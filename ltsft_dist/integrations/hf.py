@@ -25,6 +25,7 @@ from transformers import Trainer
 
 from ltsft_dist import comm
 from ltsft_dist import eligibility as elig
+from ltsft_dist.checkpoint import check_inputs
 from ltsft_dist.config import ModelConfig, PhaseConfig, TrainConfig, field_help
 from ltsft_dist.data import Examples, StepOrder
 from ltsft_dist.engine import adamw
@@ -285,7 +286,11 @@ class SparseFineTuner:
         return {"step": self.step, "world_size": self.shards.world_size, "stage": self.shards.stage,
                 "fragments": [(f.name, f.param_offset, f.numel) for f in self.sparse],
                 "selected": None if self.selected is None else [m.cpu() for m in self.selected],
-                "stats": dict(self.stats.__dict__)}
+                "stats": dict(self.stats.__dict__), "inputs": self.inputs()}
+
+    def inputs(self) -> dict[str, str]:
+        """Fingerprints of what the step hooks read (language SFTs): a resume must find them unchanged."""
+        return {key: value for hook in self.step_hooks for key, value in hook.fingerprints.items()}
 
     def load_state_dict(self, state: dict, where: str) -> None:
         here = (self.shards.world_size, self.shards.stage)
@@ -293,6 +298,7 @@ class SparseFineTuner:
                 (f.name, f.param_offset, f.numel) for f in self.sparse]:
             raise LtsftError(f"{where}: written at {state['world_size']} rank(s), ZeRO {state['stage']} (or another "
                              f"model); this run has {here[0]} rank(s), ZeRO {here[1]}: resume with the same ones")
+        check_inputs(where, state.get("inputs", {}), self.inputs())
         self.step = state["step"]
         self.selected = (None if state["selected"] is None
                          else [m.to(self.shards.device) for m in state["selected"]])
