@@ -161,8 +161,7 @@ class LTSFTRecipe:
             else:
                 if cfg.selection == "magnitude":
                     self.train_phase(r, "phase1", cfg.phase1, None, at.step if resuming else 0)
-                k_round = self.stats.k if cfg.selection == "all" else round(self.stats.k * r / cfg.rounds)
-                self.selected = self.select(k_round, previous=self.selected)
+                self.selected = self.select(k_of_round(cfg, self.stats.k, r), previous=self.selected)
                 self.snapshot.rewind()
                 self.shards.reset_optimizer_state()
                 phase2_start = 0
@@ -526,6 +525,11 @@ def fragments_by_role(shards: Shards, roles: dict[str, str]) -> tuple[list, list
     """My sparse (eligible) fragments and my dense-head fragments."""
     return ([f for f in shards.fragments if roles[f.name] == "sparse"],
             [f for f in shards.fragments if roles[f.name] == "head"])
+
+
+def k_of_round(config: TrainConfig, k: int, round_: int) -> int:
+    """The mask size after round `round_` of `config.rounds`: K grows in equal parts (all of K for BitFit)."""
+    return k if config.selection == "all" else round(k * round_ / config.rounds)
 
 
 def select_masks(config: TrainConfig, shards: Shards, snapshot: Snapshot, sparse: list, k: int,

@@ -33,8 +33,8 @@ from ltsft_dist.errors import LtsftError
 from ltsft_dist.files import write_atomically
 from ltsft_dist.masking import GradientMask, L1Pull
 from ltsft_dist.multisource import POLICIES, SamplingConfig, build_multisource
-from ltsft_dist.recipe import (RunStats, extract_sft, fragments_by_role, frozen_drift, linear_lr, select_masks,
-                               selection_scalars, sft_metadata)
+from ltsft_dist.recipe import (RunStats, extract_sft, fragments_by_role, frozen_drift, k_of_round, linear_lr,
+                               select_masks, selection_scalars, sft_metadata)
 from ltsft_dist.shards import Shards, param_shape
 from ltsft_dist.sft import SparseFineTuning, base_fingerprint
 from ltsft_dist.snapshot import Snapshot
@@ -235,9 +235,8 @@ class SparseFineTuner:
         self.l1 = L1Pull(self.shards, self.snapshot, self.sparse, phase.l1, self.stats.n_eligible)
 
     def _select(self, round_: int) -> None:
-        cfg, k = self.config, self.stats.k
-        k_round = k if cfg.selection == "all" else round(k * round_ / cfg.rounds)
-        result = select_masks(cfg, self.shards, self.snapshot, self.sparse, k_round, self.selected)
+        k_round = k_of_round(self.config, self.stats.k, round_)
+        result = select_masks(self.config, self.shards, self.snapshot, self.sparse, k_round, self.selected)
         self.selected = result.masks
         self.stats.threshold = result.threshold
         self.stats.ties_at_threshold, self.stats.ties_taken = result.ties_at_threshold, result.ties_taken
