@@ -25,6 +25,7 @@ import bench_adapters  # noqa: E402
 import bench_demo  # noqa: E402
 import bench_data  # noqa: E402
 import bench_e2e  # noqa: E402
+import bench_hf  # noqa: E402
 import bench_llm  # noqa: E402
 import bench_scaling  # noqa: E402
 import bench_step  # noqa: E402
@@ -37,7 +38,7 @@ from ltsft_dist.files import write_text  # noqa: E402
 
 # Run order = cheapest first. Each module has KEYS, run(quick) -> {key: result} and lines(results) -> summary.
 MODULES = (bench_theta0, bench_topk, bench_step, bench_swap, bench_e2e, bench_scaling, bench_adapters, bench_stress,
-           bench_data, bench_llm, bench_demo)
+           bench_data, bench_llm, bench_hf, bench_demo)
 NAMES = {m.__name__.removeprefix("bench_"): m for m in MODULES}  # `--only swap` runs every key of bench_swap
 KEYS = {key: m for m in MODULES for key in m.KEYS}
 

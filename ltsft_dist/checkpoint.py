@@ -268,6 +268,17 @@ def _digest(path: Path) -> dict:
     return {"size": path.stat().st_size, "sha256": h.hexdigest()}
 
 
+def check_inputs(written: Path | str, saved: dict[str, str], now: dict[str, str]) -> None:
+    """Refuse to resume from `written` when an input file (by name -> fingerprint) changed since it was written:
+    resuming would silently change the run."""
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if changed:
+        raise LtsftError(
+            f"{', '.join(changed)} changed since {written} was written (fingerprint "
+            f"{saved.get(changed[0], 'none')[:12]} then, {now.get(changed[0], 'none')[:12]} now): resuming would "
+            "mix two runs. Put the original file(s) back, or start over in a new output_dir")
+
+
 def load(directory: Path, shards: Shards, parameters: dict[str, dict], inputs: dict | None = None
          ) -> tuple[Progress, dict, Callable[[Fragment], dict[str, torch.Tensor]]]:
     """Collective. Restores this rank's RNG states (a rank the saving job did not have keeps its own) and returns
@@ -276,13 +287,7 @@ def load(directory: Path, shards: Shards, parameters: dict[str, dict], inputs: d
     too: an input file changed since would silently change the run."""
     info = json.loads((directory / "progress.json").read_text())
     _check_parameters(directory, info["parameters"], parameters)
-    saved, now = info.get("inputs", {}), inputs or {}
-    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    if changed:
-        raise LtsftError(
-            f"{', '.join(changed)} changed since {directory} was written (fingerprint "
-            f"{saved.get(changed[0], 'none')[:12]} then, {now.get(changed[0], 'none')[:12]} now): resuming would "
-            "mix two runs. Put the original file(s) back, or start over in a new output_dir")
+    check_inputs(directory, info.get("inputs", {}), inputs or {})
     rng = directory / f"rng_rank{shards.rank}.pt"
     if rng.is_file():
         _set_rng_states(torch.load(rng, weights_only=True))

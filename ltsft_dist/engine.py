@@ -192,17 +192,23 @@ def partitioned_construction(ds_config: dict | None):
         unset_hf_deepspeed_config()  # later loads (evaluation, export) are whole models again
 
 
-def build_engine(model: torch.nn.Module, ds_config: dict, lr: float, weight_decay: float):
-    """AdamW with the usual no-decay group (biases, LayerNorm weights), handed to DeepSpeed."""
-    import deepspeed
-
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float, **adam) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters with the usual no-decay group (`decays`); `adam`: betas, eps. The one
+    optimizer the masking supports, built the same way by `ltsft train` and the Trainer integration."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (decay if decays(name) else no_decay).append(p)
     groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr, **adam)
+
+
+def build_engine(model: torch.nn.Module, ds_config: dict, lr: float, weight_decay: float):
+    """`adamw`, handed to DeepSpeed."""
+    import deepspeed
+
+    optimizer = adamw(model, lr, weight_decay)
     from ltsft_dist.devices import engine_args
 
     engine, *_ = deepspeed.initialize(args=engine_args(), model=model, optimizer=optimizer, config=ds_config)

@@ -1,4 +1,5 @@
-"""Zero-shot cross-lingual evaluation per target language: θ⁰ + φ_task + φ_lang, and TA-only θ⁰ + φ_task.
+"""Zero-shot cross-lingual evaluation per target language: θ⁰ + φ_task + φ_lang, and TA-only θ⁰ + φ_task (without a
+task SFT, for a task that needs no head, e.g. a decoder's perplexity: θ⁰ + φ_lang, and θ⁰).
 
 One model is loaded and the SFTs are applied and reverted in place (revert restores the saved values exactly), so
 every setting sees exactly θ⁰ underneath. Under a launcher the batches are dealt round-robin to the ranks; every
@@ -7,6 +8,7 @@ batch has the same rows whatever the world size, so the gathered logits, and hen
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from dataclasses import dataclass, field, fields
@@ -27,9 +29,13 @@ from ltsft_dist.tasks.qa import QA_METRICS
 
 log = logging.getLogger(__name__)
 
-COMPOSED, TASK_ONLY = "task+lang", "task-only"
+COMPOSED, TASK_ONLY = "task+lang", "task-only"  # with and without the language SFT
 SETTING_TITLES = {COMPOSED: "task+lang", TASK_ONLY: "TA-only"}
-METRIC_TITLES = {"exact_match": "EM", "f1": "F1", "accuracy": "acc", "acc": "acc", "acc_norm": "acc_norm"}
+SETTINGS = {COMPOSED: "θ⁰ + φ_task + φ_lang", TASK_ONLY: "θ⁰ + φ_task"}
+BASE_SETTING_TITLES = {COMPOSED: "θ⁰+lang", TASK_ONLY: "θ⁰"}  # no task SFT
+BASE_SETTINGS = {COMPOSED: "θ⁰ + φ_lang", TASK_ONLY: "θ⁰"}
+METRIC_TITLES = {"exact_match": "EM", "f1": "F1", "accuracy": "acc", "acc": "acc", "acc_norm": "acc_norm",
+                 "perplexity": "ppl"}
 FILE_FORMATS = tuple(f for f in FORMAT_NAMES if f not in ("auto", "hf"))  # what --format takes
 
 
@@ -72,7 +78,9 @@ class EvalConfig(EvalOptions):
 
     base: str | None = field(default=None, metadata=field_help(
         "base model: a hub id or a directory written by save_pretrained, with its tokenizer"))
-    task_sft: str | None = field(default=None, metadata=field_help("the task SFT, with its dense task head"))
+    task_sft: str | None = field(default=None, metadata=field_help(
+        "the task SFT, with its dense task head; none: θ⁰ with and without each language SFT, for a task without a "
+        "head (a decoder's: clm perplexity, xcopa, ...), which --task then names"))
     task: str | None = field(default=None, metadata=field_help(
         "the evaluated task (e.g. xcopa for an instruction task SFT); default: the task the SFT was trained for, "
         "else told by its head parameters"))
@@ -146,7 +154,7 @@ def read_eval_data(task: str, language: str, path, data_format: str | None = Non
         raise LtsftError(f"--data {path}: cannot tell the {task} format from the name and header; pass --format "
                          f"({', '.join(f for f in spec.formats if f != 'hf')})")
     examples = spec.read(SourceConfig(language=language, train_file=str(path)), data_format)
-    return examples[:limit] if limit else examples
+    return list(itertools.islice(examples, limit)) if limit else examples  # (clm's text is a lazy TextSource)
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -195,13 +203,13 @@ class _Inputs:
 
     task: str
     base: Path  # the base's local directory (a hub id's snapshot in the cache)
-    task_sft: SparseFineTuning
+    task_sft: SparseFineTuning | None  # None: θ⁰ (+ φ_lang) is evaluated
     lang_sfts: dict[str, SparseFineTuning]
     examples: dict[str, list]
     labels: list[str] | None = None  # the label names, in the head's output order
 
 
-def _load_inputs(base_dir, task_sft: str, data: dict[str, str], lang_sfts: dict[str, str], task: str | None,
+def _load_inputs(base_dir, task_sft: str | None, data: dict[str, str], lang_sfts: dict[str, str], task: str | None,
                  options: EvalOptions) -> _Inputs:
     if not data:
         raise LtsftError("no evaluation data: pass --data LANG=PATH for every target language")
@@ -210,27 +218,45 @@ def _load_inputs(base_dir, task_sft: str, data: dict[str, str], lang_sfts: dict[
         raise LtsftError(f"--lang-sft {no_data[0]}=... has no --data {no_data[0]}=PATH; add the evaluation file of "
                          "that language or drop its language SFT")
     options.check()
-    base = resolve(base_dir, "--base")  # a hub id: rank 0 downloads it first
-    if not (base / "config.json").is_file():
-        raise LtsftError(f"--base {base_dir}: no config.json in {base}; pass a hub model or a directory written by "
-                         "save_pretrained (model and tokenizer)")
-    sft = load_sft_flag(task_sft, "--task-sft", "task")
-    task = task or infer_task(sft, base)
+    if task_sft is None and task is None:
+        headless = ", ".join(n for n in task_names(evaluated=True) if get_task(n).decoder)
+        raise LtsftError("missing --task-sft: give it on the command line or as task_sft: in the eval config; without "
+                         f"one, --task names a task scored on the base alone ({headless})")
+    sft = load_sft_flag(task_sft, "--task-sft", "task") if task_sft else None
+    config_dir = resolve(base_dir, "--base", allow_patterns=["config.json"])  # the base's kind before its weights
+    if not (config_dir / "config.json").is_file():
+        raise LtsftError(f"--base {base_dir}: no config.json in {config_dir}; pass a hub model or a directory "
+                         "written by save_pretrained (model and tokenizer)")
+    task = task or infer_task(sft, config_dir)
     spec = get_task(task, "--task", evaluated=True)
     spec.check_eval(options, list(data))
+    _require_base_kind(base_dir, config_dir, spec)
+    base = resolve(base_dir, "--base")  # a hub id: rank 0 downloads it first
     languages = {}
     for lang, path in lang_sfts.items():
         languages[lang] = load_sft_flag(path, f"--lang-sft {lang}", "language")
         if languages[lang].metadata.languages and lang not in languages[lang].metadata.languages:
             raise LtsftError(f"--lang-sft {lang}={path}: that SFT is for {languages[lang].metadata.languages}, "
                              f"not {lang}; check the language code")
-    labels = spec.head_labels(sft.metadata.training_config, f"--task-sft {task_sft}")
+    labels = spec.head_labels(sft.metadata.training_config, f"--task-sft {task_sft}") if sft else None
     examples = {lang: read_eval_data(task, lang, path, options.format, options.limit)
                 for lang, path in data.items()}
     return _Inputs(task, base, sft, languages, examples, labels)
 
 
-def _load_model(base_dir, inputs: _Inputs, task_sft: str, lang_sfts: dict[str, str]):
+def _require_base_kind(base_dir, config_dir: Path, task: Task) -> None:
+    """A decoder task (xcopa, clm, ...) needs a decoder base and an encoder task an encoder base, as the base's
+    config.json tells."""
+    from ltsft_dist.preflight import base_kind
+
+    decoder, model_type = base_kind(config_dir)
+    if decoder is not None and decoder != task.decoder:
+        have, need = ("a decoder", "an encoder") if decoder else ("an encoder", "a decoder")
+        raise LtsftError(f"--base {base_dir}: {have} (model_type {model_type!r} in its config.json), but --task "
+                         f"{task.name} scores {need.split()[1]} models: pass {need} base, or the --task for this one")
+
+
+def _load_model(base_dir, inputs: _Inputs, task_sft: str | None, lang_sfts: dict[str, str]):
     """The task model and tokenizer of the base, refusing SFTs of another base or without this task's head."""
     from transformers import AutoTokenizer
 
@@ -242,22 +268,27 @@ def _load_model(base_dir, inputs: _Inputs, task_sft: str, lang_sfts: dict[str, s
         raise LtsftError(f"--base {base_dir}: no usable tokenizer there ({err}); save the base's tokenizer "
                          "into it (tokenizer.save_pretrained)") from None
     model = load_task_model(inputs.base, inputs.task, len(inputs.labels) if inputs.labels else None)
-    require_same_base(inputs.task_sft, model, f"--task-sft {task_sft}", base_dir)
+    if inputs.task_sft is not None:
+        require_same_base(inputs.task_sft, model, f"--task-sft {task_sft}", base_dir)
     for lang, lang_sft in inputs.lang_sfts.items():
         require_same_base(lang_sft, model, f"--lang-sft {lang}={lang_sfts[lang]}", base_dir)
-    missing = sorted(head_names(model) - set(inputs.task_sft.heads))
+    missing = sorted(head_names(model) - set(inputs.task_sft.heads if inputs.task_sft else ()))
+    if missing and inputs.task_sft is None:
+        raise LtsftError(f"--task {inputs.task} needs a task head ({missing[0]!r}, ...), which a task SFT carries: "
+                         "pass --task-sft")
     if missing:
         raise LtsftError(f"--task-sft {task_sft} carries no {inputs.task} head ({missing[0]!r} is missing; it has "
                          f"{sorted(inputs.task_sft.heads) or 'no heads'}): pass the --task it was trained for")
     return model, tokenizer
 
 
-def evaluate(base_dir, task_sft: str, data: dict[str, str], lang_sfts: dict[str, str] | None = None,
+def evaluate(base_dir, task_sft: str | None, data: dict[str, str], lang_sfts: dict[str, str] | None = None,
              task: str | None = None, options: EvalOptions | None = None, show_progress: bool = True) -> dict | None:
     """Scores per target language and setting; the result on rank 0, None on the other ranks.
 
     `data` maps each target language to its evaluation file, `lang_sfts` (a subset of those languages) to its
-    language SFT; languages without one are evaluated TA-only only."""
+    language SFT; languages without one are evaluated TA-only only. Without `task_sft` (a task without a head,
+    named by `task`), θ⁰ + φ_lang and θ⁰ are."""
     from tqdm.auto import tqdm
 
     options, lang_sfts = options or EvalOptions(), lang_sfts or {}
@@ -265,7 +296,7 @@ def evaluate(base_dir, task_sft: str, data: dict[str, str], lang_sfts: dict[str,
     inputs = _load_inputs(base_dir, task_sft, data, lang_sfts, task, options)
     model, tokenizer = _load_model(base_dir, inputs, task_sft, lang_sfts)
     task = get_task(inputs.task)
-    encoded = {lang: task.encode(tokenizer, records, options.encoding(), inputs.labels)
+    encoded = {lang: task.encode_for_eval(tokenizer, records, options.encoding(), inputs.labels)
                for lang, records in inputs.examples.items()}
 
     runs = [(lang, TASK_ONLY) for lang in encoded] + [(lang, COMPOSED) for lang in inputs.lang_sfts]
@@ -274,7 +305,8 @@ def evaluate(base_dir, task_sft: str, data: dict[str, str], lang_sfts: dict[str,
                            desc="evaluating", unit="batch", disable=runner.rank != 0 or not show_progress)
     scores: dict[str, dict] = {lang: {} for lang in encoded}
     try:
-        inputs.task_sft.apply(model)
+        if inputs.task_sft is not None:
+            inputs.task_sft.apply(model)
     except LtsftError as err:
         raise LtsftError(f"--task-sft {task_sft} does not fit a {inputs.task} model of --base {base_dir}: "
                          f"{err}") from None
@@ -291,7 +323,8 @@ def evaluate(base_dir, task_sft: str, data: dict[str, str], lang_sfts: dict[str,
             if outputs is not None:
                 scores[lang][setting] = task.score(encoded[lang], outputs, lang, options)
     finally:
-        inputs.task_sft.revert(model)
+        if inputs.task_sft is not None:
+            inputs.task_sft.revert(model)
         runner.progress.close()
     if runner.rank != 0:
         return None
@@ -299,7 +332,8 @@ def evaluate(base_dir, task_sft: str, data: dict[str, str], lang_sfts: dict[str,
         "task": inputs.task,
         "metric": task.metric_title(options),
         "base": str(base_dir),
-        "task_sft": str(task_sft),
+        "task_sft": str(task_sft) if task_sft else None,
+        "settings": SETTINGS if task_sft else BASE_SETTINGS,
         "lang_sfts": dict(lang_sfts),
         "data": {lang: str(path) for lang, path in data.items()},
         "options": {f.name: getattr(options, f.name) for f in fields(EvalOptions)},
@@ -326,8 +360,9 @@ def _averages(metrics: tuple[str, ...], scores: dict[str, dict]) -> dict:
 def markdown_table(results: dict) -> str:
     """Rows: languages and their average; columns: each setting's metrics (– where a setting was not run)."""
     metrics = get_task(results["task"]).metrics
+    titles = SETTING_TITLES if results["task_sft"] else BASE_SETTING_TITLES
     settings = [s for s in (COMPOSED, TASK_ONLY) if s in results["average"]]
-    header = ["language", "n"] + [f"{SETTING_TITLES[s]} {METRIC_TITLES[m]}" for s in settings for m in metrics]
+    header = ["language", "n"] + [f"{titles[s]} {METRIC_TITLES[m]}" for s in settings for m in metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for lang, by_setting in results["languages"].items():
         n = next(iter(by_setting.values()))["examples"]
@@ -339,8 +374,9 @@ def markdown_table(results: dict) -> str:
     counts = {s: average[s]["languages"] for s in settings}
     if len(set(counts.values())) > 1:  # averages over different language sets do not compare: say so
         lines += ["", "Averages over the languages each setting ran on: "
-                  + ", ".join(f"{SETTING_TITLES[s]} {n}" for s, n in counts.items()) + "."]
-    title = f"Zero-shot {results['task'].upper()} ({results['metric']}), task SFT {results['task_sft']}"
+                  + ", ".join(f"{titles[s]} {n}" for s, n in counts.items()) + "."]
+    what = f"task SFT {results['task_sft']}" if results["task_sft"] else f"base {results['base']} (no task SFT)"
+    title = f"Zero-shot {results['task'].upper()} ({results['metric']}), {what}"
     from ltsft_dist.report import gains_table  # (it imports this module)
 
     gains = gains_table(results)

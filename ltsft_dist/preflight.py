@@ -3,10 +3,12 @@ and what to set, and all of them are reported at once.
 
 - `check_training(config, world_size)`: the batch split at that world size, and the precision / ZeRO / optimizer
   combination of its DeepSpeed config (the ones ltsft supports);
+- `check_model_kind(config)`: a base named by `model.name_or_path` is a decoder or an encoder as the task needs,
+  told by its config.json alone (fetched from the hub without the weights);
 - `check_environment()`: the GPUs the job was given are usable by this torch, and the installed dependencies lie in
   the ranges pyproject.toml pins (the versions tested: `shards.py` reads DeepSpeed 0.19 internals);
-- `check_pipeline(...)`: both for every training stage of a pipeline (`ltsft pipeline --check`, and before any stage
-  of `ltsft pipeline` runs);
+- `check_pipeline(...)`: all three for every training stage of a pipeline (`ltsft pipeline --check`, and before
+  any stage of `ltsft pipeline` runs);
 - `before_training(config, world_size)`: the start of every training run, collective: every rank's problems and
   whether it can read a file rank 0 wrote into the run directory (ranks share it: a shared file system is
   required), gathered so that every rank stops with the same list.
@@ -15,6 +17,7 @@ and what to set, and all of them are reported at once.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import socket
 import time
@@ -91,7 +94,12 @@ def check_precision(config: TrainConfig, where: str, prefix: str = "") -> list[P
     from ltsft_dist.engine import read_ds_config
 
     path = config.deepspeed_path()
-    ds, at = read_ds_config(path), str(path)
+    return check_ds_config(read_ds_config(path), str(path), config.model.dtype, where, prefix)
+
+
+def check_ds_config(ds: dict, at: str, model_dtype: str = "fp32", where: str = "training config",
+                    prefix: str = "") -> list[Problem]:
+    """`check_precision` on a DeepSpeed config mapping `ds` read from `at` (also the Trainer integration's)."""
     fp16 = _enabled(ds, "fp16")
     bf16 = _enabled(ds, "bf16") or _enabled(ds, "bfloat16")
     zero = ds.get("zero_optimization") or {}
@@ -104,11 +112,11 @@ def check_precision(config: TrainConfig, where: str, prefix: str = "") -> list[P
             f"weights, which DeepSpeed keeps only under ZeRO): set it to 1, 2 or 3, or set {prefix}deepspeed: "
             "zero2_bf16.json in the training config")))
     trains_in = "fp16" if fp16 else "bf16" if bf16 else "fp32"
-    if config.model.dtype not in ("fp32", trains_in):
+    if model_dtype not in ("fp32", trains_in):
         problems.append(Problem(where, f"{prefix}model.dtype", (
-            f"the model is loaded in {config.model.dtype} but {at} trains in {trains_in}: set {prefix}model.dtype: "
-            f"fp32 (the default), or give {prefix}deepspeed a config with \"{config.model.dtype}\": "
-            '{"enabled": true} at ZeRO stage 1-3' + (" (zero2_bf16.json)" if config.model.dtype == "bf16" else ""))))
+            f"the model is loaded in {model_dtype} but {at} trains in {trains_in}: set {prefix}model.dtype: "
+            f"fp32 (the default), or give {prefix}deepspeed a config with \"{model_dtype}\": "
+            '{"enabled": true} at ZeRO stage 1-3' + (" (zero2_bf16.json)" if model_dtype == "bf16" else ""))))
     accumulate = str((ds.get("data_types") or {}).get("grad_accum_dtype", "")).lower()
     if bf16 and stage == 1 and offload != "cpu" and accumulate in _FP32:
         problems.append(Problem(at, "data_types.grad_accum_dtype", (
@@ -130,6 +138,55 @@ def check_precision(config: TrainConfig, where: str, prefix: str = "") -> list[P
 def _enabled(ds: dict, section: str) -> bool:
     value = ds.get(section)
     return isinstance(value, dict) and value.get("enabled") is True
+
+
+def check_model_kind(config: TrainConfig, where: str, prefix: str = "",
+                     base_key: str = "model.name_or_path") -> list[Problem]:
+    """A base named by `model.name_or_path` (`base_key` where the file names it) must be of the kind its task
+    trains (a decoder for clm/instruct, an encoder for mlm/nli/...), as its config.json's model_type says: only that
+    file is fetched from the hub, so a wrong base stops before its weights are downloaded. Collective under a
+    launcher (rank 0 fetches it first). A config.json that cannot be had, or a model_type transformers does not
+    know, is left to the model's loading, which says what is wrong."""
+    from ltsft_dist.hub import resolve
+    from ltsft_dist.tasks import get_task, task_names
+
+    name = config.model.name_or_path
+    if config.model.tiny is not None or not name:
+        return []  # a tiny model's architecture is checked with the config (ModelConfig.check_architecture)
+    task = get_task(config.complete().task)
+    try:
+        decoder, model_type = base_kind(resolve(name, base_key, allow_patterns=["config.json"]))
+    except LtsftError:
+        return []
+    if decoder is None or decoder == task.decoder:
+        return []
+    have, need = ("a decoder", "an encoder") if decoder else ("an encoder", "a decoder")
+    other = [n for n in task_names(kind=task.kind) if get_task(n).decoder == decoder]
+    fix = f"set {prefix}task: {other[0]} to train this base, or " if other else ""
+    return [Problem(where, base_key, (
+        f"{name!r} is {have} (model_type {model_type!r} in its config.json), and task {task.name} trains "
+        f"{need.split()[1]} models only: {fix}name {need} base here"))]
+
+
+def base_kind(directory: Path) -> tuple[bool | None, str | None]:
+    """Whether the model whose config.json is in `directory` is a decoder (None: cannot be told: no readable
+    config.json, or a model_type transformers does not know), and its model_type."""
+    try:
+        model_type = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None, None
+    return _is_decoder_type(model_type), model_type
+
+
+def _is_decoder_type(model_type) -> bool | None:
+    """True for a causal LM without a masked-LM head (Llama, Qwen2, ...), False for a model with one (BERT,
+    XLM-R, ...), None for a model_type transformers does not know."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return False
+    return True if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else None
 
 
 # ------------------------------------------------------------------------------------------------- environment
@@ -208,7 +265,10 @@ def check_pipeline(stages: list, world_size: int, where: str, local_ranks: int |
         if stage.config is None or stage.name == "eval":
             continue
         section = "language_sft." if stage.name.startswith("lang:") else "task_sft."
-        for p in check_training(train_stage_config(stage), world_size, where, section):
+        config = train_stage_config(stage)
+        found = check_training(config, world_size, where, section)
+        found += check_model_kind(config, where, section, base_key="base.name_or_path")
+        for p in found:
             if p not in problems:
                 problems.append(p)
     return problems + check_environment(local_ranks=local_ranks or world_size)
@@ -220,7 +280,7 @@ def before_training(config: TrainConfig, world_size: int, where: str = "training
     """Every check, on every rank of a run that has joined its process group (collective). Raises on every rank
     the same `LtsftError`, naming the ranks and hosts where a problem is not everyone's."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
-    mine = [str(p) for p in check_training(config, world_size, where)
+    mine = [str(p) for p in check_training(config, world_size, where) + check_model_kind(config, where)
             + check_environment(local_ranks=local_rank + 1)]
     directory = Path(config.output_dir)
     token = _leave_token(directory) if comm.rank() == 0 and world_size > 1 else None

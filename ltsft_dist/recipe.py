@@ -133,9 +133,7 @@ class LTSFTRecipe:
             print(f"K = {self.stats.k} of {self.stats.n_eligible} eligible ({self.stats.k / self.stats.n_eligible:.2%})")
         self.snapshot = Snapshot(self.shards)
         self.stats.theta0_bytes_per_rank = self.snapshot.nbytes
-        roles = self.eligibility.roles
-        self.sparse = [f for f in self.shards.fragments if roles[f.name] == "sparse"]
-        self.heads = [f for f in self.shards.fragments if roles[f.name] == "head"]
+        self.sparse, self.heads = fragments_by_role(self.shards, self.eligibility.roles)
         self._sparse_at = {f: i for i, f in enumerate(self.sparse)}  # a fragment's index in self.sparse
         self._head_at = {f: i for i, f in enumerate(self.heads)}
         if self.order is None:
@@ -163,8 +161,7 @@ class LTSFTRecipe:
             else:
                 if cfg.selection == "magnitude":
                     self.train_phase(r, "phase1", cfg.phase1, None, at.step if resuming else 0)
-                k_round = self.stats.k if cfg.selection == "all" else round(self.stats.k * r / cfg.rounds)
-                self.selected = self.select(k_round, previous=self.selected)
+                self.selected = self.select(k_of_round(cfg, self.stats.k, r), previous=self.selected)
                 self.snapshot.rewind()
                 self.shards.reset_optimizer_state()
                 phase2_start = 0
@@ -442,18 +439,7 @@ class LTSFTRecipe:
     def select(self, k: int, previous: list[torch.Tensor] | None) -> list[torch.Tensor]:
         """Global top-k of |θ − θ⁰| (or of seeded random scores); earlier rounds' picks are kept."""
         start = time.perf_counter()
-        if self.config.selection == "random":
-            scores = random_scores([f.key for f in self.sparse], [f.numel for f in self.sparse], self.config.seed,
-                                   self.shards.device)
-        elif self.config.selection == "all":
-            scores = [torch.ones(f.numel, device=self.shards.device) for f in self.sparse]
-        else:
-            scores = [self.snapshot.delta(f).abs_() for f in self.sparse]
-        if previous is not None:
-            for s, prev in zip(scores, previous):
-                s.masked_fill_(prev, FLOAT_MAX)
-        result = select_topk(scores, [f.key for f in self.sparse], k, self.shards.all_reduce,
-                             self.shards.all_gather_object)
+        result = select_masks(self.config, self.shards, self.snapshot, self.sparse, k, previous)
         self.stats.threshold = result.threshold
         self.stats.ties_at_threshold, self.stats.ties_taken = result.ties_at_threshold, result.ties_taken
         self.stats.seconds["select"] = self.stats.seconds.get("select", 0.0) + time.perf_counter() - start
@@ -463,57 +449,26 @@ class LTSFTRecipe:
     def _report_selection(self, masks: list[torch.Tensor], k: int, threshold: float) -> None:
         """Threshold, K, mask density per module type and per layer, and the mask's overlap with each language
         SFT swapped in by a step hook: counted on my shard, summed over ranks in one all-reduce of one vector."""
-        names = [n for n in self.shapes if self.eligibility.roles[n] == "sparse"]
         sfts = {}
         for hook in self.step_hooks:
             sfts.update(hook.sfts)
-        counts = self.shards.all_reduce(torch.cat([selected_per_parameter(self.sparse, masks, names),
-                                                   mask_overlap(self.sparse, masks, sfts)]))
-        per_param = {n: int(c) for n, c in zip(names, counts[:len(names)])}
-        overlap = {lang: int(c) for lang, c in zip(sfts, counts[len(names):])}
-        values = {"select/threshold": threshold, "select/k": k, **density_scalars(per_param, self.shapes),
-                  **{f"mask/overlap/{lang}": c for lang, c in overlap.items()}}
+        values = selection_scalars(self.shards, self.shapes, self.eligibility.roles, self.sparse, masks, sfts, k,
+                                   threshold)
+        overlap = {lang: values[f"mask/overlap/{lang}"] for lang in sfts}
         self.monitor.scalars(values, self.global_step)
         self.monitor.line("select", k=k, threshold=threshold, **{f"overlap_{lang}": c for lang, c in overlap.items()})
 
     def frozen_drift(self, mask: GradientMask) -> int:
         """Frozen elements of my shard that are not bit-identical to θ⁰ (summed over ranks)."""
-        local = sum(int((self.snapshot.changed(f) & mask.frozen[f.segment].narrow(0, f.segment_offset, f.numel))
-                        .sum()) for f in self.shards.fragments)
-        return int(self.shards.all_reduce(torch.tensor([local])))
+        return frozen_drift(self.shards, self.snapshot, mask)
 
     def extract(self, selected: list[torch.Tensor]) -> SparseFineTuning | None:
         """φ = θ² − θ⁰ at the selected positions, plus the dense head; gathered on rank 0 (bytes ∝ K)."""
-        sparse = []
-        for f, sel in zip(self.sparse, selected):
-            idx = torch.nonzero(sel).view(-1)
-            if idx.numel():
-                sparse.append((f.name, idx + f.param_offset, self.snapshot.delta(f)[idx]))
-        heads = [(f.name, f.param_offset, self.shards.master(f).clone()) for f in self.heads]
-        gathered = self.shards.gather_object_to_zero((sparse, heads))
-        if self.rank != 0:
-            return None
-        parts, dense = {}, {}
-        for rank_sparse, rank_heads in gathered:
-            for name, idx, values in rank_sparse:
-                parts.setdefault(name, []).append((idx, values))
-            for name, offset, values in rank_heads:
-                flat = dense.setdefault(name, torch.zeros(torch.Size(self.shapes[name]).numel()))
-                flat[offset:offset + values.numel()] = values
-        diffs = {}
-        for name, chunks in parts.items():
-            idx = torch.cat([c[0] for c in chunks])
-            values = torch.cat([c[1] for c in chunks]).float()
-            order = torch.argsort(idx)
-            diffs[name] = (idx[order], values[order])
-        self.stats.zero_valued_selected = sum(int((v == 0).sum()) for _, v in diffs.values())
-        metadata = SFTMetadata(
-            kind="language" if self.config.kind == "language" else "task",
-            languages=list(self.config.languages), base_model=self.base_model,
-            base_fingerprint=self.fingerprint, k=self.stats.k,
-            density=self.stats.k / self.stats.n_eligible, training_config=to_dict(self.config))
-        return SparseFineTuning(diffs, {n: self.shapes[n] for n in diffs},
-                                {n: v.view(self.shapes[n]) for n, v in dense.items()}, metadata)
+        metadata = sft_metadata(self.config, self.base_model, self.fingerprint, self.stats.k, self.stats.n_eligible)
+        sft = extract_sft(self.shards, self.snapshot, self.sparse, self.heads, selected, self.shapes, metadata)
+        if sft is not None:
+            self.stats.zero_valued_selected = sum(int((v == 0).sum()) for _, v in sft.diffs.values())
+        return sft
 
     # --- reporting -----------------------------------------------------------------------------
 
@@ -562,3 +517,88 @@ class LTSFTRecipe:
         """Strict JSON: the non-finite losses of skipped steps are written as null."""
         losses = {k: [v if math.isfinite(v) else None for v in vs] for k, vs in self.stats.losses.items()}
         write_text(path, json.dumps({**self.stats.__dict__, "losses": losses}, indent=2, allow_nan=False))
+
+
+# --- the method's steps on my shard, shared by every loop that drives training (this recipe, the HF Trainer) ----
+
+def fragments_by_role(shards: Shards, roles: dict[str, str]) -> tuple[list, list]:
+    """My sparse (eligible) fragments and my dense-head fragments."""
+    return ([f for f in shards.fragments if roles[f.name] == "sparse"],
+            [f for f in shards.fragments if roles[f.name] == "head"])
+
+
+def k_of_round(config: TrainConfig, k: int, round_: int) -> int:
+    """The mask size after round `round_` of `config.rounds`: K grows in equal parts (all of K for BitFit)."""
+    return k if config.selection == "all" else round(k * round_ / config.rounds)
+
+
+def select_masks(config: TrainConfig, shards: Shards, snapshot: Snapshot, sparse: list, k: int,
+                 previous: list[torch.Tensor] | None):
+    """Global top-k of |θ − θ⁰| (or of seeded random scores, or all for BitFit); earlier rounds' picks are kept.
+    Collective; returns `topk.select_topk`'s result (masks per sparse fragment, threshold, ties)."""
+    if config.selection == "random":
+        scores = random_scores([f.key for f in sparse], [f.numel for f in sparse], config.seed, shards.device)
+    elif config.selection == "all":
+        scores = [torch.ones(f.numel, device=shards.device) for f in sparse]
+    else:
+        scores = [snapshot.delta(f).abs_() for f in sparse]
+    if previous is not None:
+        for s, prev in zip(scores, previous):
+            s.masked_fill_(prev, FLOAT_MAX)
+    return select_topk(scores, [f.key for f in sparse], k, shards.all_reduce, shards.all_gather_object)
+
+
+def selection_scalars(shards: Shards, shapes: dict, roles: dict[str, str], sparse: list, masks: list[torch.Tensor],
+                      sfts: dict, k: int, threshold: float) -> dict[str, float]:
+    """Threshold, K, mask density per module type and layer, and overlap with each language SFT in `sfts`:
+    counted on my shard, summed over ranks in one all-reduce of one vector (collective)."""
+    names = [n for n in shapes if roles[n] == "sparse"]
+    counts = shards.all_reduce(torch.cat([selected_per_parameter(sparse, masks, names),
+                                          mask_overlap(sparse, masks, sfts)]))
+    per_param = {n: int(c) for n, c in zip(names, counts[:len(names)])}
+    overlap = {lang: int(c) for lang, c in zip(sfts, counts[len(names):])}
+    return {"select/threshold": threshold, "select/k": k, **density_scalars(per_param, shapes),
+            **{f"mask/overlap/{lang}": c for lang, c in overlap.items()}}
+
+
+def frozen_drift(shards: Shards, snapshot: Snapshot, mask: GradientMask) -> int:
+    """Frozen elements of my shard that are not bit-identical to θ⁰ (summed over ranks; collective)."""
+    local = sum(int((snapshot.changed(f) & mask.frozen[f.segment].narrow(0, f.segment_offset, f.numel)).sum())
+                for f in shards.fragments)
+    return int(shards.all_reduce(torch.tensor([local])))
+
+
+def sft_metadata(config: TrainConfig, base_model: str, fingerprint: str, k: int, n_eligible: int) -> SFTMetadata:
+    return SFTMetadata(kind="language" if config.kind == "language" else "task", languages=list(config.languages),
+                       base_model=base_model, base_fingerprint=fingerprint, k=k, density=k / n_eligible,
+                       training_config=to_dict(config))
+
+
+def extract_sft(shards: Shards, snapshot: Snapshot, sparse: list, heads: list, selected: list[torch.Tensor],
+                shapes: dict, metadata: SFTMetadata) -> SparseFineTuning | None:
+    """φ = θ − θ⁰ at the selected positions, plus the dense head; gathered on rank 0 (bytes ∝ K), None elsewhere.
+    Collective."""
+    local = []
+    for f, sel in zip(sparse, selected):
+        idx = torch.nonzero(sel).view(-1)
+        if idx.numel():
+            local.append((f.name, idx + f.param_offset, snapshot.delta(f)[idx]))
+    local_heads = [(f.name, f.param_offset, shards.master(f).clone()) for f in heads]
+    gathered = shards.gather_object_to_zero((local, local_heads))
+    if shards.rank != 0:
+        return None
+    parts, dense = {}, {}
+    for rank_sparse, rank_heads in gathered:
+        for name, idx, values in rank_sparse:
+            parts.setdefault(name, []).append((idx, values))
+        for name, offset, values in rank_heads:
+            flat = dense.setdefault(name, torch.zeros(torch.Size(shapes[name]).numel()))
+            flat[offset:offset + values.numel()] = values
+    diffs = {}
+    for name, chunks in parts.items():
+        idx = torch.cat([c[0] for c in chunks])
+        values = torch.cat([c[1] for c in chunks]).float()
+        order = torch.argsort(idx)
+        diffs[name] = (idx[order], values[order])
+    return SparseFineTuning(diffs, {n: shapes[n] for n in diffs}, {n: v.view(shapes[n]) for n, v in dense.items()},
+                            metadata)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import tempfile
 import uuid
 import weakref
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from ltsft_dist.naming import body_prefix, module_type_and_layer
 FORMAT_VERSION = 1
 CONFIG_NAME = "sft_config.json"
 WEIGHTS_NAME = "sft.safetensors"
+CARD_NAME = "README.md"  # the Hugging Face model card
+LIBRARY_NAME = "ltsft-dist"
 KINDS = ("language", "task")
 
 logger = logging.getLogger(__name__)
@@ -134,7 +137,8 @@ class SparseFineTuning:
     # ------------------------------------------------------------------ saving and loading
 
     def save_pretrained(self, directory) -> None:
-        """Write ``sft.safetensors`` and ``sft_config.json``; an interrupted save leaves the old artifact intact."""
+        """Write ``sft.safetensors``, ``sft_config.json`` and the model card ``README.md`` (replacing one already
+        there); an interrupted save leaves the old artifact intact."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_id = uuid.uuid4().hex
@@ -155,8 +159,28 @@ class SparseFineTuning:
                     tensors, str(p), metadata={"format": "ltsft-sft", "save_id": save_id}
                 ),
                 directory / CONFIG_NAME: lambda p: p.write_text(config_text),
+                directory / CARD_NAME: lambda p: p.write_text(model_card(self.metadata), encoding="utf-8"),
             }
         )
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
+                    token: str | None = None, revision: str | None = None, create_pr: bool = False):
+        """Upload the artifact (``save_pretrained``'s files) to the hub repository ``repo_id``, creating it when
+        missing, as peft's ``push_to_hub`` does; returns huggingface_hub's ``CommitInfo``."""
+        from huggingface_hub import HfApi
+
+        from ltsft_dist.hub import explain
+
+        api = HfApi(token=token)
+        message = commit_message or f"Upload {self.metadata.kind} SFT ({', '.join(self.metadata.languages)})"
+        try:
+            repo = api.create_repo(repo_id, private=private, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix="ltsft-push-") as folder:
+                self.save_pretrained(folder)
+                return api.upload_folder(repo_id=repo.repo_id, folder_path=folder, commit_message=message,
+                                         revision=revision, create_pr=create_pr)
+        except Exception as err:  # the hub raises many types; each becomes one message with its fix
+            raise LtsftError(explain(err, f"push_to_hub({repo_id!r})")) from None
 
     @classmethod
     def from_pretrained(cls, dir_or_hub_id, **hub_kwargs) -> "SparseFineTuning":
@@ -283,6 +307,84 @@ class SparseFineTuning:
             "heads": {name: list(t.shape) for name, t in self.heads.items()},
             **density_tables(self.param_nnz, self.shapes),
         }
+
+
+# ---------------------------------------------------------------------- the model card
+
+
+def model_card(metadata: SFTMetadata) -> str:
+    """The hub's model card: YAML front matter (base model, languages, datasets, library, tags and the SFT's K and
+    density) the hub indexes, and a short text saying what the SFT is and how to apply it."""
+    from huggingface_hub import ModelCardData
+
+    m = metadata
+    config = m.training_config if isinstance(m.training_config, dict) else {}
+    task = config.get("task")
+    data = _training_data(config)
+    base = _hub_base_model(m.base_model, config)
+    card = ModelCardData(
+        base_model=base, language=list(m.languages) or None, library_name=LIBRARY_NAME,
+        datasets=sorted({d for d, _ in data if d}) or None,
+        tags=["ltsft", "sparse-fine-tuning", "lt-sft", f"{m.kind}-sft", *([task] if isinstance(task, str) else [])],
+        sft={"kind": m.kind, "k": m.k, "density": m.density},
+    )
+    rows = [("kind", m.kind), ("languages", ", ".join(m.languages) or "–"), ("base model", f"`{m.base_model}`"),
+            ("task", task or "–"), ("K (selected parameters)", f"{m.k:,}"),
+            ("density", f"{m.density:.2%}" if m.density else "unknown"),
+            ("training data", "; ".join(text for _, text in data) or "–"), ("dense heads", len(m.head_names))]
+    table = "\n".join(f"| {key} | {value} |" for key, value in rows)
+    title = f"{m.kind.capitalize()} SFT ({', '.join(m.languages) or 'no language recorded'})"
+    return f"""---
+{card.to_yaml()}
+---
+
+# {title}
+
+A sparse fine-tuning (Lottery-Ticket Sparse Fine-Tuning, Ansell et al., ACL 2022) of `{m.base_model}`, trained
+with {LIBRARY_NAME}: a difference φ on {m.k:,} of the base's parameters, plus any dense task head. Composed with
+other SFTs by summation (θ⁰ + φ_task + φ_language).
+
+| | |
+|---|---|
+{table}
+
+```python
+from ltsft_dist.sft import SparseFineTuning
+
+sft = SparseFineTuning.from_pretrained("<this repository or directory>")
+sft.apply(model)   # θ ← θ + φ (and the dense head); sft.revert(model) restores θ bit for bit
+```
+"""
+
+
+def _training_data(config: dict) -> list[tuple[str | None, str]]:
+    """(hub dataset id or None, description) of each training source recorded in a training config; local files
+    by name only, so a card never shows the paths of the machine it was trained on."""
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    sources = [s for s in data.get("sources") or [] if isinstance(s, dict)] or [data]
+    found = []
+    for source in sources:
+        language = f"{source['language']}: " if source.get("language") else ""
+        if source.get("hf_dataset"):
+            parts = [source["hf_dataset"], source.get("hf_config"), source.get("split")]
+            found.append((source["hf_dataset"], language + "/".join(str(p) for p in parts if p)))
+        elif source.get("train_file"):
+            found.append((None, language + Path(str(source["train_file"])).name))
+    return found
+
+
+def _hub_base_model(name: str, config: dict) -> str | None:
+    """The base as a hub id for the card's `base_model`, None for a local directory or a random tiny model."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    if not name or model.get("tiny") or name == "tiny" or name.startswith((".", "/", "~")) or Path(name).exists():
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
 
 
 # ---------------------------------------------------------------------- validation

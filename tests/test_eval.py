@@ -357,7 +357,7 @@ def test_bad_input_is_refused_with_the_flag_and_the_fix(world, tmp_path):
                 "--lang-sft", f"es={world['lang-es']}")
     assert "--lang-sft es" in msg and "no --data es" in msg
     msg = error(*base, "--task-sft", world["qa"], "--data", f"de={world['squad-de']}", "--format", "xnli-tsv")
-    assert "--format xnli-tsv is an NLI format" in msg
+    assert "--format xnli-tsv is an NLI/XNLI_LL format" in msg  # the tasks that read it
     msg = error(*base, "--task-sft", world["qa"], "--data", f"en={world['squad-en']}", "--data",
                 f"xx={world['squad-de']}", "--qa-metric", "mlqa")
     assert "--qa-metric mlqa has no rules for ['xx']" in msg

@@ -1,6 +1,6 @@
 """The preflight: batch splits at the configured ranks, the precision/ZeRO/optimizer combinations, GPUs given vs
-usable, dependency versions, `ltsft pipeline --check` on the shipped paper pipelines, and the collective run
-directory check on two ranks."""
+usable, dependency versions, a hub or directory base of the wrong kind (decoder vs encoder) for its task, `ltsft
+pipeline --check` on the shipped paper pipelines, and the collective run directory check on two ranks."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import tomllib
 from importlib import metadata
 from pathlib import Path
 
+import huggingface_hub
+import huggingface_hub.constants
 import pytest
 import torch
 import yaml
@@ -30,6 +32,13 @@ from ltsft_dist.preflight import ENVIRONMENT, Problem
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "ltsft_dist" / "configs"
 PAPER = ("paper_nli_americasnli.yaml", "paper_qa_xquad.yaml")
+
+
+@pytest.fixture(autouse=True)
+def hub_offline(monkeypatch):
+    """The shipped pipelines name hub bases, whose config.json the preflight reads: from the cache only, here."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 def train_config(batch: int = 8, micro: int = 8, ds: str = "zero2.json", l1: float = 0.0) -> TrainConfig:
@@ -195,6 +204,71 @@ def test_a_dependency_outside_the_tested_range_names_the_install(monkeypatch):
     assert problem.fix == "not installed: pip install 'deepspeed<0.20,>=0.19'"
 
 
+# ------------------------------------------------------------------------------------------------- the base's kind
+
+def base_dir(tmp_path: Path, model_type: str) -> Path:
+    """A base directory with its config.json alone: a check that read weights would fail on it otherwise."""
+    directory = tmp_path / model_type
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({"model_type": model_type}))
+    return directory
+
+
+def hub_config(name: str, **settings) -> TrainConfig:
+    return from_dict(TrainConfig, {"model": {"name_or_path": name}, "k": 10, **settings})
+
+
+@pytest.mark.parametrize("model_type, settings, fix", [
+    ("llama", {}, "task mlm trains encoder models only: set task: clm to train this base, or name an encoder base"),
+    ("qwen2", {"kind": "task", "task": "nli"}, "set task: instruct to train this base, or name an encoder base"),
+    ("xlm-roberta", {"task": "clm"}, "task clm trains decoder models only: set task: mlm to train this base, or "
+                                     "name a decoder base"),
+    ("bert", {"kind": "task", "task": "instruct"}, "set task: classification to train this base"),
+])
+def test_a_base_of_the_wrong_kind_for_its_task_is_named_with_the_fix(tmp_path, model_type, settings, fix):
+    directory = base_dir(tmp_path, model_type)
+    [problem] = preflight.check_model_kind(hub_config(str(directory), **settings), "run.yaml")
+    assert (problem.where, problem.key) == ("run.yaml", "model.name_or_path")
+    kind = "a decoder" if model_type in ("llama", "qwen2") else "an encoder"
+    assert problem.fix.startswith(f"{str(directory)!r} is {kind} (model_type {model_type!r} in its config.json)")
+    assert fix in problem.fix
+
+
+@pytest.mark.parametrize("model_type, settings", [("llama", {"task": "clm"}), ("gemma2", {"kind": "task",
+                          "task": "instruct"}), ("xlm-roberta", {}), ("bert", {"kind": "task", "task": "qa"}),
+                          ("some-remote-code-model", {})])
+def test_a_base_of_the_right_or_an_unknown_kind_passes(tmp_path, model_type, settings):
+    assert preflight.check_model_kind(hub_config(str(base_dir(tmp_path, model_type)), **settings), "run.yaml") == []
+
+
+def test_a_hub_base_is_told_by_its_config_json_alone(tmp_path, monkeypatch):
+    asked = []
+
+    def snapshot_download(repo_id, **kwargs):
+        asked.append((repo_id, kwargs["allow_patterns"]))
+        return str(base_dir(tmp_path, "qwen2"))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    [problem] = preflight.check_model_kind(hub_config("Qwen/Qwen2.5-0.5B"), "p.yaml", "language_sft.",
+                                           base_key="base.name_or_path")
+    assert asked == [("Qwen/Qwen2.5-0.5B", ["config.json"])]  # no weights
+    assert problem.key == "base.name_or_path" and "set language_sft.task: clm" in problem.fix
+    monkeypatch.undo()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # not cached, no network: the load says so
+    assert preflight.check_model_kind(hub_config("Qwen/Qwen2.5-0.5B"), "p.yaml") == []
+
+
+def test_ltsft_train_with_a_decoder_base_for_mlm_stops_before_reading_the_model(tmp_path):
+    path = write_tiny_run(tmp_path)
+    config = yaml.safe_load(path.read_text())
+    config["model"] = {"name_or_path": str(base_dir(tmp_path, "llama"))}
+    path.write_text(yaml.safe_dump(config))
+    res = subprocess.run([sys.executable, "-m", "ltsft_dist.cli", "train", str(path)], capture_output=True, text=True,
+                         timeout=300, env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")})
+    assert res.returncode == 2, res.stderr
+    assert f"{path}: model.name_or_path: " in res.stderr and "set task: clm to train this base" in res.stderr
+
+
 # ------------------------------------------------------------------------------------------------- pipelines
 
 @pytest.mark.parametrize("name", [*PAPER, "decoder_instruct_xcopa.yaml"])
@@ -229,6 +303,18 @@ def test_check_lists_every_stage_problem_once_and_exits_1(tmp_path, capsys):
     # without --check the pipeline stops before running (or downloading) anything
     assert main(["pipeline", str(path)]) == 2
     assert "preflight found 2 problems" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+def test_check_of_a_decoder_pipeline_on_an_encoder_base_names_base_and_tasks_once(tmp_path, capsys):
+    config = yaml.safe_load((CONFIGS / "decoder_instruct_xcopa.yaml").read_text())
+    config["base"] = {"name_or_path": str(base_dir(tmp_path, "xlm-roberta"))}
+    path = tmp_path / "decoder.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["pipeline", "--check", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count(": base.name_or_path: ") == 2, err  # seven language stages and the task stage: two problems
+    assert "task clm trains decoder models only: set language_sft.task: mlm to train this base" in err
+    assert "task instruct trains decoder models only: set task_sft.task: classification to train this base" in err
 
 
 def test_a_stage_under_a_launcher_is_checked_alone_at_the_launchers_world_size(tmp_path, monkeypatch, capsys):

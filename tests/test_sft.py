@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
+import httpx2
 import huggingface_hub
+import huggingface_hub.constants
 import pytest
 import safetensors
 import safetensors.torch
 import torch
+import yaml
 from sfts import (assert_bit_identical, assert_same_sft, bits, metadata, random_sft, small_sft, snapshot,
                   tiny_classifier, tiny_mlm)
 
 import ltsft_dist.files as files_module
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.sft import (
+    CARD_NAME,
     CONFIG_NAME,
     WEIGHTS_NAME,
     SparseFineTuning,
@@ -44,7 +49,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     assert_same_sft(sft, loaded)
     assert loaded.metadata == sft.metadata
     assert loaded.metadata.head_names == [n for n, _ in model.named_parameters() if n.startswith("cls.")]
-    assert sorted(os.listdir(tmp_path / "new" / "sft")) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+    assert sorted(os.listdir(tmp_path / "new" / "sft")) == sorted([CONFIG_NAME, WEIGHTS_NAME, CARD_NAME])
 
 
 def test_save_overwrites_previous_artifact(tmp_path):
@@ -69,7 +74,7 @@ def test_failed_save_keeps_previous_artifact_and_leaves_no_temp_files(tmp_path, 
     with pytest.raises(OSError, match="disk full"):
         random_sft(model, seed=2).save_pretrained(tmp_path)
 
-    assert sorted(os.listdir(tmp_path)) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+    assert sorted(os.listdir(tmp_path)) == sorted([CONFIG_NAME, WEIGHTS_NAME, CARD_NAME])
     assert_same_sft(first, SparseFineTuning.from_pretrained(tmp_path))
 
 
@@ -186,6 +191,101 @@ def test_hub_download_failure_is_one_clear_error(monkeypatch):
     assert "LocalEntryNotFoundError" in str(err.value)
     assert calls[0][0] == "someone/some-sft" and calls[0][1]["revision"] == "v1"
     assert WEIGHTS_NAME in calls[0][1]["allow_patterns"]  # never downloads a whole model repo
+
+
+def test_a_hub_id_loads_offline_from_the_local_cache(tmp_path, monkeypatch):
+    """`from_pretrained("org/name")` with HF_HUB_OFFLINE=1 resolves through huggingface_hub to the snapshot that
+    refs/main names in the cache (the layout `snapshot_download` leaves), asking no server."""
+    sft = random_sft(tiny_mlm(), seed=4, head_prefix="cls.", kind="task")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--org--name"
+    sft.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    loaded = SparseFineTuning.from_pretrained("org/name")
+    assert_same_sft(sft, loaded)
+    assert loaded.metadata == sft.metadata
+    with pytest.raises(LtsftError, match="the hub cannot be reached and it is not in the local cache"):
+        SparseFineTuning.from_pretrained("org/other")
+
+
+class _RecordingHfApi:
+    """Stands in for huggingface_hub.HfApi: records what push_to_hub asks for and keeps a copy of the folder it
+    would upload (the temporary folder is gone after the call)."""
+
+    calls: list = []
+
+    def __init__(self, token=None):
+        self.calls.append(("init", {"token": token}))
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        self.calls.append(("upload_folder", {"repo_id": repo_id, **kwargs}))
+        self.uploaded = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
+        _RecordingHfApi.last_upload = self.uploaded
+        return "commit-info"
+
+
+def test_push_to_hub_creates_the_repository_and_uploads_the_saved_artifact(tmp_path, monkeypatch):
+    _RecordingHfApi.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", _RecordingHfApi)
+    training_config = {"task": "clm", "model": {"name_or_path": "Qwen/Qwen2.5-0.5B", "tiny": None},
+                       "data": {"sources": [{"language": "et", "hf_dataset": "wikimedia/wikipedia",
+                                             "hf_config": "20231101.et", "split": "train"},
+                                            {"language": "sw", "train_file": "/home/me/corpora/sw.txt"}]}}
+    sft = random_sft(tiny_mlm(), seed=5, languages=("et", "sw"), base_model="Qwen/Qwen2.5-0.5B",
+                     training_config=training_config)
+
+    assert sft.push_to_hub("me/et-sft", private=True, token="tok", commit_message="first") == "commit-info"
+    names = [name for name, _ in _RecordingHfApi.calls]
+    assert names == ["init", "create_repo", "upload_folder"]
+    assert _RecordingHfApi.calls[0][1] == {"token": "tok"}
+    assert _RecordingHfApi.calls[1][1] == {"repo_id": "me/et-sft", "private": True, "exist_ok": True}
+    upload = _RecordingHfApi.calls[2][1]
+    assert upload["repo_id"] == "me/et-sft" and upload["commit_message"] == "first" and upload["create_pr"] is False
+    files = _RecordingHfApi.last_upload
+    assert sorted(files) == sorted([CONFIG_NAME, WEIGHTS_NAME, CARD_NAME])
+    for name, content in files.items():  # what was uploaded is the artifact itself
+        (tmp_path / "pushed").mkdir(exist_ok=True)
+        (tmp_path / "pushed" / name).write_bytes(content)
+    assert_same_sft(sft, SparseFineTuning.from_pretrained(tmp_path / "pushed"))
+
+    card = files[CARD_NAME].decode()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["base_model"] == "Qwen/Qwen2.5-0.5B" and front["language"] == ["et", "sw"]
+    assert front["library_name"] == "ltsft-dist" and front["datasets"] == ["wikimedia/wikipedia"]
+    assert {"ltsft", "sparse-fine-tuning", "language-sft", "clm"} <= set(front["tags"])
+    assert front["sft"] == {"kind": "language", "k": sft.metadata.k, "density": 0.1}
+    assert f"| K (selected parameters) | {sft.metadata.k:,} |" in card and "| density | 10.00% |" in card
+    assert "et: wikimedia/wikipedia/20231101.et/train; sw: sw.txt" in card
+    assert "/home/me" not in card  # local paths stay on the machine that trained
+
+
+def test_model_card_of_a_local_or_tiny_base_names_no_hub_base_model(tmp_path):
+    local = random_sft(tiny_mlm(), base_model=str(tmp_path), training_config={})
+    tiny = random_sft(tiny_mlm(), base_model="tiny", training_config={"model": {"tiny": {"hidden_size": 8}}})
+    for sft in (local, tiny):
+        sft.save_pretrained(tmp_path / "out")
+        front = yaml.safe_load((tmp_path / "out" / CARD_NAME).read_text().split("---\n")[1])
+        assert "base_model" not in front and front["library_name"] == "ltsft-dist" and "datasets" not in front
+
+
+def test_push_to_hub_failure_is_one_clear_error(monkeypatch):
+    class Denied(_RecordingHfApi):
+        def create_repo(self, repo_id, **kwargs):
+            request = httpx2.Request("POST", "https://huggingface.co/api/repos/create")
+            raise huggingface_hub.errors.HfHubHTTPError("403 Forbidden", response=httpx2.Response(403, request=request))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Denied)
+    with pytest.raises(LtsftError, match=r"push_to_hub\('me/x'\): access denied .*log in"):
+        random_sft(tiny_mlm()).push_to_hub("me/x")
 
 
 # ---------------------------------------------------------------------- construction checks

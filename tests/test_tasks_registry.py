@@ -44,19 +44,23 @@ def _files(tmp_path: Path) -> dict[str, Path]:
     copa.write_text("".join(json.dumps({"premise": f"{a}.", "choice1": b, "choice2": c, "question": q, "label": i % 2})
                             + "\n" for i, (a, b, c, q) in enumerate(zip(LINES, LINES[1:], LINES[2:],
                                                                       ["cause", "effect"] * 6))))
-    return {"mlm": text, "instruct": instruct, "xcopa": copa, "classification": jsonl, "nli": FIXTURES / "xnli.dev.tsv", "qa": FIXTURES / "squad_tiny.json",
-            "ner": conll, "pos": conllu}
+    return {"mlm": text, "clm": text, "instruct": instruct, "xcopa": copa, "classification": jsonl,
+            "nli": FIXTURES / "xnli.dev.tsv", "xnli_ll": FIXTURES / "xnli.dev.tsv", "qa": FIXTURES / "squad_tiny.json",
+            "belebele": FIXTURES / "belebele_eng_Latn.jsonl", "ner": conll, "pos": conllu}
 
 
 def _overrides(task: type[Task], *names: str) -> list[str]:
     return [name for name in names if getattr(task, name) is not getattr(Task, name)]
 
 
-def test_the_nine_tasks_are_registered_with_what_the_interface_requires():
-    assert sorted(task_names()) == ["classification", "clm", "instruct", "mlm", "ner", "nli", "pos", "qa", "xcopa"]
-    assert sorted(task_names(evaluated=True)) == ["classification", "ner", "nli", "pos", "qa", "xcopa"]
+def test_the_eleven_tasks_are_registered_with_what_the_interface_requires():
+    assert sorted(task_names()) == ["belebele", "classification", "clm", "instruct", "mlm", "ner", "nli", "pos", "qa",
+                                    "xcopa", "xnli_ll"]
+    assert sorted(task_names(evaluated=True)) == ["belebele", "classification", "clm", "ner", "nli", "pos", "qa",
+                                                  "xcopa", "xnli_ll"]
     assert task_names(kind="language") == ["mlm", "clm"]
-    assert [name for name in task_names() if get_task(name).decoder] == ["clm", "instruct", "xcopa"]
+    assert [name for name in task_names() if get_task(name).decoder] == ["clm", "instruct", "xcopa", "xnli_ll",
+                                                                         "belebele"]
     for name in task_names():
         task = get_task(name)
         assert task.name == name and task.kind in ("language", "task")
@@ -72,24 +76,25 @@ def test_the_nine_tasks_are_registered_with_what_the_interface_requires():
             assert task.output_fields
 
 
-@pytest.mark.parametrize("name", ["mlm", "instruct", "classification", "nli", "qa", "ner", "pos", "xcopa"])
+@pytest.mark.parametrize("name", ["mlm", "clm", "instruct", "classification", "nli", "qa", "ner", "pos", "xcopa",
+                                  "xnli_ll", "belebele"])
 def test_every_task_reads_encodes_and_scores_through_the_interface(name, tmp_path):
     task, path = get_task(name), _files(tmp_path)[name]
     fmt = task.sniff(path)
     assert fmt in task.formats
-    language = "en" if name in ("nli", "qa", "xcopa") else "de"
+    language = "en" if name in ("nli", "qa", "xcopa", "xnli_ll", "belebele") else "de"
     records = read_source(SourceConfig(language=language, train_file=str(path)), name).records
     texts = task.texts(records)
     assert texts and all(isinstance(t, str) and t.strip() for t in texts)
     tokenizer = train_wordpiece(texts, vocab_size=300, causal=task.decoder)
     labels = task.label_names(records, None)
     assert (labels is not None) == task.labelled
-    encoded = task.encode(tokenizer, records, Encoding(max_seq_length=48, stride=8, max_query_length=8), labels)
+    encoded = task.encode(tokenizer, records, Encoding(max_seq_length=64, stride=8, max_query_length=8), labels)
     assert isinstance(encoded, Encoded) and isinstance(encoded.examples, Examples)
     assert encoded.records == records
     n = len(list(records))  # (a language task's records are a lazy TextSource)
-    # QA: windows per question; multiple choice: a row per choice
-    assert encoded.rows == n or name in ("qa", "xcopa") and encoded.rows > n
+    # QA: windows per question; multiple choice: a row per choice; clm: packed blocks of the lines
+    assert encoded.rows == n or name in ("qa", "xcopa", "xnli_ll", "belebele") and encoded.rows > n or name == "clm"
     assert all(len(t) == encoded.rows for t in encoded.examples.tensors.values())
     assert encoded.examples.mlm is not None or any(k in encoded.examples.tensors for k in ("labels", "start_positions"))
     if not task.metrics:

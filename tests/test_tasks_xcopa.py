@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from conftest import require_shared_data
+from loglikelihoods import acc_and_acc_norm, by_hand
 from sfts import random_sft
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -61,15 +62,6 @@ def test_bad_files_name_the_line_and_the_fix(tmp_path):
         get_task("xcopa").read(SourceConfig(language="xx", train_file=str(bad)), "jsonl")
 
 
-def _by_hand(model, tokenizer, context: str, continuation: str) -> float:
-    """Σ log p(continuation tokens | context), one unpadded sequence at a time, split as lm-eval splits it."""
-    n_context = len(tokenizer(context)["input_ids"])
-    whole = tokenizer(context + continuation)["input_ids"]
-    with torch.no_grad():
-        logprobs = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)
-    return sum(float(logprobs[t - 1, whole[t]]) for t in range(n_context, len(whole)))
-
-
 def test_scores_equal_a_hand_computation_with_plain_transformers(xcopa, base):
     model = AutoModelForCausalLM.from_pretrained(base).eval()
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -80,14 +72,13 @@ def test_scores_equal_a_hand_computation_with_plain_transformers(xcopa, base):
     with torch.inference_mode():
         outputs = [torch.cat(part) for part in zip(*(  # in batches of 5: padding must not change a row's score
             task.forward(model, {k: t[i:i + 5] for k, t in encoded.examples.tensors.items()}) for i in range(0, 24, 5)))]
-    hand = [[_by_hand(model, tokenizer, task.context(r), c) for c in task.continuations(r)] for r in records]
+    hand = [[by_hand(model, tokenizer, task.context(r), c) for c in task.continuations(r)] for r in records]
     torch.testing.assert_close(outputs[0], torch.tensor(hand, dtype=torch.float64).reshape(-1), rtol=1e-5, atol=1e-5)
-    gold = [r.label for r in records]
-    acc = sum(max((0, 1), key=lambda c: h[c]) == g for h, g in zip(hand, gold)) / 12
-    lengths = [[len(c) for c in task.continuations(r)] for r in records]
-    acc_norm = sum(max((0, 1), key=lambda c: h[c] / n[c]) == g for h, n, g in zip(hand, lengths, gold)) / 12
+    # acc_norm divides by the choice's own length, without the space that joins it to the context (lm-eval's)
+    acc, acc_norm = acc_and_acc_norm(hand, [task.choices(r) for r in records], [r.label for r in records])
+    assert task.choices(records[0]) == ["tualett täitus veega.", "tilast voolas vett."]
     scores = task.score(encoded, outputs, "et", EvalOptions())
-    assert scores == {"acc": pytest.approx(100 * acc), "acc_norm": pytest.approx(100 * acc_norm), "examples": 12}
+    assert scores == {"acc": pytest.approx(acc), "acc_norm": pytest.approx(acc_norm), "examples": 12}
 
 
 def test_ltsft_eval_of_an_instruction_sft_with_and_without_a_language_sft(xcopa, base, tmp_path):
@@ -113,6 +104,6 @@ def test_ltsft_eval_of_an_instruction_sft_with_and_without_a_language_sft(xcopa,
     tokenizer = AutoTokenizer.from_pretrained(base)
     records = read_eval_data("xcopa", "et", xcopa / "val.et.jsonl", limit=4)
     first = get_task("xcopa").context(records[0]), get_task("xcopa").continuations(records[0])[0]
-    before = _by_hand(model, tokenizer, *first)
+    before = by_hand(model, tokenizer, *first)
     lang_sft.apply(model)
-    assert abs(_by_hand(model, tokenizer, *first) - before) > 1e-4
+    assert abs(by_hand(model, tokenizer, *first) - before) > 1e-4

@@ -27,7 +27,8 @@ def register(subparsers) -> None:
                          "mappings); flags on the command line take precedence")
     ev.add_argument("--base", metavar="DIR|HUB_ID", help="the base model with its tokenizer: a directory written by "
                                                       "save_pretrained or a hub id, e.g. xlm-roberta-base (required)")
-    ev.add_argument("--task-sft", metavar="DIR", help="the task SFT, with its dense task head (required)")
+    ev.add_argument("--task-sft", metavar="DIR", help="the task SFT, with its dense task head (required, except for "
+                    "a task without a head, e.g. --task clm: then θ⁰ + φ_lang and θ⁰ are scored)")
     ev.add_argument("--task", choices=task_names(evaluated=True),
                     help="the task (default: the task the SFT was trained for, else told by its head parameters)")
     ev.add_argument("--lang-sft", action="append", default=[], metavar="LANG=DIR",
@@ -35,7 +36,8 @@ def register(subparsers) -> None:
     ev.add_argument("--data", action="append", default=[], metavar="LANG=PATH",
                     help="evaluation file of target language LANG (repeatable, at least one). QA: SQuAD-format "
                          "JSON (e.g. xquad.de.json); NLI: XNLI TSV, AmericasNLI TSV or MultiNLI-style JSONL; NER/POS: "
-                         "CoNLL (CoNLL-U, or word ... tag columns as CoNLL-2003/WikiANN)")
+                         "CoNLL (CoNLL-U, or word ... tag columns as CoNLL-2003/WikiANN); decoders: XCOPA or Belebele "
+                         "JSONL, XNLI TSV (xnli_ll), text lines (clm: perplexity)")
     ev.add_argument("--format", dest="format", choices=FILE_FORMATS,
                     help="reader for every --data file (default: from the extension, and the header for TSV)")
     ev.add_argument("--max-seq-length", type=int, metavar="N",
@@ -121,7 +123,7 @@ def eval_command(args: argparse.Namespace) -> int:
             setattr(config, key, getattr(args, key))
     config.data = {**config.data, **parse_pairs(args.data, "--data")}
     config.lang_sft = {**config.lang_sft, **parse_pairs(args.lang_sft, "--lang-sft")}
-    for key in ("base", "task_sft", "out"):
+    for key in ("base", "out"):  # (without task_sft, evaluate says which tasks do without one)
         if not getattr(config, key):
             flag = "--" + key.replace("_", "-")
             raise LtsftError(f"missing {flag}: give it on the command line or as {key}: in the eval config")

@@ -66,4 +66,7 @@ def preflight_config(config, path: str) -> None:
         world = discover(use_mpi4py=False).world_size
     except LtsftError:  # ranks only mpi4py can tell: the run's own preflight has the world size
         return
-    preflight.require(preflight.check_training(config, world, path))
+    problems = preflight.check_training(config, world, path)
+    if world == 1:  # alone it may fetch the base's config.json now; launched ranks check it together in the run
+        problems += preflight.check_model_kind(config, path)
+    preflight.require(problems)

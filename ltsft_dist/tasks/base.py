@@ -166,6 +166,11 @@ class Task:
     def encode(self, tokenizer, records: list, encoding: Encoding, labels: list[str] | None) -> Encoded:
         raise NotImplementedError
 
+    def encode_for_eval(self, tokenizer, records: list, encoding: Encoding, labels: list[str] | None) -> Encoded:
+        """What zero-shot evaluation scores: the training encoding, unless the task scores other rows than it
+        trains on (clm: each token once, where training repeats some to keep every row full)."""
+        return self.encode(tokenizer, records, encoding, labels)
+
     def held_out(self, encoded: Encoded, seed: int) -> Encoded:
         """Held-out examples as the eval loss needs them (e.g. fixed masks), from their encoding."""
         return encoded

@@ -7,6 +7,10 @@ last partial block is completed with the tokens before it (it overlaps the previ
 trained on and every row is full: the model's mean token loss per micro-batch averages to the global mean token
 loss whatever the world size, and the held-out loss is the mean token loss of the held-out text, whose exp is the
 perplexity reported beside it.
+
+`ltsft eval --task clm` scores held-out text of each target language by perplexity, exp of the mean negative
+log-likelihood over its tokens: there every token is counted once (the last block is padded, not overlapping), and
+each block is scored from its own start (no context carried across blocks).
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import torch
 from ltsft_dist.data import Examples
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.tasks.base import Encoded, Encoding, Task, register_task
+from ltsft_dist.tasks.choice import label_loglikelihoods
 from ltsft_dist.tasks.mlm import TEXT_FORMATS, text_rows
-from ltsft_dist.token_cache import Layout, TextSource, columns
+from ltsft_dist.token_cache import Layout, TextSource, columns, pack_lines
 
 
 def causal_labels(ids: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
@@ -30,6 +35,13 @@ def causal_labels(ids: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
     labels = ids.astype(np.int64)
     labels[..., 0] = -100
     return torch.from_numpy(labels)
+
+
+def scored_labels(ids: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
+    """`causal_labels` without the padding after each row's length (evaluation's padded last block)."""
+    labels = causal_labels(ids, lengths)
+    labels[torch.from_numpy(np.arange(ids.shape[-1]) >= lengths[..., None])] = -100
+    return labels
 
 
 def causal_examples(blocks: torch.Tensor) -> Examples:
@@ -47,14 +59,14 @@ class CausalLM(Task):
     decoder = True
     model_class = "AutoModelForCausalLM"
     formats = TEXT_FORMATS
+    metrics = ("perplexity",)
+    output_fields = ("nll", "tokens")  # per row: summed negative log-likelihood, tokens predicted
 
     def texts(self, records: list[str]) -> list[str]:
         return records
 
     def encode(self, tokenizer, records: list[str] | TextSource, encoding: Encoding, labels=None) -> Encoded:
-        if tokenizer.eos_token_id is None:
-            raise LtsftError("clm: the tokenizer has no end-of-sequence token to end each line with; use a decoder's "
-                             "tokenizer (model.tokenizer) or set tokenizer.eos_token")
+        _require_eos(tokenizer)
         max_len = encoding.max_seq_length
         layout = Layout(max_len, packed=True, separator=tokenizer.eos_token_id, last_block="overlap")
         rows = text_rows(tokenizer, records, layout, getattr(records, "cache_dir", None))
@@ -66,4 +78,37 @@ class CausalLM(Task):
         return Encoded(Examples(tensors), records, report=rows.count.report())
 
     def held_out_scores(self, loss: float) -> dict[str, float]:
-        return {"perplexity": math.exp(min(loss, 700.0))}  # exp overflows a float past ~709
+        return {"perplexity": _perplexity(loss)}
+
+    # --- evaluation --------------------------------------------------------------------------------------------
+
+    def encode_for_eval(self, tokenizer, records: list[str], encoding: Encoding, labels=None) -> Encoded:
+        """Packed blocks as in training, but the last one padded: every token of the text is scored once."""
+        _require_eos(tokenizer)
+        rows = pack_lines(tokenizer, records, Layout(encoding.max_seq_length, packed=True,
+                                                     separator=tokenizer.eos_token_id, last_block="pad"))
+        if not len(rows) or int(rows.lengths.max()) < 2:
+            raise LtsftError("clm: the evaluation text has no token to predict; give a file with text")
+        return Encoded(Examples(columns(rows, dense=True, labels=scored_labels)), records, report=rows.count.report())
+
+    def forward(self, model, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        loglikelihood, tokens = label_loglikelihoods(model, batch)
+        return [-loglikelihood, tokens]
+
+    def score(self, encoded: Encoded, outputs: list[torch.Tensor], language: str, options) -> dict:
+        nll, tokens = float(outputs[0].sum()), int(outputs[1].sum())
+        return {"perplexity": _perplexity(nll / tokens), "nll_per_token": nll / tokens, "tokens": tokens,
+                "examples": encoded.report["lines"]}
+
+    def metric_title(self, options) -> str:
+        return "perplexity, lower is better"
+
+
+def _require_eos(tokenizer) -> None:
+    if tokenizer.eos_token_id is None:
+        raise LtsftError("clm: the tokenizer has no end-of-sequence token to end each line with; use a decoder's "
+                         "tokenizer (model.tokenizer) or set tokenizer.eos_token")
+
+
+def _perplexity(mean_nll: float) -> float:
+    return math.exp(min(mean_nll, 700.0))  # exp overflows a float past ~709

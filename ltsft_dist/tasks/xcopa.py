@@ -61,8 +61,8 @@ class XCOPA(LogLikelihoodChoice):
         cause, effect = CONNECTORS[record.language]
         return record.premise.strip()[:-1] + " " + (cause if record.question == "cause" else effect)
 
-    def continuations(self, record: COPARecord) -> list[str]:
-        return [" " + c[0].lower() + c[1:] for c in record.choices]
+    def choices(self, record: COPARecord) -> list[str]:
+        return [c[0].lower() + c[1:] for c in record.choices]
 
     def gold(self, record: COPARecord) -> int:
         return record.label
