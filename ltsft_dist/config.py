@@ -114,6 +114,11 @@ class DataConfig:
     packed: bool = field(default=True, metadata=field_help(
         "mlm: concatenate lines and cut into max_seq_length blocks, the last one padded, so every token is used "
         "(false: one line per row, long lines truncated and the cut tokens reported as dropped); clm always packs"))
+    mlm_own_tokens: bool = field(default=False, metadata=field_help(
+        "mlm: score each masked token among the tokens of this language's text only (the softmax over them; a random "
+        "replacement outside them becomes [MASK]), as the demo's base is pretrained; for a language the base never "
+        "saw, whose tied word rows a full softmax pushes against every other language's (false: the whole "
+        "vocabulary, the paper's MLM)"))
     doc_stride: int = field(default=32, metadata=field_help("qa: context tokens shared by consecutive windows of a "
                                                        "long context"))
     max_query_length: int = field(default=24, metadata=field_help("qa: question tokens kept"))
@@ -223,6 +228,11 @@ class TrainConfig:
         if self.eligibility.tie_output_embeddings and self.kind != "language":
             bad("eligibility.tie_output_embeddings", f"ties a language SFT's prediction head, and a {self.kind} SFT "
                                                      "has none: remove it")
+        if self.data.mlm_own_tokens and not task.own_tokens:
+            bad("data.mlm_own_tokens", f"task {full.task} does not score masked tokens: remove it (it is for "
+                                       f"{' and '.join(n for n in task_names() if get_task(n).own_tokens)})")
+        if self.data.mlm_own_tokens and len(self.sources()) > 1:
+            bad("data.mlm_own_tokens", "scores the tokens of one language's text: give one source (data.train_file)")
         if self.language_sfts and self.kind == "language":
             bad("language_sfts", "language SFTs are activated while training task SFTs only: remove them")
         data = self.data

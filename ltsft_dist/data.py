@@ -41,13 +41,48 @@ class MLMSpec:
     special_ids: tuple[int, ...]
     vocab_size: int
     probability: float = 0.15
+    own: torch.Tensor | None = None  # bool per token id: the language's own tokens (`own_tokens_mask`); None: all
+
+
+def own_tokens_mask(columns, mask_token_id: int, vocab_size: int, chunk: int = 4096) -> torch.Tensor:
+    """The tokens that occur in a language's rows, and [MASK], as a bool per token id (on the CPU, where masks
+    are drawn). Read from the data alone, a chunk of rows at a time (token-cache columns stay on disk), so every
+    rank that reads the same text gets the same set."""
+    own = torch.zeros(vocab_size, dtype=torch.bool)
+    for ids in columns:
+        for start in range(0, len(ids), chunk):
+            own[torch.as_tensor(ids[start:start + chunk]).unique()] = True
+    own[mask_token_id] = True
+    return own
+
+
+def keep_inside(inputs: torch.Tensor, own: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+    """Inputs outside the language's own tokens become [MASK]: a random replacement stays inside the language, so
+    the rows of other languages' tokens are never looked up. With `among_own`, one rule for a language's MLM."""
+    return inputs.masked_fill(~own[inputs], mask_token_id)
+
+
+def over_outputs(own: torch.Tensor, outputs: int) -> torch.Tensor:
+    """`own` over a model's `outputs` token ids: a model may have more vocabulary rows than its tokenizer has
+    tokens, and those are never own."""
+    padded = torch.zeros(outputs, dtype=torch.bool)
+    padded[:len(own)] = own
+    return padded
+
+
+def among_own(logits: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """Logits with every token outside `own` (one per output, `over_outputs`) at -inf: the masked-token softmax
+    runs over the language's own tokens, so the (tied) rows of the others get no gradient from its loss (a full
+    softmax pushes them all away)."""
+    return logits.masked_fill(~own, float("-inf"))
 
 
 def bert_mask(ids: torch.Tensor, spec: MLMSpec, g: torch.Generator,
               at_least_one: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking of `ids`: (inputs, labels). Each non-special token is chosen with `spec.probability`
     (`at_least_one`: every row with a maskable token gets one); a chosen token becomes [MASK] (80%), a random
-    non-special id (10%) or stays (10%), and its label is the original id (-100 elsewhere)."""
+    non-special id (10%; one outside `spec.own`, when given, becomes [MASK]) or stays (10%), and its label is the
+    original id (-100 elsewhere)."""
     maskable = ~torch.isin(ids, torch.tensor(spec.special_ids))
     chosen = (torch.rand(ids.shape, generator=g) < spec.probability) & maskable
     if at_least_one:
@@ -59,6 +94,8 @@ def bert_mask(ids: torch.Tensor, spec: MLMSpec, g: torch.Generator,
                                generator=g)
     inputs = torch.where(chosen & (action < 0.8), torch.full_like(ids, spec.mask_token_id), ids)
     inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, inputs)
+    if spec.own is not None:
+        inputs = keep_inside(inputs, spec.own, spec.mask_token_id)
     return inputs, torch.where(chosen, ids, torch.full_like(ids, -100))
 
 

@@ -291,7 +291,7 @@ def build_base(config: PipelineConfig, stage: Stage) -> None:
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     from ltsft_dist.config import ModelConfig
-    from ltsft_dist.data import StepOrder
+    from ltsft_dist.data import StepOrder, among_own, over_outputs
     from ltsft_dist.models import save_tiny_base
     from ltsft_dist.tasks.mlm import encode_text
     from ltsft_dist.training_data import read_source
@@ -321,10 +321,8 @@ def build_base(config: PipelineConfig, stage: Stage) -> None:
     max_len = min(longest, int(b.tiny.get("max_position_embeddings", 64)))
     orders, own = {}, {}
     for i, lang in enumerate(pretrained):
-        examples = encode_text(tokenizer, texts[lang], max_len).examples
-        own[lang] = torch.zeros(model.config.vocab_size, dtype=torch.bool)
-        own[lang][examples.tensors["input_ids"].unique()] = True
-        own[lang][tokenizer.mask_token_id] = True
+        examples = encode_text(tokenizer, texts[lang], max_len, own_tokens=True).examples
+        own[lang] = over_outputs(examples.mlm.own, model.config.vocab_size)  # language SFTs: data.mlm_own_tokens
         orders[lang] = StepOrder(examples, b.pretrain_batch_size, b.pretrain_batch_size, 0, 1, b.seed * 1000 + i)
     optimizer = torch.optim.AdamW(model.parameters(), lr=b.pretrain_lr, weight_decay=0.0)  # unseen rows stay put
     model.train()
@@ -332,8 +330,7 @@ def build_base(config: PipelineConfig, stage: Stage) -> None:
         lang = pretrained[step % len(pretrained)]
         batch = orders[lang].batch_at(step // len(pretrained), 0)
         labels = batch.pop("labels")
-        batch["input_ids"] = batch["input_ids"].masked_fill(~own[lang][batch["input_ids"]], tokenizer.mask_token_id)
-        logits = model(**batch).logits.masked_fill(~own[lang], float("-inf"))
+        logits = among_own(model(**batch).logits, own[lang])
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
         loss.backward()
         optimizer.step()

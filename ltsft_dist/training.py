@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from ltsft_dist import comm, preflight
 from ltsft_dist.config import TrainConfig
 from ltsft_dist.errors import LtsftError
+from ltsft_dist.tasks import get_task
 
 if TYPE_CHECKING:
     from ltsft_dist.recipe import RunStats
@@ -89,6 +90,8 @@ class TrainingRun:
         model = build_model(config.model, config.task, num_labels=len(data.labels) if data.labels else None,
                             vocab_size=len(tokenizer), seed=config.seed, ds_config=ds_config,
                             tie_output_embeddings=config.eligibility.tie_output_embeddings)
+        if config.data.mlm_own_tokens:  # validated: one source, of a task that scores masked tokens
+            get_task(config.task).score_among_own_tokens(model, next(iter(data.train.values())).mlm.own)
         order, hooks, swap = None, [], None
         if len(data.train) > 1 or sfts:  # one source language (and its SFT) per optimizer step
             from ltsft_dist.multisource import build_multisource

@@ -79,7 +79,8 @@ def read_sources(config: TrainConfig) -> list[Source]:
 
 
 def encoding(data: DataConfig) -> Encoding:
-    return Encoding(data.max_seq_length, data.doc_stride, data.max_query_length, data.mlm_probability, data.packed)
+    return Encoding(data.max_seq_length, data.doc_stride, data.max_query_length, data.mlm_probability, data.packed,
+                    data.mlm_own_tokens)
 
 
 def cache_dir(config: TrainConfig) -> str:
@@ -120,9 +121,17 @@ def encode_sources(config: TrainConfig, tokenizer, sources: list[Source]) -> Tra
                                  "text or raise data.eval_fraction")
             if isinstance(records, TextSource):
                 out.report[source.language].update({f"held_out_{k}": v for k, v in held_encoded.report.items()})
+            share_own_tokens(encoded.examples, held_encoded.examples)
             held_encoded.examples = bounded(held_encoded.examples, data.eval_max_examples, config.seed)
             out.held_out[source.language] = task.held_out(held_encoded, config.seed).examples
     return out
+
+
+def share_own_tokens(train: Examples, held: Examples) -> None:
+    """A language's own tokens (data.mlm_own_tokens) are those of all its text, training and held-out: a word
+    that only the held-out text has must be scored there too."""
+    if train.mlm is not None and train.mlm.own is not None:
+        train.mlm.own = held.mlm.own = train.mlm.own | held.mlm.own
 
 
 def token_summary(language: str, report: dict) -> str | None:

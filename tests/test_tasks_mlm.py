@@ -123,3 +123,92 @@ def test_eval_loss_identical_across_evaluations(tok):
     assert evaluate() == losses
     rebuilt = mlm.build_mlm_data(tok, LINES, max_len=12, eval_fraction=0.2, seed=0)
     assert torch.equal(rebuilt.eval.tensors["labels"], data.eval.tensors["labels"])  # same for the next run too
+
+
+# data.mlm_own_tokens: two languages in one vocabulary, disjoint words; a language SFT of one scores among its own.
+OWN = ["alpha beta gamma delta", "beta gamma epsilon alpha", "delta alpha beta zeta"] * 8
+FOREIGN = ["rouge vert bleu noir", "blanc rouge jaune vert"] * 8
+
+
+def _two_language_model(tok):
+    """A tiny tied BERT with the option's restriction on its output (what training installs)."""
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
+                                       num_attention_heads=2, intermediate_size=32, max_position_embeddings=32))
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    return model.eval()  # no dropout: the hand computation repeats the forward
+
+
+def test_own_tokens_loss_is_the_softmax_over_the_language_tokens_and_leaves_other_rows_untouched(tmp_path):
+    from ltsft_dist.data import bert_mask
+
+    tok = train_wordpiece(OWN + FOREIGN, 80)
+    examples = mlm.encode_text(tok, OWN, 12, probability=0.6, own_tokens=True).examples  # many random replacements
+    own = examples.mlm.own
+    words = {i for line in OWN for i in tok(line)["input_ids"]} | {tok.mask_token_id, tok.pad_token_id}
+    assert set(own.nonzero().flatten().tolist()) == words  # the rows' tokens ([CLS], [SEP], [PAD] too) and [MASK]
+    foreign = sorted({i for line in FOREIGN for i in tok(line, add_special_tokens=False)["input_ids"]} - words)
+    assert foreign and not own[foreign].any()
+    (tmp_path / "own.txt").write_text("\n".join(OWN) + "\n")  # from the token cache (rows on disk), the same set
+    cached = mlm.encode_text(tok, text_file(tmp_path / "own.txt"), 12, cache_dir=str(tmp_path / "cache"),
+                             own_tokens=True).examples
+    assert not isinstance(cached.tensors["input_ids"], torch.Tensor) and torch.equal(cached.mlm.own, own)
+
+    inputs, labels = bert_mask(examples.tensors["input_ids"], examples.mlm, torch.Generator().manual_seed(0),
+                               at_least_one=True)
+    assert own[inputs].all()  # random replacements stayed inside the language (else became [MASK])
+    examples.mlm.own = None  # the same draw without the option does leave it, so the check above can fail
+    plain, _ = bert_mask(examples.tensors["input_ids"], examples.mlm, torch.Generator().manual_seed(0),
+                         at_least_one=True)
+    assert not own[plain].all()
+
+    model = _two_language_model(tok)
+    full = _two_language_model(tok)
+    mlm.MaskedLM().score_among_own_tokens(model, own)
+    batch = {"input_ids": inputs, "attention_mask": examples.tensors["attention_mask"], "labels": labels}
+    loss = model(**batch).loss
+    hidden = model.cls.predictions.transform(model.bert(inputs, attention_mask=batch["attention_mask"])[0])
+    decoder = model.get_output_embeddings()
+    logits = hidden @ decoder.weight.T + decoder.bias  # by hand, the whole vocabulary's logits
+    ids = own.nonzero().flatten()
+    at = labels != -100
+    target = (labels[at][:, None] == ids[None]).float().argmax(1)  # each label's place among the own tokens
+    by_hand = torch.nn.functional.cross_entropy(logits[at][:, ids], target)
+    assert torch.allclose(loss, by_hand, atol=1e-6)
+    assert not torch.allclose(full(**batch).loss, by_hand, atol=1e-3)  # the whole vocabulary's loss differs
+
+    loss.backward()
+    grad = model.get_input_embeddings().weight.grad  # tied: the input and the output side of each row
+    assert torch.equal(grad[~own], torch.zeros_like(grad[~own]))
+    assert grad[own].abs().sum(1).gt(0).sum() > len(words) // 2
+    full(**batch).loss.backward()  # the full softmax pushes every other row
+    assert full.get_input_embeddings().weight.grad[foreign].abs().sum(1).gt(0).all()
+    # Logits on another device (a ZeRO-3 model whose buffers DeepSpeed did not move): the set follows them once.
+    on_meta = mlm._among_own_tokens(decoder, (), torch.zeros(2, len(tok), device="meta"))
+    assert on_meta.device.type == "meta" and decoder.own_tokens.device.type == "meta"
+
+
+def test_own_tokens_in_training_data_cover_the_held_out_text_and_are_validated(tmp_path):
+    from ltsft_dist.config import DataConfig, ModelConfig, SourceConfig, TrainConfig
+    from ltsft_dist.training_data import encode_sources, read_sources
+
+    tok = train_wordpiece(OWN + FOREIGN, 80)
+    (tmp_path / "own.txt").write_text("\n".join(OWN + ["omega alpha beta"]) + "\n")
+    config = TrainConfig(kind="language", density=0.1, languages=["aa"], output_dir=str(tmp_path / "run"),
+                         model=ModelConfig(tiny={"hidden_size": 16}),
+                         data=DataConfig(train_file=str(tmp_path / "own.txt"), eval_fraction=0.3, max_seq_length=12,
+                                         mlm_own_tokens=True))
+    config.validate()
+    data = encode_sources(config.complete(), tok, read_sources(config.complete()))
+    train, held = data.train["aa"], data.held_out["aa"]
+    ids = [train.tensors["input_ids"][:], held.tensors["input_ids"], held.tensors["labels"].clamp(min=0)]
+    assert set(train.mlm.own.nonzero().flatten().tolist()) == {i for t in ids for i in t.flatten().tolist()}
+    assert held.tensors["labels"].ne(-100).any()
+
+    with pytest.raises(LtsftError, match="data.mlm_own_tokens: task classification does not score masked tokens"):
+        TrainConfig(kind="task", density=0.1, model=ModelConfig(tiny={}),
+                    data=DataConfig(train_file="x.jsonl", mlm_own_tokens=True)).validate()
+    two = [SourceConfig(language="aa", train_file="a.txt"), SourceConfig(language="bb", train_file="b.txt")]
+    with pytest.raises(LtsftError, match="data.mlm_own_tokens: .*give one source"):
+        TrainConfig(kind="language", density=0.1, model=ModelConfig(tiny={}),
+                    data=DataConfig(sources=two, mlm_own_tokens=True)).validate()

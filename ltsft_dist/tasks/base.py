@@ -58,6 +58,7 @@ class Encoding:
     max_query_length: int = 64  # qa: question tokens kept
     mlm_probability: float = 0.15  # mlm: share of the tokens masked
     packed: bool = False  # mlm: lines concatenated and cut into blocks
+    own_tokens: bool = False  # mlm: record the text's own tokens in Examples.mlm.own (data.mlm_own_tokens)
 
 
 @dataclass
@@ -84,6 +85,9 @@ class Task:
     # The loss is a mean over labelled tokens (-100 elsewhere) whose number varies per row: the trainer averages
     # over the global batch's labelled tokens. A decoder's labels must then be -100 at position 0 (never predicted).
     token_loss: ClassVar[bool] = False
+    # It can score its masked tokens among its text's own tokens (data.mlm_own_tokens): `encode` records them in
+    # `Examples.mlm.own`, and its `score_among_own_tokens(model, own)` restricts the model's output to them.
+    own_tokens: ClassVar[bool] = False
     model_class: ClassVar[str]  # a transformers Auto class, e.g. "AutoModelForSequenceClassification"
     formats: ClassVar[dict[str, Format]]
     labelled: ClassVar[bool] = False  # the head's outputs are named labels (recorded as data.labels)

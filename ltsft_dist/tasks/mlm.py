@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ltsft_dist.data import Examples, MLMSpec, bert_mask
+from ltsft_dist.data import Examples, MLMSpec, among_own, bert_mask, over_outputs, own_tokens_mask
+from ltsft_dist.devices import move
 from ltsft_dist.errors import LtsftError
 from ltsft_dist.tasks._io import load_hf_dataset
 from ltsft_dist.tasks.base import Encoded, Encoding, Format, Task, register_task
@@ -63,13 +64,16 @@ class EncodedText:
 
 
 def encode_text(tokenizer, lines: list[str] | TextSource, max_len: int, packed: bool = False,
-                probability: float = 0.15, cache_dir: str | None = None) -> EncodedText:
+                probability: float = 0.15, cache_dir: str | None = None, own_tokens: bool = False) -> EncodedText:
     """MLM rows: one per line (truncated), or `packed`: the lines' tokens concatenated in order and cut into
     blocks, each framed by the special tokens (the last block padded). Rows from the token cache stay on disk
-    (lazy `token_cache.Column`s); rows packed in memory are tensors."""
+    (lazy `token_cache.Column`s); rows packed in memory are tensors. `own_tokens`: the rows' tokens are recorded
+    in `mlm.own`, and masking keeps random replacements inside them."""
     rows = text_rows(tokenizer, lines, Layout(max_len, packed), cache_dir)
     spec = MLMSpec(tokenizer.mask_token_id, tuple(tokenizer.all_special_ids), len(tokenizer), probability)
     examples = Examples(columns(rows, dense=not isinstance(rows.ids, np.memmap)), mlm=spec)
+    if own_tokens:
+        spec.own = own_tokens_mask([examples.tensors["input_ids"]], spec.mask_token_id, spec.vocab_size)
     return EncodedText(examples, rows.count.truncated, rows.count.empty, rows.count.report())
 
 
@@ -124,6 +128,7 @@ class MaskedLM(Task):
     name = "mlm"
     kind = "language"
     token_loss = True
+    own_tokens = True
     model_class = "AutoModelForMaskedLM"
     formats = TEXT_FORMATS
 
@@ -133,13 +138,29 @@ class MaskedLM(Task):
         if not tie_output_embeddings:
             untie_output_embeddings(model)
 
+    def score_among_own_tokens(self, model: torch.nn.Module, own: torch.Tensor) -> None:
+        """Every forward of `model` scores masked tokens among `own` only (`among_own` on its output embedding's
+        logits, so `model(**batch).loss` is that softmax's). `own` is kept as a buffer of that module (not saved:
+        the SFT holds no such state)."""
+        head = model.get_output_embeddings()
+        head.register_buffer("own_tokens", over_outputs(own, head.out_features), persistent=False)
+        head.register_forward_hook(_among_own_tokens)
+
     def texts(self, records: list[str]) -> list[str]:
         return records
 
     def encode(self, tokenizer, records: list[str] | TextSource, encoding: Encoding, labels=None) -> Encoded:
         encoded = encode_text(tokenizer, records, encoding.max_seq_length, encoding.packed, encoding.mlm_probability,
-                              getattr(records, "cache_dir", None))
+                              getattr(records, "cache_dir", None), encoding.own_tokens)
         return Encoded(encoded.examples, records, report=encoded.report)
 
     def held_out(self, encoded: Encoded, seed: int) -> Encoded:
         return Encoded(fixed_masks(encoded.examples, seed), encoded.records, report=encoded.report)
+
+
+def _among_own_tokens(head: torch.nn.Module, args, logits: torch.Tensor) -> torch.Tensor:
+    """DeepSpeed moves the buffer with the model, except a model built under ZeRO-3's partitioned construction
+    (its `module.to` is skipped): then it moves to the logits' device once, here."""
+    if head.own_tokens.device != logits.device:
+        head.own_tokens = move(head.own_tokens, logits.device)
+    return among_own(logits, head.own_tokens)
