@@ -3,8 +3,8 @@
 Runs `ltsft demo --seed N` for seeds 0, 1 and 2 (all reported, none picked), each from scratch in a fresh
 directory, and reads each run's results.json: on the target language (never in the base's pretraining), the
 accuracy of task+lang − TA-only with its 95 % paired bootstrap interval (`ltsft_dist.report`). Also the demo's
-wall time, set-up (venv) excluded. `--quick` runs seed 0 only; BENCH_DEMO_SEEDS="0 1" picks the seeds (the
-results list the seeds that ran).
+wall time, set-up (venv) excluded. `--quick` runs seed 0 only; BENCH_DEMO_SEEDS="0 1" (or 0,1) picks the seeds
+(the results list the seeds that ran).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def run(quick: bool) -> dict:
     from ltsft_dist.commands.demo import TARGET
     from ltsft_dist.report import gains
 
-    seeds = [int(s) for s in os.environ.get("BENCH_DEMO_SEEDS", "").split()] or list(SEEDS)
+    seeds = [int(s) for s in os.environ.get("BENCH_DEMO_SEEDS", "").replace(",", " ").split()] or list(SEEDS)
     per_seed = {}
     for seed in seeds[:1] if quick else seeds:
         with tempfile.TemporaryDirectory(prefix=f"demo-seed{seed}-") as out:
