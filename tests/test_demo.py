@@ -155,3 +155,21 @@ def test_freeze_word_embeddings_adds_the_input_word_matrix_to_the_exclude_rules_
     query = "bert.encoder.layer.0.attention.self.query.weight"
     given = resolve(model, "task", EligibilityConfig(exclude=[r"\.layer\.0\."], freeze_word_embeddings=True)).roles
     assert plain[query] == "sparse" and given[query] == "frozen" and given[words] == "frozen"
+
+
+def test_the_demo_process_pretrains_with_the_thread_count_its_ranks_use(tmp_path, monkeypatch):
+    """`ltsft demo` builds the base in its own process, where torch was imported before OMP_NUM_THREADS was set: it
+    must still use one thread, or its float sums (and so the whole run) differ from a process started with it."""
+    import argparse
+
+    from ltsft_dist.commands import demo
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # what an imported torch takes on this 2-core machine
+    try:
+        args = argparse.Namespace(output_dir=str(tmp_path), seed=0, ranks=2, master_port=None, dry_run=True)
+        assert demo.demo_command(args) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
