@@ -1,9 +1,11 @@
 """Phase-2 masking on the shards, and the L1 pull toward θ⁰.
 
 Gradients are edited in DeepSpeed's own reduced-gradient buffers before `engine.step()`, so the gradient
-norm and clipping DeepSpeed computes are those of the masked gradient. After each inner optimizer step,
-every frozen element is projected back onto θ⁰ (AdamW weight decay moves zero-gradient elements), before
-DeepSpeed copies the masters into the working weights.
+norm and clipping DeepSpeed computes are those of the masked gradient. After each inner optimizer step, the frozen
+elements of every segment whose parameter group decays are projected back onto θ⁰ (AdamW's decoupled weight decay
+moves zero-gradient elements), before DeepSpeed copies the masters into the working weights. Without decay nothing
+moves them: their gradient is zero at every step and so is their first moment (zeroed at the rewind), so AdamW's
+update there is exactly 0 (`frozen_drift` checks it at the end of every run).
 """
 
 from __future__ import annotations
@@ -102,15 +104,16 @@ class GradientMask:
     @torch.no_grad()
     def project(self, segment_indices: list[int]) -> None:
         for i in segment_indices:
-            _keep_only(self.shards.segments[i], self._segment_plans[i], self.snapshot.segments[i])
+            if self.shards.decays(i):
+                _keep_only(self.shards.segments[i], self._segment_plans[i], self.snapshot.segments[i])
             if self._steps[i] % REFRESH_SECOND_MOMENT == 0:
                 self._refresh_second_moment(i)
             self._steps[i] += 1
 
     def _refresh_second_moment(self, i: int) -> None:
-        """Frozen elements are put back onto θ⁰ after every step, so their Adam state never matters; their second
-        moment is kept at 1 because torch's CPU sqrt is ~8× slower on zeros (and denormals) than on normal values.
-        Refreshed before β₂-decay could make it denormal (0.999^10000 ≈ 4.5e-5)."""
+        """Frozen elements' second moment never matters (their gradient and first moment are zero, or they are put
+        back onto θ⁰ after every step); it is kept at 1 because torch's CPU sqrt is ~8× slower on zeros (and
+        denormals) than on normal values. Refreshed before β₂-decay could make it denormal (0.999^10000 ≈ 4.5e-5)."""
         second = self.shards.optimizer_state(i).get("exp_avg_sq")
         if second is not None:
             _keep_only(second.view(-1), self._segment_plans[i], 1.0)
