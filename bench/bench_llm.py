@@ -4,13 +4,16 @@ of the same model loaded the same way (a checkpoint on disk, loaded straight int
 The model is random (no download): hidden 1024, 24 layers, 16 heads, MLP 4096, vocabulary 32,000, untied output
 head; it is saved once and every run loads it with `models.build_model` under the run's ZeRO-3 config, as
 `ltsft train` does. LT-SFT is a language SFT (task clm: norms and the output head frozen) with K = 5 % of the
-eligible elements; the dense baseline trains every parameter with the same AdamW, batch and sequence length. Each
-configuration runs in fresh processes, one thread per rank, so the high-water marks (VmHWM at the end of the run)
-are the runs' own. Keys:
+eligible elements and the paper's L1 pull for language SFTs (λ = 0.1); the dense baseline trains every parameter
+with the same AdamW, batch and sequence length. Each configuration runs in fresh processes, one thread per rank,
+so the high-water marks (VmHWM at the end of the run) are the runs' own. Keys:
 - llm_params: the model's parameters;
 - llm_peak_rss_per_rank_over_dense_zero3: the largest rank's peak RSS, LT-SFT / dense (target ≤ 1.10: LT-SFT's
   extra is θ⁰'s shard and the mask);
-- llm_phase2_step_over_dense_step: the median phase-2 step time / the median dense step time (target ≤ 1.05);
+- llm_phase2_step_over_dense_step: the median phase-2 step time / the median dense step time (target ≤ 1.05); a
+  step is forward, backward and optimizer step (with LT-SFT's masking, pull and projection), timed on every rank
+  from the step's start to its end (not the logging or the end of the run after it); each run's first step is
+  left out (warm-up);
 - llm_select_seconds: the collective top-K over every eligible element (reported);
 - zero3_peak_rss_per_rank_W2_over_W1: the LT-SFT run's largest rank's peak RSS at W=2 / at W=1 (target ≤ 0.60:
   partitioned loading and ZeRO-3 halve what a rank holds).
@@ -63,13 +66,17 @@ def _ds_config(config, world: int) -> dict:
     return ds
 
 
+L1 = 0.1  # the paper's λ for language SFTs
+
+
 def _config(directory: str, steps: int, seq: int, world: int):
     from ltsft_dist.config import ModelConfig, PhaseConfig, TrainConfig
 
     config = TrainConfig(kind="language", task="clm", languages=["xx"], density=0.05, resume=False,
                          output_dir=tempfile.mkdtemp(prefix="ltsft-bench-llm-"), deepspeed="zero3.json",
                          batch_size=world, micro_batch_size=1, weight_decay=0.0, max_grad_norm=1.0,
-                         phase1=PhaseConfig(steps=steps, lr=1e-5), phase2=PhaseConfig(steps=steps, lr=1e-5),
+                         phase1=PhaseConfig(steps=steps, lr=1e-5, l1=L1),
+                         phase2=PhaseConfig(steps=steps, lr=1e-5, l1=L1),
                          model=ModelConfig(name_or_path=directory, architecture="llama"))
     config.data.max_seq_length = seq
     config.validate()
@@ -97,18 +104,22 @@ def ltsft_worker(directory: str, steps: int, seq: int, vocab: int) -> dict:
     ds = _ds_config(config, world)
     model = build_model(config.model, "clm", ds_config=ds)
     recipe = LTSFTRecipe(model, _examples(vocab, seq, 4 * world * steps), config, ds, show_progress=False)
-    marks = []
+    phase2 = []
 
     class Clock(StepHook):
+        """From the step's start (before its first forward) to its end (after the optimizer step)."""
+
         def before_step(self, step):
-            marks.append((recipe.selected is not None, time.perf_counter()))
+            self.start = time.perf_counter()
+
+        def restore(self):
+            if recipe.selected is not None:
+                phase2.append(time.perf_counter() - self.start)
 
     recipe.step_hooks.append(Clock())
     recipe.run()
-    marks.append((True, time.perf_counter()))
-    phase2 = [b - a for (p2, a), (_, b) in zip(marks, marks[1:]) if p2]
     shutil.rmtree(config.output_dir, ignore_errors=True)
-    return {"peak_rss": _peak_rss_bytes(), "phase2_step_seconds": phase2[1:],  # the first after selection warms up
+    return {"peak_rss": _peak_rss_bytes(), "phase2_step_seconds": phase2[1:],  # the first plans the mask
             "select_seconds": recipe.stats.seconds.get("select"), "k": recipe.stats.k,
             "n_eligible": recipe.stats.n_eligible}
 
@@ -146,25 +157,34 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 def run(quick: bool) -> dict:
     from _launch import run_ranks
 
-    os.environ.update(MALLOC_ENV)
-    shape, steps, seq = (QUICK_SHAPE, 3, 32) if quick else (SHAPE, 4, 32)
+    shape, steps, seq = (QUICK_SHAPE, 3, 32) if quick else (SHAPE, 6, 32)
+    w1_steps = 2  # the W=1 run is for its peak RSS only
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
     directory = tempfile.mkdtemp(prefix="ltsft-bench-llm-model-")
+    saved_env = {k: os.environ.get(k) for k in MALLOC_ENV}
+    os.environ.update(MALLOC_ENV)  # inherited by the ranks launched here, and restored after them
     try:
         (n_params,) = run_ranks(save_model, 1, directory, shape, timeout=3600)
         args = (directory, steps, seq, shape["vocab_size"])
         dense = run_ranks(dense_worker, 2, *args, deepspeed=True, timeout=7200)
         ltsft = run_ranks(ltsft_worker, 2, *args, deepspeed=True, timeout=7200)
-        ltsft_w1 = run_ranks(ltsft_worker, 1, *args, deepspeed=True, timeout=7200)
+        ltsft_w1 = run_ranks(ltsft_worker, 1, directory, w1_steps, seq, shape["vocab_size"], deepspeed=True,
+                             timeout=7200)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     peak = {name: max(r["peak_rss"] for r in runs) for name, runs in
             (("dense_w2", dense), ("ltsft_w2", ltsft), ("ltsft_w1", ltsft_w1))}
     phase2 = [t for r in ltsft for t in r["phase2_step_seconds"]]
     dense_steps = [t for r in dense for t in r["step_seconds"]]
     config = {"shape": shape, "W": 2, "zero_stage": 3, "task": "clm (language SFT)", "density": 0.05,
-              "K": ltsft[0]["k"], "n_eligible": ltsft[0]["n_eligible"], "steps_per_phase": steps, "seq_len": seq,
+              "K": ltsft[0]["k"], "n_eligible": ltsft[0]["n_eligible"], "l1": L1, "steps_per_phase": steps,
+              "steps_per_phase_w1": w1_steps, "seq_len": seq,
               "micro_batch_size": 1, "threads_per_rank": 1, "loadavg_1m_before": load, "environment": MALLOC_ENV,
               "loading": "save_pretrained once; every run: models.build_model(name_or_path, ds_config=ZeRO-3)"}
     gib = 2 ** 30

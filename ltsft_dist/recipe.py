@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,7 +103,7 @@ class LTSFTRecipe:
         self.show_progress = show_progress
         self.order, self.step_hooks = order, list(step_hooks)
         self.model = model
-        self.selected: list[torch.Tensor] | None = None  # the mask, per sparse fragment of my shard
+        self.selected: Sequence[torch.Tensor] | None = None  # the mask, per sparse fragment of my shard
         self._stop_requested = False
         self._stop_agreed = False  # the ranks' agreement on a stop request, made once per optimizer step
         self.phase_name = ""  # the phase being trained, for messages
@@ -166,6 +167,7 @@ class LTSFTRecipe:
                 self.shards.reset_optimizer_state()
                 phase2_start = 0
             mask = GradientMask(self.shards, self.snapshot, self.sparse, self.selected)
+            self.selected = mask.selected(self.sparse)  # the bool masks are dropped: the plans hold them
             mask.attach()
             self.train_phase(r, "phase2", cfg.phase2, mask, phase2_start)
             mask.detach()
@@ -181,7 +183,7 @@ class LTSFTRecipe:
         self.phase_name = name
         self.global_step = self._global_step(round_, phase_name, first_step)
         self.engine.train()  # dropout on, as in the paper's training (from_pretrained returns a model in eval mode)
-        l1 = L1Pull(self.shards, self.snapshot, self.sparse, phase.l1, self.stats.n_eligible)
+        l1 = L1Pull(self.shards, self.snapshot, self.sparse, phase.l1, self.stats.n_eligible, mask)
         bar = tqdm(range(first_step, phase.steps), desc=name, disable=self.rank != 0 or not self.show_progress,
                    leave=False, initial=first_step, total=phase.steps)
         self._clock = (name, time.perf_counter())
@@ -563,7 +565,7 @@ def selection_scalars(shards: Shards, shapes: dict, roles: dict[str, str], spars
 
 def frozen_drift(shards: Shards, snapshot: Snapshot, mask: GradientMask) -> int:
     """Frozen elements of my shard that are not bit-identical to θ⁰ (summed over ranks; collective)."""
-    local = sum(int((snapshot.changed(f) & mask.frozen[f.segment].narrow(0, f.segment_offset, f.numel)).sum())
+    local = sum(int((snapshot.changed(f) & mask.frozen_of(f)).sum())
                 for f in shards.fragments)
     return int(shards.all_reduce(torch.tensor([local])))
 

@@ -180,6 +180,14 @@ class Shards:
         for group in self.inner_optimizer.param_groups:
             group["lr"] = lr
 
+    def decays(self, segment: int) -> bool:
+        """Whether the inner optimizer's step decays this segment's weights (its group's weight_decay is not 0).
+        Call it from an `on_optimizer_step` hook: ZeRO-3 puts a segment in its group only while stepping it; a
+        segment found in no group counts as decaying."""
+        tensor = self._stepped_tensors[segment]
+        groups = [g for g in self.inner_optimizer.param_groups if any(p is tensor for p in g["params"])]
+        return not groups or any(g.get("weight_decay", 0.0) != 0.0 for g in groups)
+
     def optimizer_state(self, segment: int) -> dict:
         """The inner optimizer's state of one segment (e.g. AdamW's exp_avg, exp_avg_sq); empty before step 1."""
         return self.inner_optimizer.state.get(self._stepped_tensors[segment], {})

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import math
 import tempfile
+from contextlib import contextmanager
 
 import torch
 from transformers import BertConfig, BertForSequenceClassification
@@ -172,7 +173,8 @@ def run_cases(cases: list[tuple[str, TrainConfig, Examples, int]], world_size: i
         built = _held_at_build(model)
         layer_calls = _count_first_layer_calls(model)
         recipe = LTSFTRecipe(model, examples, cfg, ds, show_progress=False)
-        sft = recipe.run()
+        with _counting_sparse_pulls() as sparse_pulls:
+            sft = recipe.run()
         diffs = sft.diffs if sft is not None else None
         diffs = [diffs]
         dist.broadcast_object_list(diffs, src=0)
@@ -180,8 +182,27 @@ def run_cases(cases: list[tuple[str, TrainConfig, Examples, int]], world_size: i
         drift = working_weight_drift(model, theta0, diffs[0], recipe.eligibility.roles)
         if sft is not None:
             results[name] = {"diffs": sft.diffs, "heads": sft.heads, "stats": dict(recipe.stats.__dict__),
-                             "working_drift": drift, "held_at_build": built, "first_layer_calls": layer_calls}
+                             "working_drift": drift, "held_at_build": built, "first_layer_calls": layer_calls,
+                             "sparse_pulls": sparse_pulls[0]}
     return results
+
+
+@contextmanager
+def _counting_sparse_pulls():
+    """Counts the L1 pulls computed at a phase-2 mask's trainable offsets only (not over whole fragments)."""
+    from ltsft_dist.masking import L1Pull
+
+    calls, original = [0], L1Pull._delta_at
+
+    def counted(self, f, offsets):
+        calls[0] += 1
+        return original(self, f, offsets)
+
+    L1Pull._delta_at = counted
+    try:
+        yield calls
+    finally:
+        L1Pull._delta_at = original
 
 
 def _count_first_layer_calls(model) -> list[int]:

@@ -102,6 +102,13 @@ def test_l1_case_depends_on_l1():
     assert max(float((phi_l1[n] - phi_plain[n]).abs().max()) for n in phi_l1) > 1e-5
 
 
+def test_l1_cases_cover_both_forms_of_the_phase2_pull(distributed):
+    """The oracle comparison of the L1 cases covers the phase-2 pull computed at the mask's offsets only (a sparse
+    mask) and over whole fragments (the tiny classifier's ZeRO-3 segments are over 1/8 trainable: a bool mask)."""
+    got = {case: distributed(2)[case]["sparse_pulls"] for case in ("l1-accum-z2", "l1-accum-z3", "clm-l1-accum-z3")}
+    assert got["l1-accum-z2"] > 0 and got["clm-l1-accum-z3"] > 0 and got["l1-accum-z3"] == 0, got
+
+
 def test_ties_case_really_has_ties(distributed):
     stats = distributed(2)["ties-z2"]["stats"]
     assert stats["threshold"] == 0.0

@@ -21,20 +21,21 @@ WORLD = 2
 # Mixed precision and overflow (the L1 pull into the fp32 master gradients, redone skipped steps), ZeRO 1-3.
 PRECISION_PROBES = ["optimizer.optimizer.register_step_pre_hook", "optimizer.clip_grad", "optimizer.loss_scale",
                     "engine.was_step_applied"]
+DECAY_PROBE = "inner param_groups[...]['weight_decay'] while stepping"
 # (stage, internal): what shards.py does with it. Each probe raises AssertionError describing what it found.
 PROBES = {
-    0: ["engine.optimizer.param_groups", "param.grad", "bfloat16_enabled/fp16_enabled"],
+    0: ["engine.optimizer.param_groups", "param.grad", "bfloat16_enabled/fp16_enabled", DECAY_PROBE],
     1: ["optimizer.optimizer", "optimizer.single_partition_of_fp32_groups", "optimizer.bit16_groups",
         "param._hp_mapping", "_hp_mapping.get_lp_grad_fragment", "optimizer.update_lp_params",
         "optimizer.optimizer.register_step_post_hook", "optimizer.optimizer.state",
-        "optimizer.optimizer.state written"] + PRECISION_PROBES,
+        "optimizer.optimizer.state written", DECAY_PROBE] + PRECISION_PROBES,
     3: ["optimizer.optimizer", "optimizer.fp32_partitioned_groups_flat", "optimizer.fp16_groups",
         "optimizer.grad_position", "param.partition_numel/ds_numel", "optimizer.averaged_gradients",
         "optimizer._partition_all_parameters/_reassign_or_swap_out_partitioned_parameters",
         "optimizer.persistent_parameters", "optimizer.invalidate_secondary_tensor",
         "optimizer.optimizer.register_step_post_hook", "optimizer.optimizer.state",
         "optimizer.optimizer.state written", "param.ds_shape", "param.ds_tensor/ds_status",
-        "param.ds_process_group", "ZeroParamStatus"] + PRECISION_PROBES,
+        "param.ds_process_group", "ZeroParamStatus", DECAY_PROBE] + PRECISION_PROBES,
 }
 PROBES[2] = PROBES[1]
 GLOBAL_PROBES = ["deepspeed.ops.__compatible_ops__['deepspeed_shm_comm']"]
@@ -142,6 +143,20 @@ def _probe(stage: int, name: str, engine, model) -> None:
         keys = {id(t) for t in opt.optimizer.state}
         _expect(keys <= {id(t) for t in _masters(stage, opt)}, "state is not keyed by the fp32 master flats")
         _expect(all(torch.is_tensor(s.get("exp_avg")) for s in opt.optimizer.state.values()), "no exp_avg tensors")
+    elif name == DECAY_PROBE:  # Shards.decays: the stepped segment sits in its group, with the group's decay
+        from ltsft_dist.shards import Shards
+
+        shards = Shards(engine, model)
+        for weight_decay in (0.0, 0.01):
+            for group in shards.inner_optimizer.param_groups:
+                group["weight_decay"] = weight_decay
+            seen = []
+            handle = shards.on_optimizer_step(lambda segments: seen.extend(shards.decays(s) for s in segments))
+            _backward(engine)
+            engine.step()
+            handle.remove()
+            _expect(len(seen) == len(shards.segments) and all(d == (weight_decay != 0.0) for d in seen),
+                    f"weight_decay {weight_decay}: decays() said {seen} while stepping")
     elif name == "optimizer.optimizer.register_step_pre_hook":  # the stepped fp32 flat carries its gradient
         from ltsft_dist.shards import Shards
 

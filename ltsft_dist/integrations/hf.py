@@ -232,7 +232,7 @@ class SparseFineTuner:
         if name == "phase2" and self.mask is None:
             self.mask = GradientMask(self.shards, self.snapshot, self.sparse, self.selected)
             self.mask.attach()
-        self.l1 = L1Pull(self.shards, self.snapshot, self.sparse, phase.l1, self.stats.n_eligible)
+        self.l1 = L1Pull(self.shards, self.snapshot, self.sparse, phase.l1, self.stats.n_eligible, self.mask)
 
     def _select(self, round_: int) -> None:
         k_round = k_of_round(self.config, self.stats.k, round_)
