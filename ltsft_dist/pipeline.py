@@ -317,11 +317,13 @@ def build_base(config: PipelineConfig, stage: Stage) -> None:
     # copy, still equal to the input embedding); language SFTs may keep it tied (eligibility.tie_output_embeddings).
     model.get_output_embeddings().weight = model.get_input_embeddings().weight
     model.config.tie_word_embeddings = True
-    longest = max(len(ids) for lang in pretrained for ids in tokenizer(texts[lang])["input_ids"])
-    max_len = min(longest, int(b.tiny.get("max_position_embeddings", 64)))
+    # Pretrained on text encoded as the language SFTs will read it: a base that saw one sentence per row and is then
+    # given packed blocks (whose later positions it never saw) starts its language SFTs far from converged.
+    encoding = _train_config(language_stage_config(config, pretrained[0], str(model_dir)), "language_sft").data
     orders, own = {}, {}
     for i, lang in enumerate(pretrained):
-        examples = encode_text(tokenizer, texts[lang], max_len, own_tokens=True).examples
+        examples = encode_text(tokenizer, texts[lang], encoding.max_seq_length, encoding.packed,
+                               own_tokens=True).examples
         own[lang] = over_outputs(examples.mlm.own, model.config.vocab_size)  # language SFTs: data.mlm_own_tokens
         orders[lang] = StepOrder(examples, b.pretrain_batch_size, b.pretrain_batch_size, 0, 1, b.seed * 1000 + i)
     optimizer = torch.optim.AdamW(model.parameters(), lr=b.pretrain_lr, weight_decay=0.0)  # unseen rows stay put

@@ -76,6 +76,29 @@ def test_the_base_never_trains_the_rows_of_a_language_left_out_of_pretraining(tm
     assert not torch.equal(before[rows("src1")], after[rows("src1")])
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_base_is_pretrained_on_rows_encoded_as_its_language_sfts_read_them(tmp_path, monkeypatch, packed):
+    """A base pretrained on one sentence per row and then given packed blocks has never seen their later positions
+    (measured on the demo's base: held-out MLM loss 2.8 on single sentences, 7.5 on packed blocks)."""
+    import ltsft_dist.tasks.mlm as mlm
+
+    path = write_demo(tmp_path, seed=0)
+    data = yaml.safe_load(path.read_text())
+    data["base"].update(pretrain_steps=1, pretrain_batch_size=4)
+    data["language_sft"]["data"].update(packed=packed, max_seq_length=24)
+    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    config = load_pipeline(path)
+    seen, encode = [], mlm.encode_text
+
+    def recording(tokenizer, lines, max_len, packed=False, *args, **kwargs):
+        seen.append((max_len, packed))
+        return encode(tokenizer, lines, max_len, packed, *args, **kwargs)
+
+    monkeypatch.setattr(mlm, "encode_text", recording)
+    build_base(config, plan(config)[0])
+    assert seen == [(24, packed)] * len(config.base.pretrain_languages)
+
+
 def _results(composed: list[int], task_only: list[int]) -> dict:
     return {"languages": {"xx": {"task+lang": {"correct": composed}, "task-only": {"correct": task_only}},
                           "yy": {"task-only": {"correct": task_only}}}}
