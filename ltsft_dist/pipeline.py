@@ -288,12 +288,10 @@ def build_base(config: PipelineConfig, stage: Stage) -> None:
     rows of a language left out of pretraining get no gradient at all (with tied embeddings, a full softmax would
     push them around)."""
     import torch
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoModelForMaskedLM
 
     from ltsft_dist.config import ModelConfig
-    from ltsft_dist.data import StepOrder, among_own, over_outputs
     from ltsft_dist.models import save_tiny_base
-    from ltsft_dist.tasks.mlm import encode_text
     from ltsft_dist.training_data import read_source
 
     b = config.base
@@ -306,20 +304,31 @@ def build_base(config: PipelineConfig, stage: Stage) -> None:
     model_dir = stage.directory / "model"
     save_tiny_base(model_dir, ModelConfig(tiny=b.tiny, architecture=b.architecture),
                    [t for lines in texts.values() for t in lines], seed=b.seed)
-    if not b.pretrain_steps:
-        return
-    from tqdm import tqdm
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     torch.manual_seed(b.seed)
     model = AutoModelForMaskedLM.from_pretrained(str(model_dir))
     # One word matrix for input and output, as BERT and XLM-R are pretrained (the saved tiny base holds an untied
     # copy, still equal to the input embedding); language SFTs may keep it tied (eligibility.tie_output_embeddings).
     model.get_output_embeddings().weight = model.get_input_embeddings().weight
     model.config.tie_word_embeddings = True
+    if b.pretrain_steps:
+        _pretrain(config, model, str(model_dir), texts, pretrained)
+    model.save_pretrained(str(model_dir))
+
+
+def _pretrain(config: PipelineConfig, model, model_dir: str, texts: dict[str, list[str]], pretrained: list[str]):
+    """Dense MLM on the `pretrained` languages in turn, each scored among its own tokens."""
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from ltsft_dist.data import StepOrder, among_own, over_outputs
+    from ltsft_dist.tasks.mlm import encode_text
+
+    b = config.base
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     # Pretrained on text encoded as the language SFTs will read it: a base that saw one sentence per row and is then
     # given packed blocks (whose later positions it never saw) starts its language SFTs far from converged.
-    encoding = _train_config(language_stage_config(config, pretrained[0], str(model_dir)), "language_sft").data
+    encoding = _train_config(language_stage_config(config, pretrained[0], model_dir), "language_sft").data
     orders, own = {}, {}
     for i, lang in enumerate(pretrained):
         examples = encode_text(tokenizer, texts[lang], encoding.max_seq_length, encoding.packed,
@@ -337,4 +346,3 @@ def build_base(config: PipelineConfig, stage: Stage) -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    model.save_pretrained(str(model_dir))

@@ -1,12 +1,16 @@
-"""A tiny pipeline config for the pipeline tests (test_pipeline, test_slurm)."""
+"""A tiny pipeline config for the pipeline tests (test_pipeline, test_slurm), and `ltsft pipeline` run on one."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
 
 from ltsft_dist.commands.demo import write_demo
+from ltsft_dist.launch_env import free_port
 
 
 def tiny_pipeline(directory: Path, **changes) -> Path:
@@ -26,3 +30,13 @@ def tiny_pipeline(directory: Path, **changes) -> Path:
         config[key] = value
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def pipeline(config: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", LTSFT_DIST_TIMEOUT_S="120")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID"):
+        env.pop(key, None)
+    result = subprocess.run([sys.executable, "-m", "ltsft_dist.cli", "pipeline", str(config), "--master-port",
+                             str(free_port()), *args], capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result

@@ -3,32 +3,18 @@ input reruns exactly the stages downstream of it, an interrupted stage resumes; 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from pipelines import tiny_pipeline
+from pipelines import pipeline, tiny_pipeline
 
 from ltsft_dist.errors import LtsftError
-from ltsft_dist.launch_env import free_port
 from ltsft_dist.pipeline import load_pipeline, plan, stage_argv
 from ltsft_dist.sft import SparseFineTuning
 
 pytestmark = [pytest.mark.slow, pytest.mark.multirank]
 CONFIGS = Path(__file__).resolve().parents[1] / "ltsft_dist" / "configs"
-
-
-def pipeline(config: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", LTSFT_DIST_TIMEOUT_S="120")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID"):
-        env.pop(key, None)
-    result = subprocess.run([sys.executable, "-m", "ltsft_dist.cli", "pipeline", str(config), "--master-port",
-                             str(free_port()), *args], capture_output=True, text=True, timeout=900, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +21,7 @@ def register(subparsers) -> None:
                     "`ltsft demo`) in order. "
                     "Each stage's directory under output_dir is named by a hash of its inputs: finished stages "
                     "are skipped, an interrupted stage resumes from its checkpoints. Started alone, each stage "
-                    "runs on `ranks` local processes (the deepspeed launcher); started by a launcher (srun, "
+                    "runs on `ranks` local processes (torchrun); started by a launcher (srun, "
                     "mpirun, deepspeed) with --stage, that stage runs on the launcher's ranks.",
         epilog=timeouts_help())
     p.add_argument("config", nargs="?", metavar="CONFIG", help="pipeline config (YAML); see --help-config")
@@ -144,14 +143,13 @@ def run_stage(stage, config, by_name: dict, *, in_process: bool, master_port: in
 
 
 def local_launcher(ranks: int, master_port: int | None) -> list[str]:
-    """The deepspeed launcher with `ranks` local processes running `ltsft_dist.cli`."""
+    """torchrun with `ranks` local processes running `ltsft_dist.cli`. It starts the ranks itself, where the deepspeed
+    launcher's runner starts a per-node launcher that starts them: two interpreters importing DeepSpeed per stage
+    instead of one importing torch (measured: 18.9 s against 8.1 s to start 2 ranks on 2 shared cores)."""
     from ltsft_dist.launch_env import free_port
 
-    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
-    if launcher is None:
-        raise LtsftError("the deepspeed launcher is not installed in this environment: pip install deepspeed")
-    return [launcher, "--num_gpus", str(ranks), "--master_port", str(master_port or free_port()), "--no_local_rank",
-            "--module", "ltsft_dist.cli"]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr",
+            "127.0.0.1", "--master-port", str(master_port or free_port()), "--module", "ltsft_dist.cli"]
 
 
 def report(config, stage) -> int:
