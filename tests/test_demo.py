@@ -98,6 +98,9 @@ def test_the_base_is_pretrained_on_rows_encoded_as_its_language_sfts_read_them(t
     monkeypatch.setattr(mlm, "encode_text", recording)
     build_base(config, plan(config)[0])
     assert seen == [(24, packed)] * len(config.base.pretrain_languages)
+    flipped = load_pipeline(path)
+    flipped.language_sft["data"]["packed"] = not packed
+    assert plan(flipped)[0].directory != plan(config)[0].directory  # another base: a stage of its own
 
 
 def _results(composed: list[int], task_only: list[int]) -> dict:
@@ -199,7 +202,8 @@ def test_the_demo_process_pretrains_with_the_thread_count_its_ranks_use(tmp_path
         torch.set_num_threads(before)
 
 
-# The demo's configuration at reduced size (about a third of its steps, 400 test examples per language), seed 0.
+# The demo's configuration at reduced size (half its pretraining and language SFT steps, 150 task steps per phase,
+# 400 test examples per language), seed 0: measured +27.8 [+21.5, +34.2] points on the target.
 REDUCED = {"pretrain_steps": 300, "language_steps": 150, "task_steps": 150, "limit": 400}
 
 
