@@ -60,6 +60,28 @@ def sentences(language: str, n: int, seed: int = 0) -> list[str]:
     return out
 
 
+NLI_LABELS = ("entailment", "neutral", "contradiction")
+
+
+def nli_examples(language: str, n: int, seed: int = 0) -> list[tuple[str, str, str]]:
+    """`n` (premise, hypothesis, label) triples, parallel across languages for the same seed. People are named
+    (names are shared across languages, as in real text); the hypothesis drops the place (entailment), adds a
+    time the premise does not give (neutral) or names someone else (contradiction)."""
+    if language not in LEXICON:
+        raise ValueError(f"no demo text for {language!r}; available: {', '.join(LANGUAGES)}")
+    lex, rng = LEXICON[language], random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b, other = rng.sample(NAMES, 3)
+        verb, place, time = rng.choice(lex["verbs"]), rng.choice(lex["places"]), rng.choice(lex["times"])
+        label = NLI_LABELS[rng.randrange(3)]
+        premise = f"{a} {verb} {b} {place} ."
+        core = f"{a} {verb} {other if label == 'contradiction' else b}"
+        hypothesis = f"{core} {time} ." if label == "neutral" else f"{core} ."
+        out.append((premise, hypothesis, label))
+    return out
+
+
 # ------------------------------------------------------------------------ generated languages (`ltsft demo`)
 # One grammar, realised as languages that share no surface form: each concept becomes a pseudo-word in the
 # language's own script, so a language the base never saw starts from embedding rows it never trained, as

@@ -427,7 +427,7 @@ def test_one_typed_eval_config_for_ltsft_eval_and_the_pipeline(tmp_path):
         load_eval_config(tmp_path / "eval.yaml")
     path = write_demo(tmp_path / "demo")
     evaluation = load_pipeline(path).evaluation
-    assert type(evaluation) is EvalConfig and evaluation.max_seq_length == 32  # as the demo config sets it
+    assert type(evaluation) is EvalConfig and evaluation.max_seq_length == 16  # as the demo config sets it
     assert evaluation.stride == EvalConfig().stride == EvalOptions().stride == 128  # unset: the one default
     data = yaml.safe_load(path.read_text())
     data["evaluation"]["task_sft"] = "elsewhere"

@@ -277,11 +277,18 @@ def _ltsft(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 
 def _nli_files(directory: Path) -> dict[str, Path]:
-    from ltsft_dist.commands.demo import write_demo
+    """XNLI-format TSVs of the tests' parallel NLI pairs: English training pairs, English and German test pairs."""
+    from ltsft_dist.demo_text import nli_examples
 
-    write_demo(directory)
-    return {"train": directory / "data" / "nli.en.tsv", "test.en": directory / "data" / "nli_test.en.tsv",
-            "test.de": directory / "data" / "nli_test.de.tsv"}
+    files = {"train": ("nli.en.tsv", "en", 1200, 2), "test.en": ("nli_test.en.tsv", "en", 300, 3),
+             "test.de": ("nli_test.de.tsv", "de", 300, 3), "train.de": ("nli.de.tsv", "de", 1200, 2)}
+    (directory / "data").mkdir(parents=True, exist_ok=True)
+    for name, lang, n, seed in files.values():
+        rows = ["language\tgold_label\tsentence1\tsentence2\tpairID"]
+        rows += [f"{lang}\t{label}\t{p}\t{h}\t{lang}-{seed}-{i}"
+                 for i, (p, h, label) in enumerate(nli_examples(lang, n, seed=seed))]
+        (directory / "data" / name).write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return {key: directory / "data" / name for key, (name, *_) in files.items()}
 
 
 @pytest.mark.slow
@@ -329,9 +336,13 @@ def test_a_pipeline_on_a_hub_base_runs_every_stage_offline(offline, tmp_path):
     from ltsft_dist.pipeline import load_pipeline, plan
 
     config = tiny_pipeline(tmp_path, base={"name_or_path": HUB_ID}, ranks=2)
+    _nli_files(tmp_path)
     data = yaml.safe_load(config.read_text())
     data["languages"] = {"de": {"hf_dataset": WIKI_ID, "hf_config": WIKI_CONFIG, "split": "train"}}
-    data["task_sft"]["data"]["sources"] = [s for s in data["task_sft"]["data"]["sources"] if s["language"] == "de"]
+    data["language_sft"]["eligibility"] = {}  # the paper's: the hub base's output embedding is its own matrix
+    data["task_sft"].update(task="nli", eligibility={})
+    data["task_sft"]["data"] = {"sources": [{"language": "de", "train_file": "data/nli.de.tsv"}], "max_seq_length": 40}
+    data["evaluation"]["max_seq_length"] = 40
     data["evaluation"]["data"] = {"de": "data/nli_test.de.tsv"}
     data["evaluation"]["limit"] = 16
     config.write_text(yaml.safe_dump(data, sort_keys=False))
