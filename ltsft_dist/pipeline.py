@@ -37,11 +37,12 @@ class BaseConfig:
     architecture: str = field(default="bert", metadata={"help": "for `tiny`: bert | xlm-roberta"})
     pretrain_steps: int = field(default=0, metadata={
         "help": "tiny only: dense MLM steps on the languages' text, a stand-in for a pretrained base; each step "
-                "trains on one language and predicts its masked words among that language's own tokens"})
+                "trains on one language and predicts its masked words among that language's own tokens, on rows "
+                "encoded as the language SFTs read them (language_sft.data's max_seq_length and packed)"})
     pretrain_languages: list[str] | None = field(default=None, metadata={
         "help": "tiny only: the languages pretrained on (default: all); the others are unseen by the base, their "
                 "embedding rows stay as initialised (as a language XLM-R never saw)"})
-    pretrain_batch_size: int = field(default=32, metadata={"help": "tiny only: sentences per pretraining step"})
+    pretrain_batch_size: int = field(default=32, metadata={"help": "tiny only: rows per pretraining step"})
     pretrain_lr: float = field(default=1e-3, metadata={"help": "tiny only: learning rate of pretrain_steps"})
     seed: int = field(default=0, metadata={"help": "tiny only: seed of its initialisation and pretraining"})
 

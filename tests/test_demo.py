@@ -184,14 +184,19 @@ def test_freeze_word_embeddings_adds_the_input_word_matrix_to_the_exclude_rules_
     assert plain[query] == "sparse" and given[query] == "frozen" and given[words] == "frozen"
 
 
-def test_the_demo_process_pretrains_with_the_thread_count_its_ranks_use(tmp_path, monkeypatch):
+@pytest.mark.parametrize("threads", [None, "", "0"])
+def test_the_demo_process_pretrains_with_the_thread_count_its_ranks_use(tmp_path, monkeypatch, threads):
     """`ltsft demo` builds the base in its own process, where torch was imported before OMP_NUM_THREADS was set: it
-    must still use one thread, or its float sums (and so the whole run) differ from a process started with it."""
+    must still use one thread, or its float sums (and so the whole run) differ from a process started with it. An
+    empty value or 0 counts as unset."""
     import argparse
 
     from ltsft_dist.commands import demo
 
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    if threads is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", threads)
     before = torch.get_num_threads()
     torch.set_num_threads(2)  # what an imported torch takes on this 2-core machine
     try:

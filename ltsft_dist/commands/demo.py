@@ -59,7 +59,9 @@ def write_demo(out: Path, seed: int = 0) -> Path:
 def demo_command(args: argparse.Namespace) -> int:
     from ltsft_dist.commands.pipeline import pipeline_command
 
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per rank: two were ~6x slower on shared cores
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if not (threads.isdigit() and int(threads) > 0):  # unset or not a count: one thread per rank (two were ~6x
+        os.environ["OMP_NUM_THREADS"] = "1"             # slower on shared cores)
     import torch
 
     # This process pretrains the base, and the CLI imported torch before the line above: without this it used every
